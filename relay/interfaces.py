@@ -1,0 +1,188 @@
+"""
+The interfaces of relay: what a plugin provides (L{IServerCallbacks}) and
+what the server and the delivery side rely on (L{ISpool}, L{IMessageWriter}).
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IServerCallbacks(Interface):
+    """
+    The policy of a relay: every decision about mail (async_smtp's
+    C{Server_callbacks.S}).  Each callback may return its result, a
+    L{Deferred} firing with it, or a coroutine.  A callback that raises or
+    fails makes the server answer with a transient error (421 and close at
+    connect and HELO, 451 elsewhere) and log the failure.
+
+    C{log} is a L{twisted.logger.Logger} whose events carry the session id
+    (and the envelope id, once there is one).
+    """
+
+    def session_connect(log, session):  # type: ignore[no-untyped-def]
+        """
+        A client connected.
+
+        @return: L{relay.Accept} (greeting) or L{relay.Disconnect}.
+        """
+
+    def session_helo(log, session, helo):  # type: ignore[no-untyped-def]
+        """
+        The client said HELO or EHLO C{helo}.
+
+        @return: L{relay.Continue} (optionally advertising AUTH),
+            L{relay.Deny} (session stays open) or L{relay.Disconnect}.
+        """
+
+    def process_sender(log, session, sender, sender_args):  # type: ignore[no-untyped-def]
+        """
+        MAIL FROM.
+
+        @return: L{relay.Continue} or L{relay.Reject} (aborts this message).
+        """
+
+    def process_recipient(log, session, sender, sender_args, recipient):  # type: ignore[no-untyped-def]
+        """
+        RCPT TO.
+
+        @return: L{relay.Continue} or L{relay.Reject} (this recipient is
+            left out; the envelope goes on).
+        """
+
+    def process_envelope(log, session, envelope):  # type: ignore[no-untyped-def]
+        """
+        The message data was received.
+
+        @return: L{relay.Consume}, L{relay.Reject}, L{relay.Send} or
+            L{relay.Quarantine}.
+        """
+
+    def check_authentication_credentials(log, username, password):  # type: ignore[no-untyped-def]
+        """
+        AUTH: are these credentials valid?
+
+        @return: L{relay.Allow} or L{relay.Deny}.
+        """
+
+    def rpcs():  # type: ignore[no-untyped-def]
+        """
+        @return: a list of AMP responders (L{twisted.protocols.amp.CommandLocator}
+            instances) served on the control endpoint beside relay's own.
+        """
+
+
+class IMessageWriter(Interface):
+    """
+    Receives the bytes of one message into the spool, in chunks: small
+    messages stay in memory, larger ones spill to a temporary file so that
+    memory stays flat.
+    """
+
+    size = Attribute("Bytes written so far.")
+
+    def write(data):  # type: ignore[no-untyped-def]
+        """
+        Append C{data}.
+
+        @return: C{True} if the caller should stop reading (pause its
+            producer) until L{drained} fires.
+        """
+
+    def drained():  # type: ignore[no-untyped-def]
+        """
+        @return: a L{Deferred} that fires when buffered bytes are on their
+            way to disk and writing may go on.
+        """
+
+    def finish(headers):  # type: ignore[no-untyped-def]
+        """
+        All bytes are written.
+
+        @param headers: the parsed header fields.
+        @return: a L{Deferred} firing with the L{relay.message.Message}.
+        """
+
+    def abort():  # type: ignore[no-untyped-def]
+        """
+        Throw the message away (the transaction failed or was reset).
+        """
+
+
+class ISpool(Interface):
+    """
+    The durable store of envelopes.  Every method that changes the spool
+    returns a L{Deferred} that fires only once the change is on disk
+    (fsynced, file and directory); none of them blocks the reactor.
+
+    Queues: C{active} (waiting for delivery), C{frozen} (kept, not retried
+    until an operator says so), C{removed} (taken out by an operator, kept
+    for recovery), C{quarantine} (kept for inspection, with a reason).
+    """
+
+    def receive(message_id):  # type: ignore[no-untyped-def]
+        """
+        @return: an L{IMessageWriter} for the data of a new message.
+        """
+
+    def discard(message):  # type: ignore[no-untyped-def]
+        """
+        Forget a received L{Message} that was not spooled (consumed,
+        rejected, or failed).
+
+        @return: a L{Deferred} that fires when its temporary file is gone.
+        """
+
+    def enqueue(envelopes, received_from=None):  # type: ignore[no-untyped-def]
+        """
+        Durably add L{EnvelopeWithNextHop}s to the active queue, due now.
+        A message shared by several envelopes is stored once.  All or
+        nothing: on failure no part of any of them remains.
+
+        @return: a L{Deferred} firing with the new L{SpoolEntry}s.
+        """
+
+    def quarantine(envelopes, reason, received_from=None):  # type: ignore[no-untyped-def]
+        """
+        Durably store L{EnvelopeWithNextHop}s for inspection, with C{reason}.
+
+        @return: a L{Deferred} firing with the new L{SpoolEntry}s.
+        """
+
+    def entries(queue):  # type: ignore[no-untyped-def]
+        """
+        @return: a L{Deferred} firing with the L{SpoolEntry}s of C{queue}.
+        """
+
+    def get(entry_id):  # type: ignore[no-untyped-def]
+        """
+        @return: a L{Deferred} firing with the L{SpoolEntry}, or failing
+            with L{KeyError} when there is none with that id.
+        """
+
+    def message(entry_id):  # type: ignore[no-untyped-def]
+        """
+        @return: a L{Deferred} firing with the L{Message} of an entry.
+        """
+
+    def update(entry):  # type: ignore[no-untyped-def]
+        """
+        Durably replace an entry's metadata (in the queue it is in).
+
+        @return: a L{Deferred} firing with the entry.
+        """
+
+    def move(entry_id, queue):  # type: ignore[no-untyped-def]
+        """
+        Durably move an entry to another queue.
+
+        @return: a L{Deferred} firing with the moved L{SpoolEntry}.
+        """
+
+    def finish(entry_id):  # type: ignore[no-untyped-def]
+        """
+        The entry is settled (delivered or bounced): it leaves the spool, and
+        its message with it once no other entry shares it.
+
+        @return: a L{Deferred} that fires when it is gone.
+        """

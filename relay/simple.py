@@ -1,0 +1,172 @@
+"""
+L{Simple}: the default policy, and the base class a plugin overrides.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import Any, Sequence
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.address import EmailAddress, Sender
+from relay.argument import Argument
+from relay.envelope import Envelope, EnvelopeWithNextHop
+from relay.interfaces import IServerCallbacks
+from relay.results import (
+    Accept,
+    Allow,
+    AuthResult,
+    ConnectResult,
+    Continue,
+    Deny,
+    EnvelopeResult,
+    HeloResult,
+    RecipientResult,
+    Send,
+    SenderResult,
+)
+from relay.session import Session
+
+
+@dataclass
+class Defaults:
+    """
+    The relay's configuration that L{Simple}'s answers depend on.
+
+    @ivar hostname: the name in the greeting.
+    @ivar next_hop_choices: the default route (the smarthost); empty means
+        the delivery side looks up each recipient domain's MX.
+    @ivar retry_intervals: the default retry schedule (empty: the relay's).
+    @ivar checker: the L{ICredentialsChecker} for AUTH, or C{None}.
+    @ivar clock: an C{IReactorTime} for the greeting's date.
+    """
+
+    hostname: str = "localhost"
+    next_hop_choices: Sequence[str] = ()
+    retry_intervals: Sequence[float] = ()
+    checker: Any = None
+    clock: Any = field(default=None)
+
+
+@implementer(IServerCallbacks)
+class Simple:
+    """
+    The callbacks of async_smtp's C{Server_callbacks.Simple}: greet with the
+    host name and the time, accept every sender and recipient, and send
+    every envelope on the default route.  AUTH is offered (and checked) only
+    when a credentials checker is configured.
+
+    Subclass it and override only the callbacks that need a decision.  The
+    relay calls L{configure} with its settings after making the instance,
+    so a subclass may have an C{__init__} of its own without arguments.
+    """
+
+    defaults: Defaults = Defaults()
+
+    def configure(self, defaults: Defaults) -> None:
+        """
+        Take the relay's settings (host name, default route, AUTH checker).
+        """
+        self.defaults = defaults
+
+    def session_connect(self, log: Logger, session: Session) -> ConnectResult:
+        clock = self.defaults.clock
+        now = clock.seconds() if clock is not None else None
+        return Accept(f"{self.defaults.hostname} ESMTP relay ready {formatdate(now)}")
+
+    def session_helo(self, log: Logger, session: Session, helo: str) -> HeloResult:
+        return Continue(advertise_auth=self.defaults.checker is not None)
+
+    def process_sender(
+        self, log: Logger, session: Session, sender: Sender, sender_args: Sequence[Argument]
+    ) -> SenderResult:
+        return Continue()
+
+    def process_recipient(
+        self,
+        log: Logger,
+        session: Session,
+        sender: Sender,
+        sender_args: Sequence[Argument],
+        recipient: EmailAddress,
+    ) -> RecipientResult:
+        return Continue()
+
+    def process_envelope(self, log: Logger, session: Session, envelope: Envelope) -> EnvelopeResult:
+        return Send(
+            [
+                EnvelopeWithNextHop(
+                    envelope,
+                    next_hop_choices=self.defaults.next_hop_choices,
+                    retry_intervals=self.defaults.retry_intervals,
+                )
+            ]
+        )
+
+    def check_authentication_credentials(
+        self, log: Logger, username: str, password: str
+    ) -> AuthResult | Deferred[AuthResult]:
+        checker = self.defaults.checker
+        if checker is None:
+            return Deny()
+        credentials = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+        d = maybeDeferred(checker.requestAvatarId, credentials)
+
+        def denied(failure: Any) -> Deny:
+            if not failure.check(UnauthorizedLogin):
+                log.failure("AUTH checker failed", failure)
+            return Deny()
+
+        return d.addCallbacks(lambda _: Allow(), denied)
+
+    def rpcs(self) -> list[Any]:
+        return []
+
+
+_CALLBACKS = tuple(IServerCallbacks.names())
+
+
+@implementer(IServerCallbacks)
+class _Partial(Simple):
+    """
+    A plugin object that provides only some callbacks, completed by
+    L{Simple} for the rest.
+    """
+
+    def __init__(self, provider: object) -> None:
+        self._provider = provider
+        for name in _CALLBACKS:
+            method = getattr(provider, name, None)
+            if callable(method):
+                setattr(self, name, method)
+
+    def configure(self, defaults: Defaults) -> None:
+        super().configure(defaults)
+        configure = getattr(self._provider, "configure", None)
+        if callable(configure):
+            configure(defaults)
+
+    def __repr__(self) -> str:
+        return f"<Simple completing {self._provider!r}>"
+
+
+def as_callbacks(provider: object) -> IServerCallbacks:
+    """
+    Make an L{IServerCallbacks} provider of C{provider}: itself if it
+    provides the interface, an instance if it is a class, else an adapter
+    that takes the callbacks it has and L{Simple}'s for the others.
+    """
+    if inspect.isclass(provider):
+        provider = provider()
+    if IServerCallbacks.providedBy(provider):
+        return provider  # type: ignore[return-value]
+    if not any(callable(getattr(provider, name, None)) for name in _CALLBACKS):
+        raise TypeError(f"{provider!r} provides none of the IServerCallbacks callbacks")
+    return _Partial(provider)  # type: ignore[return-value]
