@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
-_REPLY_LINE = re.compile(rb"^(\d{3})([ -])(.*)$")
+_REPLY_LINE = re.compile(rb"^(\d{3})(?:([ -])(.*))?$", re.S)
 
 
 class ReplyError(ValueError):
@@ -99,7 +99,7 @@ class Reply:
         code = None
         texts = []
         for i, raw in enumerate(raw_lines):
-            m = _REPLY_LINE.match(raw) or (re.match(rb"^(\d{3})()$", raw))
+            m = _REPLY_LINE.match(raw)
             if m is None:
                 raise ReplyError(f"malformed reply line {raw!r}")
             line_code = int(m.group(1))
@@ -107,9 +107,9 @@ class Reply:
                 raise ReplyError("reply code changes within a multi-line reply")
             code = line_code
             last = i == len(raw_lines) - 1
-            if (m.group(2) == b"-") == last and m.group(2) != b"":
+            if (m.group(2) == b"-") == last:
                 raise ReplyError("multi-line reply continuation is wrong")
-            texts.append(m.group(3).decode("utf-8", "replace"))
+            texts.append((m.group(3) or b"").decode("utf-8", "replace"))
         assert code is not None
         if not 200 <= code <= 599:
             raise ReplyError(f"reply code {code} out of range")
