@@ -1,0 +1,111 @@
+"""
+A streaming decoder for the SMTP DATA phase (RFC 5321 section 4.5.2).
+
+It works on whole chunks with C{bytes.find}/C{bytes.replace}/C{re}: no
+Python call per line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+MAX_LINE_LENGTH = 998
+MAX_CARRY = 64 * 1024
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_LENGTH + 1))
+
+# What precedes the current position in the stream.
+_AFTER_CRLF = 0
+_AFTER_LF = 1
+_MID_LINE = 2
+
+
+class DataReader:
+    """
+    Decode the data of one message: find the end marker CRLF "." CRLF,
+    remove dot-stuffing and normalize bare LF to CRLF.
+
+    @ivar size: decoded bytes passed to the sink so far.
+    @ivar bare_lf_seen: a LF not preceded by CR was seen.
+    @ivar max_line_length_exceeded: a line was longer than 998 bytes.
+    @ivar done: the end marker was seen.
+    """
+
+    def __init__(self, sink: Callable[[bytes], object], reject_bare_lf: bool = False) -> None:
+        self._sink = sink
+        self._reject_bare_lf = reject_bare_lf
+        self._carry = b""
+        self._state = _AFTER_CRLF
+        self.size = 0
+        self.bare_lf_seen = False
+        self.max_line_length_exceeded = False
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """
+        Decode C{chunk}.
+
+        @return: C{None} while the message goes on, else the bytes after the
+            end marker (which belong to the command stream).
+        """
+        if self.done:
+            return chunk
+        buf = self._carry + chunk if self._carry else chunk
+        if self._state == _AFTER_CRLF and buf[:3] == b".\r\n":
+            self._finish()
+            return buf[3:]
+        idx = buf.find(b"\r\n.\r\n")
+        if idx >= 0:
+            self._carry = b""
+            self._process(buf[: idx + 2])
+            self._finish()
+            return buf[idx + 5 :]
+        last = buf.rfind(b"\n")
+        if last >= 0:
+            self._carry = buf[last + 1 :]
+            self._process(buf[: last + 1])
+        else:
+            self._carry = buf
+        if len(self._carry) > MAX_CARRY:
+            # A very long line: pass on all but its last byte (which may be
+            # the CR of a CRLF) so that memory stays bounded.
+            self.max_line_length_exceeded = True
+            head, self._carry = self._carry[:-1], self._carry[-1:]
+            if self._state != _MID_LINE and head[:1] == b".":
+                head = head[1:]
+            self._state = _MID_LINE
+            self._emit(head)
+        return None
+
+    def _finish(self) -> None:
+        self.done = True
+        self._carry = b""
+
+    def _process(self, block: bytes) -> None:
+        """
+        Decode C{block}: complete lines (it ends with LF), starting where
+        the state says.
+        """
+        if not block:
+            return
+        if not self.max_line_length_exceeded and (
+            len(block) > MAX_LINE_LENGTH and _LONG_LINE.search(block) is not None
+        ):
+            self.max_line_length_exceeded = True
+        ends_crlf = block.endswith(b"\r\n")
+        if block.count(b"\n") != block.count(b"\r\n"):
+            self.bare_lf_seen = True
+            if not self._reject_bare_lf:
+                block = _BARE_LF.sub(b"\r\n", block)
+        if self._state != _MID_LINE and block[:1] == b".":
+            block = block[1:]
+        block = block.replace(b"\n.", b"\n")
+        self._state = _AFTER_CRLF if ends_crlf else _AFTER_LF
+        self._emit(block)
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.size += len(data)
+            self._sink(data)

@@ -1,0 +1,289 @@
+"""
+The relay as a Twisted service: L{makeService} builds it from keyword
+settings, for C{twistd relay} (see L{relay.tap}) and for C{.tac} files::
+
+    from twisted.application import service
+    from relay.service import makeService
+
+    application = service.Application("relay")
+    makeService(smtp=["tcp:2525:interface=127.0.0.1"],
+                spool="/var/spool/relay").setServiceParent(application)
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import reflect
+from twisted.python.threadpool import ThreadPool
+
+from relay.simple import Defaults, Simple, as_callbacks
+
+log = Logger()
+
+DEFAULT_SMTP = ("tcp:8025:interface=127.0.0.1",)
+DEFAULT_CONTROL = "unix:./spool/control.sock"
+
+
+def load_tls_context(cert: str, key: str) -> Any:
+    """
+    Load a PEM certificate and private key into a TLS context factory for
+    STARTTLS.
+    """
+    from twisted.internet import ssl
+
+    with open(cert, "rb") as f:
+        pem = f.read()
+    with open(key, "rb") as f:
+        pem_key = f.read()
+    certificate = ssl.PrivateCertificate.loadPEM(pem + b"\n" + pem_key)
+    return certificate.options()
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def listens_publicly(endpoint: str) -> bool:
+    """
+    Does the server endpoint description C{endpoint} accept connections
+    from other hosts?  A TCP endpoint without C{interface=} listens on all
+    interfaces.
+    """
+    from twisted.internet.endpoints import _parse  # type: ignore[attr-defined]
+
+    try:
+        args, kwargs = _parse(endpoint)
+    except Exception:
+        return False
+    if not args:
+        return False
+    kind = str(args[0]).lower()
+    if kind in ("unix", "systemd"):
+        return False
+    if kind not in ("tcp", "tcp6", "ssl", "le", "lets"):
+        # Unknown endpoint type: assume the worst only for network ones.
+        return "interface" in kwargs and not _is_loopback(kwargs["interface"])
+    interface = kwargs.get("interface")
+    if interface is None:
+        return True
+    return not _is_loopback(interface)
+
+
+def is_open_relay(callbacks: object) -> bool:
+    """
+    Is C{callbacks} the stock L{Simple} policy, that relays for anyone?
+    """
+    return type(callbacks) is Simple
+
+
+class ThreadPoolService(Service):
+    """
+    Start and stop a L{ThreadPool} with the service.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.pool.start()
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.pool.stop()
+
+
+class SpoolService(Service):
+    """
+    Own the spool: create its directories, hold its lock while running, and
+    recover it at start.
+    """
+
+    def __init__(self, spool: Any, directories: Iterable[str]) -> None:
+        self.spool = spool
+        self.directories = tuple(directories)
+        self.locked = False
+        self.recovered: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        # Before the reactor runs and before anything listens: a relay that
+        # cannot own its spool must not start at all.
+        for directory in self.directories:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._lock()
+        Service.privilegedStartService(self)
+
+    def _lock(self) -> None:
+        if self.locked:
+            return
+        try:
+            self.spool.lock()
+        except Exception as e:
+            log.critical("Cannot start: {error}", error=e)
+            raise
+        self.locked = True
+
+    def startService(self) -> None:
+        self._lock()
+        Service.startService(self)
+        def recovered(result: Any) -> Any:
+            log.info("Spool recovered")
+            return result
+
+        def failed(failure: Any) -> None:
+            log.failure("Spool recovery failed", failure)
+
+        d: Deferred[Any] = self.spool.recover()
+        d.addCallbacks(recovered, failed)
+        self.recovered = d
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        if self.locked:
+            self.locked = False
+            self.spool.unlock()
+
+
+def _resolve_callbacks(callbacks: Any) -> Any:
+    if isinstance(callbacks, str):
+        callbacks = reflect.namedAny(callbacks)
+    return as_callbacks(callbacks)
+
+
+def makeService(
+    *,
+    smtp: Sequence[str] = DEFAULT_SMTP,
+    spool: str = "spool",
+    quarantine: str = "quarantine",
+    control: str = DEFAULT_CONTROL,
+    callbacks: Any = "relay.simple.Simple",
+    smarthost: str | None = None,
+    retry_intervals: Sequence[float] = (),
+    max_message_size: int = 35_000_000,
+    max_recipients: int = 1000,
+    max_sessions: int = 1000,
+    max_send_jobs: int = 10,
+    hostname: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    relay_tls: str = "may",
+    checker: Any = None,
+    idle_timeout: float = 300.0,
+    reject_bare_lf: bool = False,
+    auth_requires_tls: bool = True,
+    bounce: bool = True,
+    reactor: Any = None,
+    tls_context_factory: Any = None,
+    run_in_thread: Callable[..., Deferred[Any]] | None = None,
+) -> MultiService:
+    """
+    Build the relay: a L{MultiService} with a thread pool, the spool, and
+    one SMTP listener per endpoint description in C{smtp}.
+
+    @param callbacks: the policy: a dotted name, a class, or an object
+        providing (some of) L{IServerCallbacks}.
+    @param reactor: the reactor; the global one when C{None}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    if isinstance(smtp, str):
+        smtp = (smtp,)
+    if hostname is None:
+        import socket
+
+        hostname = socket.getfqdn()
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key must be given together")
+    if tls_context_factory is None and tls_cert is not None:
+        tls_context_factory = load_tls_context(tls_cert, tls_key)  # type: ignore[arg-type]
+
+    # Imported here so that importing this module (and parsing options)
+    # does not depend on them.
+    from relay.server import SMTPServerFactory
+    from relay.spool import DiskSpool
+
+    plugin = _resolve_callbacks(callbacks)
+    configure = getattr(plugin, "configure", None)
+    if callable(configure):
+        configure(
+            Defaults(
+                hostname=hostname,
+                next_hop_choices=(smarthost,) if smarthost else (),
+                retry_intervals=tuple(retry_intervals),
+                checker=checker,
+                clock=reactor,
+            )
+        )
+
+    top = MultiService()
+    top.setName("relay")
+    # Settings for the services added by later issues (delivery, control).
+    top.settings = dict(  # type: ignore[attr-defined]
+        control=control,
+        smarthost=smarthost,
+        retry_intervals=tuple(retry_intervals),
+        max_send_jobs=max_send_jobs,
+        relay_tls=relay_tls,
+        bounce=bounce,
+    )
+    top.callbacks = plugin  # type: ignore[attr-defined]
+
+    if run_in_thread is None:
+        pool = ThreadPool(minthreads=0, maxthreads=10, name="relay-spool")
+        pool_service = ThreadPoolService(pool)
+        pool_service.setName("threadpool")
+        pool_service.setServiceParent(top)
+        run_in_thread = functools.partial(threads.deferToThreadPool, reactor, pool)
+
+    disk = DiskSpool(spool, run_in_thread, reactor, quarantine_path=quarantine)
+    spool_service = SpoolService(disk, (spool, quarantine))
+    spool_service.setName("spool")
+    spool_service.setServiceParent(top)
+    top.spool = disk  # type: ignore[attr-defined]
+
+    factory = SMTPServerFactory(
+        callbacks=plugin,
+        spool=disk,
+        clock=reactor,
+        hostname=hostname,
+        max_message_size=max_message_size,
+        max_recipients=max_recipients,
+        max_sessions=max_sessions,
+        idle_timeout=idle_timeout,
+        tls_context_factory=tls_context_factory,
+        auth_requires_tls=auth_requires_tls,
+        reject_bare_lf=reject_bare_lf,
+    )
+    top.factory = factory  # type: ignore[attr-defined]
+
+    open_relay = is_open_relay(plugin)
+    for i, endpoint in enumerate(smtp):
+        listener = strports.service(endpoint, factory, reactor=reactor)
+        listener.setName(f"smtp-{i}")
+        listener.setServiceParent(top)
+        if open_relay and listens_publicly(endpoint):
+            log.warn(
+                "OPEN RELAY: SMTP endpoint {endpoint!r} accepts connections from "
+                "other hosts and the callbacks are the stock relay.simple.Simple, "
+                "which relays mail from anyone to anywhere.  Restrict the endpoint "
+                "with interface=127.0.0.1 or use --callbacks with a policy.",
+                endpoint=endpoint,
+                open_relay=True,
+            )
+    return top

@@ -1,0 +1,278 @@
+"""
+The C{twistd relay} command line: L{Options} and L{makeService}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any
+
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword
+from twisted.python import reflect, usage
+
+DEFAULT_SMTP = "tcp:8025:interface=127.0.0.1"
+RELAY_TLS_MODES = ("none", "may", "encrypt", "verify")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+
+
+def parse_interval(text: str) -> float:
+    """
+    Parse one duration: a positive number of seconds, or a number with a
+    unit C{s}, C{m}, C{h} or C{d}.
+
+    @raise ValueError: when C{text} is not such a duration.
+    """
+    match = _INTERVAL.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 2h, 1d)")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()]
+    if value <= 0:
+        raise ValueError(f"not a positive duration: {text!r}")
+    return value
+
+
+def parse_retry_intervals(text: str) -> tuple[float, ...]:
+    """
+    Parse a comma-separated list of durations, e.g. C{1m,5m,1h}.
+    """
+    parts = [part for part in text.split(",")]
+    if not parts or any(not part.strip() for part in parts):
+        raise ValueError(f"empty duration in {text!r}")
+    return tuple(parse_interval(part) for part in parts)
+
+
+def parse_smarthost(text: str) -> str:
+    """
+    Normalise C{HOST[:PORT]} (IPv6 as C{[::1]:25}) to C{host:port}, the
+    port defaulting to 25.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("empty host")
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise ValueError(f"unclosed '[' in {text!r}")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+        port_text = rest[1:] if rest else "25"
+        display = f"[{host}]"
+    elif text.count(":") > 1:
+        # A bare IPv6 address: no port.
+        host, port_text, display = text, "25", f"[{text}]"
+    else:
+        host, _, port_text = text.partition(":")
+        port_text = port_text or "25"
+        display = host
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port {port_text!r} in {text!r}")
+    return f"{display}:{int(port_text)}"
+
+
+def _positive(kind: type, name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: str) -> Any:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise usage.UsageError(
+                f"--{name} must be a positive {'integer' if kind is int else 'number'}, "
+                f"not {value!r}"
+            ) from None
+        if not number > 0 or number != number or number == float("inf"):
+            raise usage.UsageError(
+                f"--{name} must be a positive {'integer' if kind is int else 'number'}, "
+                f"not {value!r}"
+            )
+        return number
+
+    return coerce
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    """
+    The options of C{twistd relay}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A durable SMTP mail relay.  With no options it listens on "
+        f"{DEFAULT_SMTP}, spools to ./spool, quarantines to ./quarantine and "
+        "decides with relay.simple.Simple."
+    )
+
+    supportedInterfaces = (IUsernamePassword,)
+
+    optFlags = [
+        ["reject-bare-lf", None, "Reject messages with bare LF line endings."],
+        ["allow-auth-without-tls", None, "Offer AUTH also on unencrypted sessions."],
+        ["no-bounce", None, "Do not send bounce messages for failed deliveries."],
+    ]
+
+    optParameters = [
+        ["spool", None, "spool", "The spool directory."],
+        ["quarantine", None, "quarantine", "The quarantine directory."],
+        ["control", None, "unix:./spool/control.sock", "The AMP control endpoint."],
+        ["callbacks", None, "relay.simple.Simple",
+         "Dotted name of a class or provider of IServerCallbacks."],
+        ["smarthost", None, None, "Relay all mail through HOST[:PORT] (port 25 by default)."],
+        ["retry-intervals", None, None, "Retry schedule, e.g. 1m,5m,1h,1d (plain numbers are seconds)."],
+        ["max-message-size", None, 35_000_000, "Largest message accepted, in bytes.",
+         _positive(int, "max-message-size")],
+        ["max-recipients", None, 1000, "Most recipients per message.",
+         _positive(int, "max-recipients")],
+        ["max-sessions", None, 1000, "Most simultaneous SMTP sessions.",
+         _positive(int, "max-sessions")],
+        ["max-send-jobs", None, 10, "Most simultaneous outgoing deliveries.",
+         _positive(int, "max-send-jobs")],
+        ["hostname", None, None, "The host name in the greeting (default: this host's FQDN)."],
+        ["tls-cert", None, None, "PEM certificate file (with --tls-key, enables STARTTLS)."],
+        ["tls-key", None, None, "PEM private key file (with --tls-cert)."],
+        ["relay-tls", None, "may", "TLS when relaying: none, may, encrypt or verify."],
+        ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
+         _positive(float, "idle-timeout")],
+    ]
+
+    compData = usage.Completions(
+        optActions={
+            "spool": usage.CompleteDirs(),
+            "quarantine": usage.CompleteDirs(),
+            "tls-cert": usage.CompleteFiles("*.pem"),
+            "tls-key": usage.CompleteFiles("*.pem"),
+            "relay-tls": usage.CompleteList(RELAY_TLS_MODES),
+        }
+    )
+
+    def __init__(self) -> None:
+        usage.Options.__init__(self)
+        self["smtp"] = []
+
+    def opt_smtp(self, endpoint: str) -> None:
+        """
+        Listen for SMTP on this Twisted endpoint (repeatable; default
+        tcp:8025:interface=127.0.0.1).
+        """
+        if not endpoint.strip():
+            raise usage.UsageError("--smtp needs an endpoint description")
+        from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+        try:
+            _parseServer(endpoint, None)
+        except Exception as e:
+            raise usage.UsageError(f"--smtp: bad endpoint {endpoint!r}: {e}") from None
+        self["smtp"].append(endpoint)
+
+    def postOptions(self) -> None:
+        if not self["smtp"]:
+            self["smtp"] = [DEFAULT_SMTP]
+
+        name = self["callbacks"]
+        try:
+            self["callbacks"] = reflect.namedAny(name)
+        except Exception as e:
+            raise usage.UsageError(f"--callbacks: cannot load {name!r}: {e}") from None
+        self["callbacks-name"] = name
+
+        if self["smarthost"] is not None:
+            try:
+                self["smarthost"] = parse_smarthost(self["smarthost"])
+            except ValueError as e:
+                raise usage.UsageError(f"--smarthost: {e}") from None
+
+        if self["retry-intervals"] is not None:
+            try:
+                self["retry-intervals"] = parse_retry_intervals(self["retry-intervals"])
+            except ValueError as e:
+                raise usage.UsageError(f"--retry-intervals: {e}") from None
+        else:
+            self["retry-intervals"] = ()
+
+        if self["relay-tls"] not in RELAY_TLS_MODES:
+            raise usage.UsageError(
+                f"--relay-tls must be one of {', '.join(RELAY_TLS_MODES)}, "
+                f"not {self['relay-tls']!r}"
+            )
+
+        if self["hostname"] is None:
+            self["hostname"] = socket.getfqdn()
+        elif not self["hostname"].strip():
+            raise usage.UsageError("--hostname must not be empty")
+
+        cert, key = self["tls-cert"], self["tls-key"]
+        if (cert is None) != (key is None):
+            raise usage.UsageError("--tls-cert and --tls-key must be given together")
+        for option, path in (("tls-cert", cert), ("tls-key", key)):
+            if path is not None and not os.path.isfile(path):
+                raise usage.UsageError(f"--{option}: no such file: {path!r}")
+        if cert is not None:
+            from relay.service import load_tls_context
+
+            try:
+                self["tls-context"] = load_tls_context(cert, key)
+            except Exception as e:
+                raise usage.UsageError(f"--tls-cert/--tls-key: cannot load: {e}") from None
+
+        checkers = self.get("credCheckers") or []
+        self["checker"] = _bytes_users(checkers[0]) if checkers else None
+
+    def opt_auth(self, description: str) -> None:
+        try:
+            strcred.AuthOptionMixin.opt_auth(self, description)
+        except usage.UsageError as e:
+            raise usage.UsageError(f"--auth {description!r}: {e}") from None
+
+    opt_auth.__doc__ = strcred.AuthOptionMixin.opt_auth.__doc__
+
+
+def _bytes_users(checker: Any) -> Any:
+    """
+    The C{memory:} strcred checker keeps user names and passwords as text,
+    but the relay (like L{twisted.cred.credentials.UsernamePassword} users
+    generally) checks bytes: store them as UTF-8 bytes.
+    """
+    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode("utf-8") if isinstance(k, str) else k): (
+                v.encode("utf-8") if isinstance(v, str) else v
+            )
+            for k, v in checker.users.items()
+        }
+    return checker
+
+
+def makeService(options: Options):  # type: ignore[no-untyped-def]
+    """
+    Make the relay's service from parsed L{Options}.
+    """
+    from relay.service import makeService as _makeService
+
+    return _makeService(
+        smtp=tuple(options["smtp"]),
+        spool=options["spool"],
+        quarantine=options["quarantine"],
+        control=options["control"],
+        callbacks=options["callbacks"],
+        smarthost=options["smarthost"],
+        retry_intervals=options["retry-intervals"],
+        max_message_size=options["max-message-size"],
+        max_recipients=options["max-recipients"],
+        max_sessions=options["max-sessions"],
+        max_send_jobs=options["max-send-jobs"],
+        hostname=options["hostname"],
+        tls_cert=options["tls-cert"],
+        tls_key=options["tls-key"],
+        relay_tls=options["relay-tls"],
+        checker=options["checker"],
+        idle_timeout=options["idle-timeout"],
+        reject_bare_lf=bool(options["reject-bare-lf"]),
+        auth_requires_tls=not options["allow-auth-without-tls"],
+        bounce=not options["no-bounce"],
+    )

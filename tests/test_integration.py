@@ -1,0 +1,182 @@
+"""
+End-to-end tests: the real C{twistd relay} in a subprocess, fed by
+L{smtplib}.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 30.0
+POLL = 0.1
+
+MESSAGE = (
+    b"From: alice@example.com\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: integration\r\n"
+    b"Message-ID: <integration@example.com>\r\n"
+    b"\r\n"
+    b"Hello from the integration test.\r\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def files_under(path: str) -> list[str]:
+    found = []
+    for directory, _, names in os.walk(path):
+        found.extend(os.path.join(directory, name) for name in names)
+    return found
+
+
+def send_message(port: int) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
+        client.ehlo("client.example.com")
+        return client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+
+
+class TwistdRelayTests(TestCase):
+    timeout = 4 * TIMEOUT
+
+    def setUp(self) -> None:
+        for name in ("relay.server", "relay.spool"):
+            try:
+                __import__(name)
+            except ImportError as e:
+                raise SkipTest(f"{name} is not importable yet: {e}") from None
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+        self.spool = os.path.join(self.base, "spool")
+        self.quarantine = os.path.join(self.base, "quarantine")
+
+    def start_twistd(self, name: str, port: int) -> tuple[subprocess.Popen[bytes], str]:
+        """
+        Start C{twistd -n relay} on C{port} with this test's spool; it is
+        killed at cleanup whatever happens.
+        """
+        output = os.path.join(self.base, f"{name}.out")
+        argv = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile", os.path.join(self.base, f"{name}.pid"),
+            "relay",
+            "--smtp", f"tcp:{port}:interface=127.0.0.1",
+            "--spool", self.spool,
+            "--quarantine", self.quarantine,
+            "--control", "unix:" + os.path.join(self.base, f"{name}.sock"),
+            "--hostname", "relay.test",
+            "--smarthost", "127.0.0.1:9",
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        with open(output, "wb") as out:
+            process = subprocess.Popen(
+                argv, cwd=self.base, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.addCleanup(self.stop, process)
+        return process, output
+
+    def stop(self, process: subprocess.Popen[bytes]) -> Deferred[None] | None:
+        if process.poll() is not None:
+            return None
+        process.send_signal(signal.SIGTERM)
+        return self.poll(lambda: process.poll() is not None, "twistd to stop", TIMEOUT / 3).addErrback(
+            lambda _: (process.kill(), process.wait(5)) and None
+        )
+
+    @inlineCallbacks
+    def poll(self, condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+        """
+        Check C{condition} every L{POLL} seconds until it is true, failing
+        after C{timeout} seconds.
+        """
+        for _ in range(int(timeout / POLL)):
+            result = condition()
+            if result:
+                return result
+            yield deferLater(reactor, POLL, lambda: None)
+        result = condition()
+        if not result:
+            self.fail(f"timed out after {timeout}s waiting for {what}")
+        return result
+
+    def output(self, path: str) -> str:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    @inlineCallbacks
+    def wait_listening(self, process: subprocess.Popen[bytes], output: str, port: int) -> Any:
+        def ready() -> bool:
+            if process.poll() is not None:
+                self.fail(f"twistd exited with {process.returncode}:\n{self.output(output)}")
+            return listening(port)
+
+        yield self.poll(ready, f"twistd to listen on {port}")
+
+    @inlineCallbacks
+    def test_spools_a_message(self) -> Any:
+        """
+        A message sent to the running relay is acknowledged and its
+        envelope is in the spool's active queue.
+        """
+        port = free_port()
+        process, output = self.start_twistd("first", port)
+        yield self.wait_listening(process, output, port)
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        active = os.path.join(self.spool, "active")
+        found = yield self.poll(
+            lambda: [p for p in files_under(active) if not os.path.basename(p).startswith(".")],
+            "the envelope in spool/active",
+        )
+        envelopes = [p for p in found if p.endswith(".json")] or found
+        contents = b"".join(open(p, "rb").read() for p in envelopes)
+        self.assertIn(b"bob@example.net", contents, (found, self.output(output)))
+
+    @inlineCallbacks
+    def test_second_relay_refuses_locked_spool(self) -> Any:
+        """
+        A second relay on a spool that a running relay holds exits at once
+        with a message that says so, and does not listen.
+        """
+        port = free_port()
+        process, output = self.start_twistd("first", port)
+        yield self.wait_listening(process, output, port)
+
+        port2 = free_port()
+        second, output2 = self.start_twistd("second", port2)
+        yield self.poll(lambda: second.poll() is not None, "the second twistd to exit")
+        text = self.output(output2)
+        self.assertNotEqual(second.returncode, 0, text)
+        complaint = [line for line in text.splitlines() if "Cannot start: " in line]
+        self.assertTrue(complaint, text)
+        self.assertIn(self.spool, complaint[0])
+        self.assertFalse(listening(port2))
+        # The first relay carries on.
+        self.assertIsNone(process.poll())
+        self.assertTrue(listening(port))

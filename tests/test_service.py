@@ -1,0 +1,249 @@
+"""
+Tests for L{relay.service.makeService}, with stand-ins for the SMTP server
+factory and the disk spool so that only the service tree is under test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import succeed
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from relay import service as relay_service
+from relay.simple import Simple
+from relay.tap import Options
+from relay.tap import makeService as tapMakeService
+
+
+class FakeFactory(Factory):
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+
+class FakeSpoolLocked(Exception):
+    pass
+
+
+class FakeDiskSpool:
+    held: set[str] = set()
+
+    def __init__(self, path: str, run_in_thread: Any, clock: Any, quarantine_path: Any = None):
+        self.path = path
+        self.run_in_thread = run_in_thread
+        self.clock = clock
+        self.quarantine_path = quarantine_path
+        self.calls: list[str] = []
+
+    def lock(self) -> None:
+        self.calls.append("lock")
+        if self.path in self.held:
+            raise FakeSpoolLocked(f"spool {self.path} is locked by another relay")
+        self.held.add(self.path)
+
+    def unlock(self) -> None:
+        self.calls.append("unlock")
+        self.held.discard(self.path)
+
+    def recover(self) -> Any:
+        self.calls.append("recover")
+        return succeed(None)
+
+
+class Policy(Simple):
+    configured: Any = None
+
+    def configure(self, defaults: Any) -> None:
+        super().configure(defaults)
+        self.configured = defaults
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        server = types.ModuleType("relay.server")
+        server.SMTPServerFactory = FakeFactory  # type: ignore[attr-defined]
+        spool = types.ModuleType("relay.spool")
+        spool.DiskSpool = FakeDiskSpool  # type: ignore[attr-defined]
+        spool.SpoolLocked = FakeSpoolLocked  # type: ignore[attr-defined]
+        for name, module in (("relay.server", server), ("relay.spool", spool)):
+            self.addCleanup(self._restore, name, sys.modules.get(name))
+            sys.modules[name] = module
+        self.reactor = MemoryReactorClock()
+        self.base = os.path.abspath(self.mktemp())
+
+    def _restore(self, name: str, module: Any) -> None:
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+
+    def make(self, **kwargs: Any) -> MultiService:
+        kwargs.setdefault("spool", os.path.join(self.base, "spool"))
+        kwargs.setdefault("quarantine", os.path.join(self.base, "quarantine"))
+        kwargs.setdefault("hostname", "relay.test")
+        return relay_service.makeService(reactor=self.reactor, **kwargs)
+
+    def test_tree(self) -> None:
+        top = self.make(smtp=["tcp:2525:interface=127.0.0.1", "tcp:2526:interface=\\:\\:1"])
+        self.assertIsInstance(top, MultiService)
+        names = [s.name for s in top]
+        self.assertEqual(names, ["threadpool", "spool", "smtp-0", "smtp-1"])
+        smtp = top.getServiceNamed("smtp-0")
+        self.assertIsInstance(smtp, StreamServerEndpointService)
+        self.assertIs(smtp.factory, top.factory)
+        kwargs = top.factory.kwargs
+        self.assertIs(kwargs["spool"], top.spool)
+        self.assertIs(kwargs["clock"], self.reactor)
+        self.assertEqual(kwargs["hostname"], "relay.test")
+        self.assertEqual(kwargs["max_message_size"], 35_000_000)
+        self.assertTrue(kwargs["auth_requires_tls"])
+        self.assertIsNone(kwargs["tls_context_factory"])
+        self.assertEqual(top.spool.quarantine_path, os.path.join(self.base, "quarantine"))
+        self.assertIs(top.spool.clock, self.reactor)
+
+    def test_start_stop(self) -> None:
+        top = self.make(smtp=["tcp:2525:interface=127.0.0.1"])
+        top.privilegedStartService()
+        top.startService()
+        try:
+            self.assertTrue(os.path.isdir(os.path.join(self.base, "spool")))
+            self.assertTrue(os.path.isdir(os.path.join(self.base, "quarantine")))
+            self.assertEqual(os.stat(os.path.join(self.base, "spool")).st_mode & 0o777, 0o700)
+            self.assertEqual(top.spool.calls, ["lock", "recover"])
+            self.assertEqual([p[0] for p in self.reactor.tcpServers], [2525])
+            self.assertEqual(self.reactor.tcpServers[0][3], "127.0.0.1")
+            self.assertTrue(top.getServiceNamed("threadpool").pool.started)
+        finally:
+            self.successResultOf(top.stopService())
+        self.assertEqual(top.spool.calls, ["lock", "recover", "unlock"])
+        self.assertFalse(top.getServiceNamed("threadpool").pool.started)
+
+    def test_locked_spool_refuses(self) -> None:
+        first = self.make()
+        first.privilegedStartService()
+        self.addCleanup(first.stopService)
+        listening = len(self.reactor.tcpServers)
+        second = self.make()
+        with capturedLogs() as events:
+            self.assertRaises(FakeSpoolLocked, second.privilegedStartService)
+        self.assertEqual(len(self.reactor.tcpServers), listening)
+        self.assertTrue(
+            any("locked by another relay" in str(e.get("error")) for e in events), events
+        )
+
+    def test_settings(self) -> None:
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+        checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
+        top = self.make(
+            callbacks=Policy,
+            smarthost="mx.example.com:25",
+            retry_intervals=[60, 300],
+            checker=checker,
+            max_recipients=3,
+            max_sessions=4,
+            idle_timeout=9.0,
+            reject_bare_lf=True,
+            auth_requires_tls=False,
+        )
+        plugin = top.callbacks
+        self.assertIsInstance(plugin, Policy)
+        self.assertEqual(plugin.configured.hostname, "relay.test")
+        self.assertEqual(tuple(plugin.configured.next_hop_choices), ("mx.example.com:25",))
+        self.assertEqual(tuple(plugin.configured.retry_intervals), (60, 300))
+        self.assertIs(plugin.configured.checker, checker)
+        self.assertIs(plugin.configured.clock, self.reactor)
+        kwargs = top.factory.kwargs
+        self.assertIs(kwargs["callbacks"], plugin)
+        self.assertEqual(kwargs["max_recipients"], 3)
+        self.assertEqual(kwargs["max_sessions"], 4)
+        self.assertEqual(kwargs["idle_timeout"], 9.0)
+        self.assertTrue(kwargs["reject_bare_lf"])
+        self.assertFalse(kwargs["auth_requires_tls"])
+
+    def test_callbacks_by_name_and_partial(self) -> None:
+        top = self.make(callbacks=f"{__name__}.Policy")
+        self.assertIsInstance(top.callbacks, Policy)
+
+        class OnlyEnvelope:
+            def process_envelope(self, log: Any, session: Any, envelope: Any) -> None:
+                pass
+
+        top = self.make(callbacks=OnlyEnvelope())
+        self.assertIsInstance(top.callbacks, Simple)
+
+    def assertOpenRelayWarning(self, endpoint: str, expected: bool, callbacks: Any = Simple) -> None:
+        with capturedLogs() as events:
+            self.make(smtp=[endpoint], callbacks=callbacks)
+        warned = [e for e in events if e.get("open_relay")]
+        self.assertEqual(bool(warned), expected, (endpoint, events))
+        if warned:
+            self.assertEqual(warned[0]["log_level"].name, "warn")
+            self.assertEqual(warned[0]["endpoint"], endpoint)
+
+    def test_open_relay_warning(self) -> None:
+        self.assertOpenRelayWarning("tcp:2525:interface=0.0.0.0", True)
+        self.assertOpenRelayWarning("tcp:2525", True)
+        self.assertOpenRelayWarning("tcp6:2525", True)
+        self.assertOpenRelayWarning("tcp:2525:interface=192.0.2.1", True)
+        self.assertOpenRelayWarning("tcp:2525:interface=127.0.0.1", False)
+        self.assertOpenRelayWarning("tcp6:2525:interface=\\:\\:1", False)
+        self.assertOpenRelayWarning("unix:/tmp/relay.sock", False)
+        # A plugin (a subclass) makes its own decisions: no warning.
+        self.assertOpenRelayWarning("tcp:2525:interface=0.0.0.0", False, callbacks=Policy)
+
+    def test_tap_makeService(self) -> None:
+        options = Options()
+        options.parseOptions(
+            [
+                "--smtp", "tcp:2525:interface=127.0.0.1",
+                "--spool", os.path.join(self.base, "s"),
+                "--quarantine", os.path.join(self.base, "q"),
+                "--hostname", "tap.test",
+                "--max-message-size", "1234",
+                "--allow-auth-without-tls",
+                "--auth", "memory:alice:secret",
+            ]
+        )  # fmt: skip
+        self.patch(relay_service, "DEFAULT_SMTP", ("unused",))
+        from twisted.internet import reactor
+
+        top = tapMakeService(options)
+        self.assertTrue(IService.providedBy(top))
+        kwargs = top.factory.kwargs
+        self.assertIs(kwargs["clock"], reactor)
+        self.assertEqual(kwargs["hostname"], "tap.test")
+        self.assertEqual(kwargs["max_message_size"], 1234)
+        self.assertFalse(kwargs["auth_requires_tls"])
+        self.assertIsNotNone(top.callbacks.defaults.checker)
+        self.assertEqual(top.spool.path, os.path.join(self.base, "s"))
+
+    def test_tac(self) -> None:
+        """
+        The example .tac file builds an application with the relay in it.
+        """
+        from twisted.application import service
+
+        tac = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "relay.tac")
+        namespace: dict[str, Any] = {}
+        with open(tac) as f:
+            code = compile(f.read(), tac, "exec")
+        original = relay_service.makeService
+        here = dict(
+            reactor=self.reactor,
+            spool=os.path.join(self.base, "spool"),
+            quarantine=os.path.join(self.base, "quarantine"),
+        )
+        self.patch(relay_service, "makeService", lambda **kw: original(**{**kw, **here}))
+        exec(code, namespace)
+        services = list(service.IServiceCollection(namespace["application"]))
+        self.assertEqual(len(services), 1)
+        self.assertIsInstance(services[0], MultiService)
