@@ -69,6 +69,12 @@ class SessionLogger(Logger):
     def emit(self, level: Any, format: str | None = None, **kwargs: Any) -> None:  # noqa: A002
         for key, value in self.fields.items():
             kwargs.setdefault(key, value)
+        if format is not None:
+            # The text log names the session (and envelope), Postfix-style, so
+            # that grep finds a whole mail flow; the fields stay structured.
+            ids = " ".join(f"{key}={{{key}}}" for key in ("session_id", "envelope_id") if key in kwargs)
+            if ids:
+                format = f"[{ids}] {format}"
         super().emit(level, format, **kwargs)
 
 

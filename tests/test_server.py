@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -809,8 +809,12 @@ class DataTests(ServerTestCase):
         self.transcript(h, MAIL_TXN)
         h.send(MESSAGE)
         self.transcript(h, "< 250")
-        [event] = [e for e in events if e.get("log_format") == "plugin says hi"]
+        [event] = [e for e in events if e.get("log_format", "").endswith("plugin says hi")]
         envelope = self.callbacks.calls[-1][2]
+        self.assertEqual(
+            formatEvent(event),
+            f"[session_id={h.protocol.session.id} envelope_id={envelope.id}] plugin says hi",
+        )
         self.assertEqual(event["session_id"], h.protocol.session.id)
         self.assertEqual(event["envelope_id"], envelope.id)
 
