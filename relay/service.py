@@ -102,9 +102,17 @@ class ThreadPoolService(Service):
         Service.startService(self)
         self.pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         Service.stopService(self)
+        # Services stopped before us (the spool, waiting for deliveries)
+        # may still need the pool: stop it once they are done.
+        before = getattr(self, "stop_after", None)
+        d = before() if before is not None else None
+        if isinstance(d, Deferred) and not d.called:
+            d.addBoth(lambda _: self.pool.stop())
+            return d
         self.pool.stop()
+        return None
 
 
 class SpoolService(Service):
@@ -118,6 +126,7 @@ class SpoolService(Service):
         self.directories = tuple(directories)
         self.locked = False
         self.recovered: Deferred[Any] | None = None
+        self.stopped: Deferred[Any] | None = None
 
     def privilegedStartService(self) -> None:
         # Before the reactor runs and before anything listens: a relay that
@@ -150,9 +159,27 @@ class SpoolService(Service):
         d: Deferred[Any] = self.spool.recover()
         d.addCallbacks(recovered, failed)
         self.recovered = d
+        delivery = getattr(self, "delivery", None)
+        if delivery is not None:
+            # The scheduler loads the active queue once recovery is done.
+            delivery.wait_for = lambda: self.recovered
+            delivery.startService()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Any:
         Service.stopService(self)
+        delivery = getattr(self, "delivery", None)
+        if delivery is not None and delivery.running:
+            # Let running deliveries finish (up to a bound) before the
+            # spool is unlocked.
+            d: Deferred[Any] = delivery.stopService()
+            d.addBoth(lambda _: self._unlock())
+            self.stopped = d
+            return d
+        self.stopped = None
+        self._unlock()
+        return None
+
+    def _unlock(self) -> None:
         if self.locked:
             self.locked = False
             self.spool.unlock()
@@ -162,6 +189,61 @@ def _resolve_callbacks(callbacks: Any) -> Any:
     if isinstance(callbacks, str):
         callbacks = reflect.namedAny(callbacks)
     return as_callbacks(callbacks)
+
+
+def _delivery(
+    top: Any,
+    spool_service: SpoolService,
+    disk: Any,
+    reactor: Any,
+    hostname: str,
+    smarthost: str | None,
+    retry_intervals: Sequence[float],
+    max_send_jobs: int,
+    relay_tls: str,
+    bounce: bool,
+    run_in_thread: Any,
+) -> Any:
+    """
+    Build the delivery scheduler over C{disk}, started and stopped with the
+    spool service (after recovery, before unlocking), and return the spool
+    the SMTP server writes to: one that wakes the scheduler on enqueue.
+    Without a full L{ISpool} or without the relay client, no delivery.
+    """
+    from relay.interfaces import ISpool
+
+    if not ISpool.providedBy(disk):
+        return disk
+    try:
+        from relay.client import RelayClient
+    except ImportError:
+        log.warn("relay.client is missing: mail is spooled but not delivered")
+        return disk
+    from relay.delivery import DeliveryScheduler, NotifyingSpool
+    from relay.nexthop import make_router
+
+    def resolver() -> Any:
+        from twisted.names import client as names_client
+
+        return names_client.createResolver()
+
+    client = RelayClient(reactor, hostname=hostname, tls=relay_tls, run_in_thread=run_in_thread)
+    scheduler = DeliveryScheduler(
+        spool=disk,
+        client=client,
+        clock=reactor,
+        route=make_router(resolver),
+        max_send_jobs=max_send_jobs,
+        default_retry_intervals=tuple(retry_intervals),
+        bounce=bounce,
+        hostname=hostname,
+        smarthost=smarthost,
+    )
+    spool_service.delivery = scheduler  # type: ignore[attr-defined]
+    top.delivery = scheduler
+    served = NotifyingSpool(disk, scheduler)
+    top.spool = served
+    return served
 
 
 def makeService(
@@ -244,6 +326,7 @@ def makeService(
     )
     top.callbacks = plugin  # type: ignore[attr-defined]
 
+    pool_service: ThreadPoolService | None = None
     if run_in_thread is None:
         pool = ThreadPool(minthreads=0, maxthreads=10, name="relay-spool")
         pool_service = ThreadPoolService(pool)
@@ -256,10 +339,17 @@ def makeService(
     spool_service.setName("spool")
     spool_service.setServiceParent(top)
     top.spool = disk  # type: ignore[attr-defined]
+    if pool_service is not None:
+        pool_service.stop_after = lambda: getattr(spool_service, "stopped", None)  # type: ignore[attr-defined]
+    top.delivery = None  # type: ignore[attr-defined]
+    served = _delivery(
+        top, spool_service, disk, reactor, hostname, smarthost, retry_intervals,
+        max_send_jobs, relay_tls, bounce, run_in_thread,
+    )
 
     factory = SMTPServerFactory(
         callbacks=plugin,
-        spool=disk,
+        spool=served,
         clock=reactor,
         hostname=hostname,
         max_message_size=max_message_size,

@@ -5,7 +5,6 @@ The C{twistd relay} command line: L{Options} and L{makeService}.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from typing import Any
 
@@ -13,37 +12,11 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
 from twisted.python import reflect, usage
 
+from relay.retry import parse_interval, parse_retry_intervals
+
 DEFAULT_SMTP = "tcp:8025:interface=127.0.0.1"
 RELAY_TLS_MODES = ("none", "may", "encrypt", "verify")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
-
-
-def parse_interval(text: str) -> float:
-    """
-    Parse one duration: a positive number of seconds, or a number with a
-    unit C{s}, C{m}, C{h} or C{d}.
-
-    @raise ValueError: when C{text} is not such a duration.
-    """
-    match = _INTERVAL.match(text)
-    if match is None:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 2h, 1d)")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()]
-    if value <= 0:
-        raise ValueError(f"not a positive duration: {text!r}")
-    return value
-
-
-def parse_retry_intervals(text: str) -> tuple[float, ...]:
-    """
-    Parse a comma-separated list of durations, e.g. C{1m,5m,1h}.
-    """
-    parts = [part for part in text.split(",")]
-    if not parts or any(not part.strip() for part in parts):
-        raise ValueError(f"empty duration in {text!r}")
-    return tuple(parse_interval(part) for part in parts)
-
+__all__ = ["Options", "makeService", "parse_interval", "parse_retry_intervals", "parse_smarthost"]
 
 def parse_smarthost(text: str) -> str:
     """

@@ -1,0 +1,649 @@
+"""
+The relay client: deliver one envelope to one next hop over SMTP.
+
+L{RelayClient.send} connects to a hop, speaks EHLO (or HELO), STARTTLS and
+AUTH as configured, sends the transaction (pipelined when the hop offers
+PIPELINING, RFC 2920) and reports, per recipient, the reply that settled
+it.  The message body is written with CRLF line endings and exact
+dot-stuffing (L{relay.stuffing.DotStuffer}) whatever the stored bytes hold.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.argument import Argument, find
+from relay.envelope import Envelope
+from relay.reply import Reply, ReplyError
+from relay.stuffing import DotStuffer
+
+CHUNK_SIZE = 64 * 1024
+MAX_REPLY_BYTES = 64 * 1024
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    """
+    The outcome of one delivery attempt to one hop.
+
+    @ivar hop: the hop, C{host:port}.
+    @ivar replies: for each recipient (C{str(address)}), in envelope order,
+        the reply that settled it: its RCPT TO rejection, else the reply to
+        the end of data.
+    """
+
+    hop: str
+    replies: tuple[tuple[str, Reply], ...]
+
+
+class DeliveryError(Exception):
+    """
+    The hop could not take the message at all.
+
+    @ivar reply: the hop's reply (or one made up to describe the failure),
+        C{None} for connection failures and timeouts.
+    @ivar permanent: the hop refused the message permanently (a 5xx to
+        MAIL FROM or DATA, a message too big, SMTPUTF8 needed but not
+        offered); else try again later or elsewhere.
+    """
+
+    def __init__(self, message: str, reply: Reply | None = None, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.reply = reply
+        self.permanent = permanent
+
+
+class ReplyTimeout(Exception):
+    """
+    The hop did not reply in time.
+    """
+
+
+class ConnectionClosed(Exception):
+    """
+    The connection closed while a reply was awaited.
+    """
+
+
+def parse_hop(hop: str) -> tuple[str, int]:
+    """
+    Split C{host:port} or C{[v6]:port} into host and port.
+
+    @raise ValueError: if C{hop} is malformed.
+    """
+    if hop.startswith("["):
+        end = hop.find("]")
+        if end < 0 or hop[end + 1 : end + 2] != ":":
+            raise ValueError(f"bad hop {hop!r}")
+        host, port = hop[1:end], hop[end + 2 :]
+        if host[:5].lower() == "ipv6:":
+            host = host[5:]
+    else:
+        host, sep, port = hop.rpartition(":")
+        if not sep:
+            host, port = hop, "25"
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad hop {hop!r}")
+    return host, int(port)
+
+
+@implementer(IPushProducer)
+class SMTPClientProtocol(Protocol):
+    """
+    The wire side of the client: writes commands, parses (multi-line)
+    replies and hands them out in order through L{next_reply}, each with a
+    timeout.
+    """
+
+    def __init__(self, clock: Any, reply_timeout: float) -> None:
+        self._clock = clock
+        self._reply_timeout = reply_timeout
+        self._buffer = b""
+        self._lines: list[bytes] = []
+        self._replies: deque[Reply] = deque()
+        self._waiter: Deferred[Reply] | None = None
+        self._timer: Any = None
+        self._error: Exception | None = None
+        self._paused: Deferred[None] | None = None
+        self.tls = False
+        self.closed = False
+
+    # Connection and flow control
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    async def writable(self) -> None:
+        """
+        Wait until the transport wants more data.
+        """
+        if self._paused is None or self.closed:
+            return
+        # A hop that stops reading gets as long as it would for a reply.
+        timer = self._clock.callLater(self._reply_timeout, self._write_timed_out)
+        try:
+            while self._paused is not None and not self.closed:
+                await self._paused
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _write_timed_out(self) -> None:
+        self._set_error(ReplyTimeout(f"hop did not read for {self._reply_timeout} seconds"))
+        self.abort()
+        self.resumeProducing()
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def send(self, *commands: str) -> None:
+        """
+        Write the commands in one write (pipelined if several).
+        """
+        self.write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
+
+    def start_tls(self, creator: Any) -> None:
+        assert self.transport is not None
+        self.transport.startTLS(creator)  # type: ignore[attr-defined]
+        self.tls = True
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        why = reason.getErrorMessage() if reason is not None else "closed"
+        self._set_error(ConnectionClosed(f"connection closed: {why}"))
+        self.resumeProducing()
+
+    # Replies
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while self._error is None:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_BYTES:
+                    self._protocol_error("reply line too long")
+                return
+            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            self._lines.append(line)
+            if line[3:4] == b"-" and sum(len(x) for x in self._lines) < MAX_REPLY_BYTES:
+                continue
+            raw = b"".join(x + b"\r\n" for x in self._lines)
+            self._lines = []
+            try:
+                reply = Reply.parse(raw)
+            except ReplyError as e:
+                self._protocol_error(f"bad reply: {e}")
+                return
+            self._deliver(reply)
+
+    def _protocol_error(self, message: str) -> None:
+        self._set_error(ReplyError(message))
+        self.abort()
+
+    def _deliver(self, reply: Reply) -> None:
+        waiter = self._take_waiter()
+        if waiter is None:
+            self._replies.append(reply)
+        else:
+            waiter.callback(reply)
+
+    def _take_waiter(self) -> Deferred[Reply] | None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        return waiter
+
+    def _set_error(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        waiter = self._take_waiter()
+        if waiter is not None:
+            waiter.errback(Failure(self._error))
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._set_error(ReplyTimeout(f"no reply within {self._reply_timeout} seconds"))
+        self.abort()
+
+    def next_reply(self) -> Deferred[Reply]:
+        """
+        The next reply from the hop; fails with L{ReplyTimeout} if it does
+        not come within the reply timeout, L{ConnectionClosed} or
+        L{ReplyError}.
+        """
+        if self._replies:
+            return succeed(self._replies.popleft())
+        if self._error is not None:
+            return fail(self._error)
+        assert self._waiter is None, "one reply at a time"
+        d: Deferred[Reply] = Deferred()
+        self._waiter = d
+        self._timer = self._clock.callLater(self._reply_timeout, self._timed_out)
+        return d
+
+
+class _ClientFactory(Factory):
+    def __init__(self, clock: Any, reply_timeout: float) -> None:
+        self._clock = clock
+        self._reply_timeout = reply_timeout
+
+    def buildProtocol(self, addr: Any) -> SMTPClientProtocol:
+        p = SMTPClientProtocol(self._clock, self._reply_timeout)
+        p.factory = self
+        return p
+
+
+def _extensions(reply: Reply) -> dict[str, str]:
+    exts = {}
+    for line in reply.lines[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        if keyword:
+            exts[keyword.upper()] = params.strip()
+    return exts
+
+
+def _xtext_ok(value: str | None) -> bool:
+    return value is not None and value.isascii()
+
+
+class RelayClient:
+    """
+    Deliver envelopes to next hops over SMTP.
+
+    @param reactor: an C{IReactorTCP} and C{IReactorTime}.
+    @param hostname: the name given in EHLO/HELO.
+    @param tls: C{"none"} (never STARTTLS), C{"may"} (when offered),
+        C{"encrypt"} (required, certificate not checked) or C{"verify"}
+        (required, certificate and host name verified).
+    @param trust_root: the C{trustRoot} for C{"verify"} (default: the
+        platform's trust store).
+    @param auth: C{(username, password)} for AUTH PLAIN/LOGIN, sent only
+        over TLS.
+    @param run_in_thread: C{f(callable, *args) -> Deferred} to read message
+        files off the reactor thread; C{None} reads synchronously.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        hostname: str,
+        tls: str = "may",
+        trust_root: Any = None,
+        auth: tuple[str, str] | None = None,
+        connect_timeout: float = 30.0,
+        reply_timeout: float = 300.0,
+        run_in_thread: Callable[..., Any] | None = None,
+    ) -> None:
+        if tls not in ("none", "may", "encrypt", "verify"):
+            raise ValueError(f"tls must be none, may, encrypt or verify, not {tls!r}")
+        self._reactor = reactor
+        self.hostname = hostname
+        self.tls = tls
+        self._trust_root = trust_root
+        self._auth = auth
+        self._connect_timeout = connect_timeout
+        self._reply_timeout = reply_timeout
+        self._run_in_thread = run_in_thread
+
+    def send(self, hop: str, envelope: Envelope) -> Deferred[DeliveryResult]:
+        """
+        Deliver C{envelope} to C{hop} (C{host:port} or C{[v6]:port}).
+
+        @return: a Deferred firing with a L{DeliveryResult}, or failing with
+            L{DeliveryError} when the hop could not take the message at all.
+        """
+        return Deferred.fromCoroutine(self._send(hop, envelope))
+
+    def _endpoint(self, host: str, port: int) -> Any:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        if ip.version == 4:
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        return TCP6ClientEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+
+    async def _send(self, hop: str, envelope: Envelope) -> DeliveryResult:
+        try:
+            host, port = parse_hop(hop)
+        except ValueError as e:
+            raise DeliveryError(str(e)) from None
+        factory = _ClientFactory(self._reactor, self._reply_timeout)
+        try:
+            proto = await self._endpoint(host, port).connect(factory)
+        except Exception as e:
+            log.info(
+                "connect to {hop} failed for {envelope_id}: {error}",
+                hop=hop, envelope_id=envelope.id, error=str(e),
+            )
+            raise DeliveryError(f"connect to {hop} failed: {e}") from e
+        quit = True
+        session = _Session(self, proto, hop, host, envelope)
+        try:
+            return await session.run()
+        except (ReplyTimeout, ConnectionClosed, ReplyError) as e:
+            quit = False
+            log.info(
+                "delivery of {envelope_id} to {hop} failed: {error}",
+                hop=hop, envelope_id=envelope.id, error=str(e),
+            )
+            raise DeliveryError(f"{hop}: {e}") from e
+        except DeliveryError as e:
+            log.info(
+                "delivery of {envelope_id} to {hop} failed: {error} (permanent={permanent})",
+                hop=hop, envelope_id=envelope.id, error=str(e), permanent=e.permanent,
+            )
+            raise
+        except Exception as e:
+            # Such as the message file failing to read: never leave the hop
+            # with a partial body it could take for a whole one.
+            quit = False
+            proto.abort()
+            log.failure(
+                "delivery of {envelope_id} to {hop} failed",
+                hop=hop, envelope_id=envelope.id,
+            )
+            raise DeliveryError(f"{hop}: {type(e).__name__}: {e}") from e
+        finally:
+            if session.in_data:
+                proto.abort()
+            elif quit and not proto.closed:
+                # Say goodbye, but do not wait for the reply.
+                proto.send("QUIT")
+            proto.close()
+
+
+class _Session:
+    """
+    One SMTP session delivering one envelope.
+    """
+
+    def __init__(
+        self, client: RelayClient, proto: SMTPClientProtocol, hop: str, host: str, envelope: Envelope
+    ) -> None:
+        self.client = client
+        self.proto = proto
+        self.hop = hop
+        self.host = host
+        self.envelope = envelope
+        self.extensions: dict[str, str] = {}
+        # The body is being written: the hop must not see a QUIT now.
+        self.in_data = False
+
+    def _fail(self, what: str, reply: Reply, permanent: bool = False) -> DeliveryError:
+        return DeliveryError(f"{self.hop}: {what}: {reply}", reply, permanent)
+
+    async def _command(self, command: str) -> Reply:
+        self.proto.send(command)
+        return await self.proto.next_reply()
+
+    async def _hello(self) -> None:
+        reply = await self._command(f"EHLO {self.client.hostname}")
+        if reply.is_positive:
+            self.extensions = _extensions(reply)
+            return
+        if reply.is_permanent:
+            reply = await self._command(f"HELO {self.client.hostname}")
+            if reply.is_positive:
+                self.extensions = {}
+                return
+        raise self._fail("EHLO/HELO refused", reply)
+
+    def _tls_creator(self) -> Any:
+        if self.client.tls == "verify":
+            return ssl.optionsForClientTLS(self.host, trustRoot=self.client._trust_root)
+        return ssl.CertificateOptions(verify=False)
+
+    async def _starttls(self) -> None:
+        mode = self.client.tls
+        if mode == "none":
+            return
+        if "STARTTLS" not in self.extensions:
+            if mode == "may":
+                return
+            raise self._fail(
+                "TLS required", Reply(454, f"4.7.0 {self.hop} does not offer STARTTLS")
+            )
+        reply = await self._command("STARTTLS")
+        if reply.code != 220:
+            raise self._fail("STARTTLS refused", reply)
+        self.proto.start_tls(self._tls_creator())
+        await self._hello()
+        if mode == "verify":
+            self._check_peer()
+
+    def _check_peer(self) -> None:
+        """
+        Check the hop's certificate against its name once more: Twisted
+        logs but does not fail on a certificate without subjectAltName
+        (service_identity's C{CertificateError}), which would let any
+        certificate from the trust root pass.
+        """
+        from service_identity import CertificateError, VerificationError
+        from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+        from service_identity.pyopenssl import extract_patterns
+
+        try:
+            ipaddress.ip_address(self.host)
+            svcid: Any = IPAddress_ID(self.host)
+        except ValueError:
+            svcid = DNS_ID(self.host)
+        get_cert = getattr(self.proto.transport, "getPeerCertificate", None)
+        cert = get_cert() if get_cert is not None else None
+        try:
+            if cert is None:
+                raise CertificateError("no peer certificate")
+            verify_service_identity(extract_patterns(cert), [svcid], [])
+        except (CertificateError, VerificationError) as e:
+            raise self._fail(
+                "certificate verification failed",
+                Reply(454, f"4.7.5 Certificate of {self.hop} does not match {self.host}: {e}"),
+            ) from None
+
+    async def _authenticate(self) -> None:
+        auth = self.client._auth
+        if auth is None:
+            return
+        if not self.proto.tls:
+            raise self._fail(
+                "AUTH needs TLS",
+                Reply(454, "4.7.0 Not sending credentials without TLS"),
+            )
+        if "AUTH" not in self.extensions:
+            raise self._fail("AUTH not offered", Reply(454, "4.7.0 The next hop does not offer AUTH"))
+        user, password = auth
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
+            token = base64.b64encode(f"\0{user}\0{password}".encode()).decode("ascii")
+            reply = await self._command(f"AUTH PLAIN {token}")
+        else:
+            reply = await self._command("AUTH LOGIN")
+            for secret in (user, password):
+                if reply.code != 334:
+                    break
+                reply = await self._command(base64.b64encode(secret.encode()).decode("ascii"))
+        if reply.code != 235:
+            raise self._fail("AUTH failed", reply)
+
+    def _mail_command(self) -> str:
+        env = self.envelope
+        args: list[Argument] = []
+        exts = self.extensions
+        if "SIZE" in exts:
+            limit = exts["SIZE"].split()[0] if exts["SIZE"] else ""
+            if limit.isdigit() and int(limit) > 0 and env.message.size > int(limit):
+                raise self._fail(
+                    "message too big",
+                    Reply(552, f"5.3.4 Message size {env.message.size} exceeds the hop's limit {limit}"),
+                    permanent=True,
+                )
+            args.append(Argument("SIZE", str(env.message.size)))
+        body = find(tuple(env.sender_args), "BODY")
+        if body is not None and (body.value or "").upper() == "8BITMIME" and "8BITMIME" in exts:
+            args.append(Argument("BODY", "8BITMIME"))
+        needs_utf8 = (
+            find(tuple(env.sender_args), "SMTPUTF8") is not None
+            or not str(env.sender).isascii()
+            or any(r.needs_smtputf8 for r in env.recipients)
+        )
+        if needs_utf8:
+            if "SMTPUTF8" not in exts:
+                raise self._fail(
+                    "SMTPUTF8 needed",
+                    Reply(553, "5.6.7 The next hop does not support SMTPUTF8"),
+                    permanent=True,
+                )
+            args.append(Argument("SMTPUTF8"))
+        if "DSN" in exts:
+            for keyword in ("RET", "ENVID"):
+                arg = find(tuple(env.sender_args), keyword)
+                if arg is not None and _xtext_ok(arg.value):
+                    args.append(arg)
+        return " ".join([f"MAIL FROM:<{env.sender}>"] + [str(a) for a in args])
+
+    def _rcpt_commands(self) -> list[str]:
+        commands = []
+        for rcpt in self.envelope.recipients:
+            args = []
+            if "DSN" in self.extensions:
+                for keyword in ("NOTIFY", "ORCPT"):
+                    arg = find(tuple(self.envelope.args_for(rcpt)), keyword)
+                    if arg is not None and _xtext_ok(arg.value):
+                        args.append(str(arg))
+            commands.append(" ".join([f"RCPT TO:<{rcpt}>"] + args))
+        return commands
+
+    async def run(self) -> DeliveryResult:
+        proto = self.proto
+        greeting = await proto.next_reply()
+        if greeting.code != 220:
+            raise self._fail("greeting", greeting)
+        await self._hello()
+        await self._starttls()
+        await self._authenticate()
+        mail = self._mail_command()
+        rcpts = self._rcpt_commands()
+        recipients = [str(r) for r in self.envelope.recipients]
+        pipelining = "PIPELINING" in self.extensions
+        if pipelining:
+            proto.send(mail, *rcpts, "DATA")
+            mail_reply = await proto.next_reply()
+            rcpt_replies = [await proto.next_reply() for _ in rcpts]
+            data_reply = await proto.next_reply()
+            if not mail_reply.is_positive:
+                if data_reply.code == 354:
+                    proto.write(b".\r\n")
+                    await proto.next_reply()
+                raise self._fail("MAIL FROM refused", mail_reply, mail_reply.is_permanent)
+        else:
+            mail_reply = await self._command(mail)
+            if not mail_reply.is_positive:
+                raise self._fail("MAIL FROM refused", mail_reply, mail_reply.is_permanent)
+            rcpt_replies = []
+            for command in rcpts:
+                rcpt_replies.append(await self._command(command))
+        accepted = [r.is_positive for r in rcpt_replies]
+        if not any(accepted):
+            if pipelining and data_reply.code == 354:
+                # The hop took DATA with no recipient (RFC 2920 section 3.1):
+                # send an empty message, which it must refuse.
+                proto.write(b".\r\n")
+                await proto.next_reply()
+            proto.send("RSET")
+            log.info(
+                "all recipients of {envelope_id} refused by {hop}",
+                envelope_id=self.envelope.id, hop=self.hop,
+            )
+            return DeliveryResult(self.hop, tuple(zip(recipients, rcpt_replies, strict=True)))
+        if not pipelining:
+            data_reply = await self._command("DATA")
+        if data_reply.code != 354:
+            raise self._fail("DATA refused", data_reply, data_reply.is_permanent)
+        self.in_data = True
+        await self._write_body()
+        self.in_data = False
+        final = await proto.next_reply()
+        replies = tuple(
+            (address, final if ok else reply)
+            for address, ok, reply in zip(recipients, accepted, rcpt_replies, strict=True)
+        )
+        log.info(
+            "delivered {envelope_id} to {hop}: {reply}",
+            envelope_id=self.envelope.id, hop=self.hop, reply=str(final),
+            accepted=sum(accepted), refused=len(accepted) - sum(accepted),
+        )
+        return DeliveryResult(self.hop, replies)
+
+    async def _call(self, f: Callable[..., Any], *args: Any) -> Any:
+        run = self.client._run_in_thread
+        if run is None:
+            return f(*args)
+        result = run(f, *args)
+        if isinstance(result, Deferred):
+            result = await result
+        return result
+
+    async def _write_body(self) -> None:
+        proto = self.proto
+        stuffer = DotStuffer()
+        message = self.envelope.message
+        if message.data is not None:
+            data = message.data
+            for start in range(0, max(len(data), 1), CHUNK_SIZE):
+                proto.write(stuffer.encode(data[start : start + CHUNK_SIZE]))
+                await proto.writable()
+        else:
+            assert message.path is not None
+            f = await self._call(open, message.path, "rb")
+            try:
+                while True:
+                    chunk = await self._call(f.read, CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    proto.write(stuffer.encode(chunk))
+                    await proto.writable()
+            finally:
+                await self._call(f.close)
+        proto.write(stuffer.finish())

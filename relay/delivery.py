@@ -1,0 +1,411 @@
+"""
+The delivery scheduler (the "queue manager"): it loads the active queue at
+start-up, schedules each entry at its next attempt with the injected
+clock, runs at most C{max_send_jobs} deliveries at once, records every
+attempt, and then finishes, reschedules, freezes or bounces each entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.address import EmailAddress
+from relay.bounce import make_bounce
+from relay.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
+from relay.envelope import Envelope
+from relay.interfaces import ISpool
+from relay.message import Message
+from relay.nexthop import Route
+from relay.retry import DEFAULT_RETRY_INTERVALS, effective_intervals, next_attempt
+
+Router = Callable[[Sequence[EmailAddress], Sequence[str]], "Deferred[list[Route]]"]
+
+
+def _code(reply: Any) -> int | None:
+    code = getattr(reply, "code", None)
+    return code if isinstance(code, int) else None
+
+
+class DeliveryScheduler(Service):
+    """
+    Drain the active queue of C{spool} through C{client}.
+
+    @ivar jobs: the ids being delivered, with their L{Deferred}s.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        spool: Any,
+        client: Any,
+        clock: IReactorTime,
+        route: Router,
+        max_send_jobs: int = 10,
+        per_destination: int = 4,
+        default_retry_intervals: Sequence[float] = (),
+        bounce: bool = True,
+        hostname: str = "localhost",
+        smarthost: str | None = None,
+        stop_timeout: float = 30.0,
+        wait_for: Callable[[], Any] | None = None,
+        log: Logger | None = None,
+    ) -> None:
+        self.spool = spool
+        self.client = client
+        self.clock = clock
+        self.route = route
+        self.max_send_jobs = max_send_jobs
+        self.per_destination = per_destination
+        self.default_retry_intervals = tuple(default_retry_intervals) or DEFAULT_RETRY_INTERVALS
+        self.bounce = bounce
+        self.hostname = hostname
+        self.smarthost = smarthost
+        self.stop_timeout = stop_timeout
+        self.wait_for = wait_for
+        if log is not None:
+            self.log = log
+        self.timers: dict[str, IDelayedCall] = {}
+        self.due: deque[str] = deque()
+        self.jobs: dict[str, Deferred[None]] = {}
+        self.again: set[str] = set()
+        self.stopping = False
+        self._hop_locks: dict[str, DeferredSemaphore] = {}
+
+    # -- service ---------------------------------------------------------
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.stopping = False
+        d: Deferred[Any] = defer.maybeDeferred(self.wait_for) if self.wait_for else defer.succeed(None)
+        d.addCallback(lambda _: self.spool.entries(ACTIVE))
+        d.addCallback(self.notify)
+        d.addErrback(lambda f: self.log.failure("Cannot load the active queue", f))
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        self.stopping = True
+        for call in self.timers.values():
+            if call.active():
+                call.cancel()
+        self.timers.clear()
+        self.due.clear()
+        if not self.jobs:
+            return defer.succeed(None)
+        done: Deferred[None] = Deferred()
+        waiting = defer.DeferredList(list(self.jobs.values()), consumeErrors=True)
+
+        def finished(_: object) -> None:
+            if timeout.active():
+                timeout.cancel()
+            if not done.called:
+                done.callback(None)
+
+        def timed_out() -> None:
+            self.log.warn(
+                "Stopping with {n} deliveries still running; they stay in the spool",
+                n=len(self.jobs),
+            )
+            if not done.called:
+                done.callback(None)
+
+        timeout = self.clock.callLater(self.stop_timeout, timed_out)
+        waiting.addCallback(finished)
+        return done
+
+    # -- scheduling ------------------------------------------------------
+
+    def notify(self, entries: Iterable[SpoolEntry]) -> None:
+        """
+        Schedule C{entries} (new or loaded) at their next attempt time.
+        """
+        for entry in entries:
+            if entry.queue == ACTIVE:
+                self.schedule(entry.id, entry.next_attempt_at)
+
+    def schedule(self, entry_id: str, at: float) -> None:
+        if self.stopping:
+            return
+        old = self.timers.pop(entry_id, None)
+        if old is not None and old.active():
+            old.cancel()
+        delay = max(0.0, at - self.clock.seconds())
+        self.timers[entry_id] = self.clock.callLater(delay, self._became_due, entry_id)
+
+    def _became_due(self, entry_id: str) -> None:
+        self.timers.pop(entry_id, None)
+        if self.stopping:
+            return
+        if entry_id in self.jobs:
+            self.again.add(entry_id)
+            return
+        if entry_id not in self.due:
+            self.due.append(entry_id)
+        self._pump()
+
+    def _pump(self) -> None:
+        while not self.stopping and self.due and len(self.jobs) < self.max_send_jobs:
+            entry_id = self.due.popleft()
+            if entry_id in self.jobs:
+                continue
+            d = Deferred.fromCoroutine(self._deliver(entry_id))
+            self.jobs[entry_id] = d
+            d.addErrback(self._log_failure, entry_id)
+            d.addBoth(self._done, entry_id)
+
+    def _log_failure(self, failure: Failure, entry_id: str) -> None:
+        self.log.failure("Delivery of {id} failed; it stays in the spool", failure, id=entry_id)
+
+    def _done(self, _: object, entry_id: str) -> None:
+        self.jobs.pop(entry_id, None)
+        if entry_id in self.again:
+            self.again.discard(entry_id)
+            self.due.append(entry_id)
+        self._pump()
+
+    def set_max_send_jobs(self, n: int) -> None:
+        """
+        Change the number of simultaneous deliveries.
+        """
+        if n < 1:
+            raise ValueError("max_send_jobs must be at least 1")
+        self.max_send_jobs = n
+        self._pump()
+
+    def send_now(self, entry_id: str) -> None:
+        """
+        Deliver C{entry_id} at once, whatever its schedule.
+        """
+        old = self.timers.pop(entry_id, None)
+        if old is not None and old.active():
+            old.cancel()
+        self._became_due(entry_id)
+
+    # -- one delivery ----------------------------------------------------
+
+    def _hop_lock(self, hop: str) -> DeferredSemaphore:
+        lock = self._hop_locks.get(hop)
+        if lock is None:
+            lock = self._hop_locks[hop] = DeferredSemaphore(self.per_destination)
+        return lock
+
+    def _send(self, hop: str, envelope: Envelope) -> Deferred[Any]:
+        lock = self._hop_lock(hop)
+        d: Deferred[Any] = lock.run(self.client.send, hop, envelope)
+
+        def forget(result: object) -> object:
+            if not lock.waiting and lock.tokens == lock.limit:
+                self._hop_locks.pop(hop, None)
+            return result
+
+        return d.addBoth(forget)
+
+    async def _deliver(self, entry_id: str) -> None:
+        try:
+            entry: SpoolEntry = await self.spool.get(entry_id)
+        except KeyError:
+            return
+        if entry.queue != ACTIVE:
+            return
+        message: Message = await self.spool.message(entry_id)
+        envelope = entry.envelope(message)
+        now = self.clock.seconds()
+        attempts: list[Attempt] = []
+        failed: list[tuple[str, str]] = []
+        remaining: list[EmailAddress] = []
+        routes: list[Route] = await self.route(entry.recipients, entry.next_hop_choices)
+        for route in routes:
+            names = tuple(str(r) for r in route.recipients)
+            if route.error is not None:
+                attempts.append(Attempt(now, "", None, route.error, names))
+                if route.permanent:
+                    failed += [(n, route.error) for n in names]
+                else:
+                    remaining += route.recipients
+                continue
+            pending = list(route.recipients)
+            for hop in route.hops:
+                if not pending:
+                    break
+                names = tuple(str(r) for r in pending)
+                try:
+                    result = await self._send(
+                        hop, dataclasses.replace(envelope, recipients=tuple(pending))
+                    )
+                except Exception as e:
+                    reply = getattr(e, "reply", None)
+                    text = str(reply) if reply is not None else (str(e) or type(e).__name__)
+                    attempts.append(Attempt(self.clock.seconds(), hop, _code(reply), text, names))
+                    if getattr(e, "permanent", False):
+                        failed += [(n, text) for n in names]
+                        pending = []
+                        break
+                    continue
+                replies = dict(result.replies)
+                left: list[EmailAddress] = []
+                by_reply: dict[tuple[int | None, str], list[str]] = {}
+                for r in pending:
+                    reply = replies.get(str(r))
+                    if reply is None:
+                        left.append(r)
+                        by_reply.setdefault((None, "no reply for recipient"), []).append(str(r))
+                        continue
+                    by_reply.setdefault((_code(reply), str(reply)), []).append(str(r))
+                    if reply.is_positive:
+                        continue
+                    if reply.is_permanent:
+                        failed.append((str(r), str(reply)))
+                    else:
+                        left.append(r)
+                at = self.clock.seconds()
+                for (code, text), rcpts in by_reply.items():
+                    attempts.append(Attempt(at, getattr(result, "hop", hop), code, text, tuple(rcpts)))
+                pending = left
+            remaining += pending
+        await self._settle(entry, message, attempts, failed, remaining)
+
+    async def _settle(
+        self,
+        entry: SpoolEntry,
+        message: Message,
+        attempts: list[Attempt],
+        failed: list[tuple[str, str]],
+        remaining: list[EmailAddress],
+    ) -> None:
+        now = self.clock.seconds()
+        all_failed = tuple(entry.failed_recipients) + tuple(failed)
+        updated = dataclasses.replace(
+            entry,
+            recipients=tuple(remaining),
+            failed_recipients=all_failed,
+            attempts=tuple(entry.attempts) + tuple(attempts),
+        )
+        if not remaining:
+            bounced = await self._bounce(entry, all_failed, message, now, expired=False)
+            if all_failed and not bounced:
+                # Nobody was told: keep it for the operator.
+                reason = "permanent failure: " + all_failed[-1][1]
+                await self._freeze(updated, reason)
+                return
+            await self.spool.finish(entry.id)
+            self.log.info("{id} settled", id=entry.id)
+            return
+        intervals = effective_intervals(
+            entry.retry_intervals, len(entry.attempts), self.default_retry_intervals
+        )
+        step = next_attempt(intervals, now)
+        if step is None:
+            last = updated.last_error or "no reply"
+            expired = tuple((str(r), last) for r in remaining)
+            bounced = await self._bounce(entry, all_failed + expired, message, now, expired=True)
+            reason = f"retry intervals exhausted; last error: {last}"
+            if bounced:
+                reason += " (bounced)"
+            await self._freeze(updated, reason)
+            return
+        at, rest = step
+        updated = dataclasses.replace(updated, retry_intervals=rest, next_attempt_at=at)
+        updated = await self.spool.update(updated)
+        self.log.info(
+            "{id} deferred until {when} for {n} recipient(s): {error}",
+            id=entry.id,
+            at=at,
+            when=datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds"),
+            n=len(remaining),
+            error=updated.last_error,
+        )
+        self.schedule(entry.id, at)
+
+    async def _freeze(self, entry: SpoolEntry, reason: str) -> None:
+        await self.spool.update(dataclasses.replace(entry, reason=reason))
+        await self.spool.move(entry.id, FROZEN)
+        self.log.warn("{id} frozen: {reason}", id=entry.id, reason=reason)
+
+    async def _bounce(
+        self,
+        entry: SpoolEntry,
+        failed: Sequence[tuple[str, str]],
+        message: Message,
+        now: float,
+        expired: bool,
+    ) -> bool:
+        """
+        Spool a DSN for C{failed}; C{True} if one was spooled.
+        """
+        if not self.bounce or not failed:
+            return False
+        hops = (self.smarthost,) if self.smarthost else ()
+        bounce = make_bounce(entry, failed, message, self.hostname, now, hops, expired)
+        if bounce is None:
+            return False
+        new = await self.spool.enqueue([bounce])
+        self.log.info("{id} bounced to {sender}", id=entry.id, sender=str(entry.sender))
+        self.notify(new)
+        return True
+
+
+@implementer(ISpool)
+class NotifyingSpool:
+    """
+    An L{ISpool} that tells the scheduler about newly enqueued entries, so
+    that new mail goes out at once.  Everything else goes to the spool.
+    """
+
+    def __init__(self, spool: Any, scheduler: DeliveryScheduler) -> None:
+        self._spool = spool
+        self._scheduler = scheduler
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+    def enqueue(self, envelopes: Any, received_from: str | None = None) -> Deferred[Any]:
+        d: Deferred[Any] = self._spool.enqueue(envelopes, received_from=received_from)
+
+        def enqueued(entries: Any) -> Any:
+            try:
+                self._scheduler.notify(entries)
+            except Exception:
+                self._scheduler.log.failure("Cannot schedule new entries")
+            return entries
+
+        d.addCallback(enqueued)
+        return d
+
+    def receive(self, message_id: str) -> Any:
+        return self._spool.receive(message_id)
+
+    def discard(self, message: Any) -> Any:
+        return self._spool.discard(message)
+
+    def quarantine(self, envelopes: Any, reason: str, received_from: str | None = None) -> Any:
+        return self._spool.quarantine(envelopes, reason, received_from=received_from)
+
+    def entries(self, queue: str) -> Any:
+        return self._spool.entries(queue)
+
+    def get(self, entry_id: str) -> Any:
+        return self._spool.get(entry_id)
+
+    def message(self, entry_id: str) -> Any:
+        return self._spool.message(entry_id)
+
+    def update(self, entry: SpoolEntry) -> Any:
+        return self._spool.update(entry)
+
+    def move(self, entry_id: str, queue: str) -> Any:
+        return self._spool.move(entry_id, queue)
+
+    def finish(self, entry_id: str) -> Any:
+        return self._spool.finish(entry_id)

@@ -1,0 +1,722 @@
+"""
+Tests for L{relay.client}: the relay client against a scripted fake next
+hop over a L{StringTransport}, with a L{MemoryReactorClock}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from relay.address import EmailAddress, Sender
+from relay.argument import Argument
+from relay.client import DeliveryError, DeliveryResult, RelayClient, parse_hop
+from relay.envelope import Envelope
+from relay.message import Message
+from relay.reply import Reply
+from relay.server import SMTPServerFactory
+from relay.simple import Simple
+from relay.testing import MemorySpool
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def envelope(
+    recipients: tuple[str, ...] = ("bob@example.com",),
+    data: bytes = BODY,
+    sender_args: tuple[Argument, ...] = (),
+    sender: str = "alice@example.org",
+) -> Envelope:
+    return Envelope(
+        id="E1",
+        sender=Sender.of(sender),
+        sender_args=sender_args,
+        recipients=[EmailAddress.parse(r, smtputf8=not r.isascii()) for r in recipients],
+        message=Message.from_bytes(data),
+    )
+
+
+class TLSStringTransport(StringTransport):
+    """
+    A L{StringTransport} that records C{startTLS}.
+    """
+
+    tls_context: Any = None
+
+    def startTLS(self, context: Any) -> None:
+        self.tls_context = context
+
+
+class Hop:
+    """
+    A scripted next hop: the client connects to it through a
+    L{MemoryReactorClock}; the test reads what the client wrote and feeds
+    replies.
+    """
+
+    def __init__(self, test: SynchronousTestCase, env: Envelope | None = None, **kwargs: Any) -> None:
+        self.test = test
+        self.reactor = MemoryReactorClock()
+        kwargs.setdefault("tls", "none")
+        self.client = RelayClient(self.reactor, hostname="relay.test", **kwargs)
+        self.result: list[Any] = []
+        d = self.client.send("192.0.2.1:25", env or envelope())
+        d.addBoth(self.result.append)
+        self.transport = TLSStringTransport()
+        self.protocol: Any = None
+        test.addCleanup(self.finish)
+
+    def finish(self) -> None:
+        """
+        End a conversation that a test left unfinished.
+        """
+        if not self.result and self.protocol is not None:
+            self.protocol.connectionLost(Failure(Exception("test over")))
+
+    def connect(self) -> None:
+        host, port, factory, timeout, _ = self.reactor.tcpClients[0]
+        self.test.assertEqual((host, port), ("192.0.2.1", 25))
+        self.protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        self.protocol.makeConnection(self.transport)
+
+    def reply(self, *lines: str) -> None:
+        self.protocol.dataReceived(b"".join(line.encode() + b"\r\n" for line in lines))
+
+    def expect(self, data: bytes) -> None:
+        self.test.assertEqual(self.transport.value(), data)
+        self.transport.clear()
+
+    def greet(self, *extensions: str) -> None:
+        """
+        Connect, greet and answer EHLO with C{extensions}.
+        """
+        self.connect()
+        self.reply("220 hop.test ESMTP")
+        self.expect(b"EHLO relay.test\r\n")
+        lines = ["hop.test", *extensions]
+        self.reply(*[f"250-{x}" for x in lines[:-1]], f"250 {lines[-1]}")
+
+    def outcome(self) -> Any:
+        self.test.assertEqual(len(self.result), 1, "no outcome yet")
+        return self.result[0]
+
+    def success(self) -> DeliveryResult:
+        out = self.outcome()
+        if isinstance(out, Failure):
+            out.raiseException()
+        self.test.assertIsInstance(out, DeliveryResult)
+        return out  # type: ignore[no-any-return]
+
+    def error(self) -> DeliveryError:
+        out = self.outcome()
+        self.test.assertIsInstance(out, Failure)
+        out.trap(DeliveryError)
+        return out.value  # type: ignore[no-any-return]
+
+
+class ParseHopTests(SynchronousTestCase):
+    """
+    L{parse_hop} splits hops.
+    """
+
+    def test_forms(self) -> None:
+        """
+        Names, IPv4 and bracketed IPv6 with ports.
+        """
+        self.assertEqual(parse_hop("mx.example.com:2525"), ("mx.example.com", 2525))
+        self.assertEqual(parse_hop("192.0.2.1:25"), ("192.0.2.1", 25))
+        self.assertEqual(parse_hop("[2001:db8::1]:25"), ("2001:db8::1", 25))
+        self.assertRaises(ValueError, parse_hop, "host:x")
+
+
+class TransactionTests(SynchronousTestCase):
+    """
+    The SMTP conversation with the next hop.
+    """
+
+    def test_success_one_at_a_time(self) -> None:
+        """
+        Without PIPELINING each command waits for its reply; the body ends
+        with the end marker; QUIT is sent at the end.
+        """
+        hop = Hop(self)
+        hop.greet("8BITMIME")
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"RCPT TO:<bob@example.com>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"DATA\r\n")
+        hop.reply("354 go")
+        hop.expect(BODY + b".\r\n")
+        self.assertEqual(hop.result, [])
+        hop.reply("250 2.0.0 queued as X")
+        result = hop.success()
+        self.assertEqual(result.hop, "192.0.2.1:25")
+        self.assertEqual(result.replies, (("bob@example.com", Reply(250, "2.0.0 queued as X")),))
+        hop.expect(b"QUIT\r\n")
+        self.assertTrue(hop.transport.disconnecting)
+
+    def test_pipelining(self) -> None:
+        """
+        With PIPELINING, MAIL, every RCPT and DATA go in one write and the
+        replies are matched in order; a refused recipient keeps its RCPT
+        reply, the others get the final reply.
+        """
+        hop = Hop(self, envelope(("bob@example.com", "carol@example.com", "dave@example.com")))
+        hop.greet("PIPELINING", "SIZE 1000000")
+        hop.expect(
+            b"MAIL FROM:<alice@example.org> SIZE=%d\r\n" % len(BODY)
+            + b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\n"
+            b"RCPT TO:<dave@example.com>\r\nDATA\r\n"
+        )
+        hop.reply("250 ok", "250 ok", "550 5.1.1 no carol", "450 4.2.0 later dave", "354 go")
+        hop.expect(BODY + b".\r\n")
+        hop.reply("250 done")
+        self.assertEqual(
+            hop.success().replies,
+            (
+                ("bob@example.com", Reply(250, "done")),
+                ("carol@example.com", Reply(550, "5.1.1 no carol")),
+                ("dave@example.com", Reply(450, "4.2.0 later dave")),
+            ),
+        )
+
+    def test_partial_rcpt_failure(self) -> None:
+        """
+        Without PIPELINING too, refused recipients keep their RCPT reply.
+        """
+        hop = Hop(self, envelope(("bob@example.com", "carol@example.com")))
+        hop.greet()
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"RCPT TO:<bob@example.com>\r\n")
+        hop.reply("550 5.1.1 no bob")
+        hop.expect(b"RCPT TO:<carol@example.com>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"DATA\r\n")
+        hop.reply("354 go")
+        hop.transport.clear()
+        hop.reply("250 done")
+        self.assertEqual(
+            hop.success().replies,
+            (("bob@example.com", Reply(550, "5.1.1 no bob")), ("carol@example.com", Reply(250, "done"))),
+        )
+
+    def test_all_rcpt_rejected(self) -> None:
+        """
+        When every recipient is refused, no DATA is sent: RSET and QUIT, and
+        the result holds the refusals.
+        """
+        hop = Hop(self, envelope(("bob@example.com", "carol@example.com")))
+        hop.greet()
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"RCPT TO:<bob@example.com>\r\n")
+        hop.reply("550 no")
+        hop.expect(b"RCPT TO:<carol@example.com>\r\n")
+        hop.reply("450 later")
+        hop.expect(b"RSET\r\nQUIT\r\n")
+        self.assertEqual(
+            hop.success().replies,
+            (("bob@example.com", Reply(550, "no")), ("carol@example.com", Reply(450, "later"))),
+        )
+
+    def test_all_rcpt_rejected_pipelined_354(self) -> None:
+        """
+        A pipelining hop that answers DATA with 354 although every recipient
+        was refused gets an empty message (just the end marker).
+        """
+        hop = Hop(self)
+        hop.greet("PIPELINING")
+        hop.transport.clear()
+        hop.reply("250 ok", "550 no", "354 go")
+        hop.expect(b".\r\n")
+        hop.reply("554 no valid recipients")
+        hop.expect(b"RSET\r\nQUIT\r\n")
+        self.assertEqual(hop.success().replies, (("bob@example.com", Reply(550, "no")),))
+
+    def test_helo_fallback(self) -> None:
+        """
+        A 5xx to EHLO makes the client fall back to HELO, with no extensions.
+        """
+        hop = Hop(self)
+        hop.connect()
+        hop.reply("220 hop.test SMTP")
+        hop.expect(b"EHLO relay.test\r\n")
+        hop.reply("502 5.5.1 what?")
+        hop.expect(b"HELO relay.test\r\n")
+        hop.reply("250 hop.test")
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+
+    def test_greeting_refused(self) -> None:
+        """
+        A 554 greeting fails the attempt, transiently.
+        """
+        hop = Hop(self)
+        hop.connect()
+        hop.reply("554 go away")
+        err = hop.error()
+        self.assertEqual(err.reply, Reply(554, "go away"))
+        self.assertFalse(err.permanent)
+
+    def test_multiline_ehlo(self) -> None:
+        """
+        Multi-line replies arriving in pieces are reassembled.
+        """
+        hop = Hop(self)
+        hop.connect()
+        hop.reply("220 hop.test")
+        hop.transport.clear()
+        hop.protocol.dataReceived(b"250-hop.test\r\n250-PIPE")
+        self.assertEqual(hop.transport.value(), b"")
+        hop.protocol.dataReceived(b"LINING\r\n250 8BITMIME\r\n")
+        hop.expect(
+            b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
+        )
+
+    def test_mail_transient(self) -> None:
+        """
+        A 4xx to MAIL FROM is a transient L{DeliveryError}.
+        """
+        hop = Hop(self)
+        hop.greet()
+        hop.transport.clear()
+        hop.reply("451 4.3.0 try later")
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        self.assertEqual(err.reply, Reply(451, "4.3.0 try later"))
+        hop.expect(b"QUIT\r\n")
+
+    def test_mail_permanent(self) -> None:
+        """
+        A 5xx to MAIL FROM is a permanent L{DeliveryError}, pipelined too.
+        """
+        hop = Hop(self)
+        hop.greet("PIPELINING")
+        hop.transport.clear()
+        hop.reply("550 5.7.1 no", "503 no", "503 no")
+        err = hop.error()
+        self.assertTrue(err.permanent)
+        self.assertEqual(err.reply, Reply(550, "5.7.1 no"))
+
+    def test_data_command_refused(self) -> None:
+        """
+        A 5xx to DATA itself is a permanent error.
+        """
+        hop = Hop(self)
+        hop.greet("PIPELINING")
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok", "554 no data")
+        err = hop.error()
+        self.assertTrue(err.permanent)
+        self.assertEqual(err.reply, Reply(554, "no data"))
+
+    def test_data_final_reply_per_recipient(self) -> None:
+        """
+        A 5xx or 4xx after the body applies to every accepted recipient.
+        """
+        for code in (554, 452):
+            hop = Hop(self, envelope(("bob@example.com", "carol@example.com")))
+            hop.greet("PIPELINING")
+            hop.transport.clear()
+            hop.reply("250 ok", "250 ok", "250 ok", "354 go")
+            hop.reply(f"{code} x")
+            self.assertEqual(
+                hop.success().replies,
+                (("bob@example.com", Reply(code, "x")), ("carol@example.com", Reply(code, "x"))),
+            )
+
+    def test_size_too_big(self) -> None:
+        """
+        A message larger than the hop's SIZE limit fails permanently with a
+        552, without MAIL FROM.
+        """
+        hop = Hop(self)
+        hop.greet("SIZE 10")
+        err = hop.error()
+        self.assertTrue(err.permanent)
+        assert err.reply is not None
+        self.assertEqual(err.reply.code, 552)
+        hop.expect(b"QUIT\r\n")
+
+    def test_parameters(self) -> None:
+        """
+        BODY=8BITMIME and SMTPUTF8 are passed when offered; DSN parameters
+        only when DSN is offered.
+        """
+        args = (Argument("BODY", "8BITMIME"), Argument("RET", "HDRS"), Argument("SMTPUTF8"))
+        hop = Hop(self, envelope(sender_args=args))
+        hop.greet("8BITMIME", "SMTPUTF8", "DSN")
+        hop.expect(b"MAIL FROM:<alice@example.org> BODY=8BITMIME SMTPUTF8 RET=HDRS\r\n")
+        hop = Hop(self, envelope(sender_args=args))
+        hop.greet("SMTPUTF8")
+        hop.expect(b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n")
+
+    def test_smtputf8_not_offered(self) -> None:
+        """
+        A non-ASCII address to a hop without SMTPUTF8 fails permanently
+        with 5.6.7.
+        """
+        hop = Hop(self, envelope(("j\u00f6rg@example.com",)))
+        hop.greet("8BITMIME")
+        err = hop.error()
+        self.assertTrue(err.permanent)
+        assert err.reply is not None
+        self.assertEqual(err.reply.enhanced_status, "5.6.7")
+
+    def test_reply_timeout(self) -> None:
+        """
+        No reply within the reply timeout: transient error, connection
+        aborted.
+        """
+        hop = Hop(self, reply_timeout=60)
+        hop.connect()
+        hop.reactor.advance(59)
+        self.assertEqual(hop.result, [])
+        hop.reactor.advance(1)
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        self.assertIsNone(err.reply)
+        self.assertTrue(hop.transport.disconnecting)
+
+    def test_connection_lost(self) -> None:
+        """
+        The hop closing the connection mid-transaction is a transient error.
+        """
+        hop = Hop(self)
+        hop.greet()
+        hop.protocol.connectionLost(Failure(Exception("gone")))
+        self.assertFalse(hop.error().permanent)
+
+    def test_bad_reply(self) -> None:
+        """
+        A malformed reply fails the attempt.
+        """
+        hop = Hop(self)
+        hop.connect()
+        hop.protocol.dataReceived(b"hello there\r\n")
+        self.assertFalse(hop.error().permanent)
+
+    def test_connection_refused(self) -> None:
+        """
+        A failed connect is a transient error without a reply.
+        """
+        hop = Hop(self)
+        connector = hop.reactor.connectors[0]
+        _, _, factory, timeout, _ = hop.reactor.tcpClients[0]
+        self.assertEqual(timeout, 30.0)
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        self.assertIsNone(err.reply)
+
+
+class TLSTests(SynchronousTestCase):
+    """
+    STARTTLS and AUTH.
+    """
+
+    def test_encrypt_not_offered(self) -> None:
+        """
+        tls="encrypt" with a hop that does not offer STARTTLS: transient
+        4.7.x error.
+        """
+        hop = Hop(self, tls="encrypt")
+        hop.greet("PIPELINING")
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        assert err.reply is not None
+        self.assertTrue((err.reply.enhanced_status or "").startswith("4.7."))
+
+    def test_may_not_offered(self) -> None:
+        """
+        tls="may" goes on in plain text when STARTTLS is not offered.
+        """
+        hop = Hop(self, tls="may")
+        hop.greet()
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+
+    def test_starttls_then_ehlo_and_auth(self) -> None:
+        """
+        When offered, STARTTLS is used, EHLO is sent again, then AUTH PLAIN.
+        """
+        hop = Hop(self, tls="may", auth=("user", "pw"))
+        hop.greet("STARTTLS")
+        hop.expect(b"STARTTLS\r\n")
+        hop.reply("220 go ahead")
+        self.assertIsNotNone(hop.transport.tls_context)
+        hop.expect(b"EHLO relay.test\r\n")
+        hop.reply("250-hop.test", "250 AUTH PLAIN LOGIN")
+        hop.expect(b"AUTH PLAIN AHVzZXIAcHc=\r\n")
+        hop.reply("235 ok")
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+
+    def test_auth_login(self) -> None:
+        """
+        AUTH LOGIN when PLAIN is not offered.
+        """
+        hop = Hop(self, tls="encrypt", auth=("user", "pw"))
+        hop.greet("STARTTLS")
+        hop.reply("220 go ahead")
+        hop.transport.clear()
+        hop.reply("250-hop.test", "250 AUTH LOGIN")
+        hop.expect(b"AUTH LOGIN\r\n")
+        hop.reply("334 VXNlcm5hbWU6")
+        hop.expect(b"dXNlcg==\r\n")
+        hop.reply("334 UGFzc3dvcmQ6")
+        hop.expect(b"cHc=\r\n")
+        hop.reply("535 bad")
+        err = hop.error()
+        self.assertFalse(err.permanent)
+
+    def test_no_auth_without_tls(self) -> None:
+        """
+        Credentials are never sent in plain text.
+        """
+        hop = Hop(self, tls="may", auth=("user", "pw"))
+        hop.greet("AUTH PLAIN")
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        hop.expect(b"QUIT\r\n")
+
+
+class BodyTests(SynchronousTestCase):
+    """
+    The exact bytes of the body on the wire.
+    """
+
+    def wire(self, data: bytes, path: bool = False, **kwargs: Any) -> bytes:
+        env = envelope(data=data)
+        if path:
+            name = self.mktemp()
+            with open(name, "wb") as f:
+                f.write(data)
+            msg = Message(env.message.headers, len(data), path=name)
+            env = Envelope(env.id, env.sender, env.sender_args, env.recipients, msg)
+        hop = Hop(self, env, **kwargs)
+        hop.greet("PIPELINING")
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok", "354 go")
+        out = hop.transport.value()
+        hop.reply("250 done")
+        hop.success()
+        return out
+
+    def test_edge_cases(self) -> None:
+        """
+        Leading dot, dot lines, lone CR and LF, no final line ending.
+        """
+        self.assertEqual(self.wire(b".start\n.\nmid\rend"), b"..start\r\n..\r\nmid\r\nend\r\n.\r\n")
+        self.assertEqual(self.wire(b""), b".\r\n")
+        self.assertEqual(self.wire(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n")
+
+    def test_flow_control(self) -> None:
+        """
+        The body waits while the transport is paused, goes on when it
+        resumes, and a hop that never reads again times out.
+        """
+        size = 64 * 1024
+        for resume in (True, False):
+            hop = Hop(self, envelope(data=b"a" * (3 * size)), reply_timeout=60)
+            hop.greet("PIPELINING")
+            producer: Any = hop.transport.producer
+            producer.pauseProducing()
+            hop.transport.clear()
+            hop.reply("250 ok", "250 ok", "354 go")
+            self.assertEqual(hop.transport.value(), b"a" * size)
+            if resume:
+                producer.resumeProducing()
+                self.assertEqual(len(hop.transport.value()), 3 * size + 5)
+                hop.reply("250 done")
+                hop.success()
+            else:
+                hop.reactor.advance(60)
+                self.assertIsNone(hop.error().reply)
+                self.assertTrue(hop.transport.disconnecting)
+
+    def test_unreadable_message(self) -> None:
+        """
+        A message file that cannot be read mid-body aborts the connection
+        (no QUIT that the hop could take as body): transient error.
+        """
+        env = envelope()
+        msg = Message(env.message.headers, 10, path=self.mktemp())
+        env = Envelope(env.id, env.sender, env.sender_args, env.recipients, msg)
+        hop = Hop(self, env)
+        hop.greet("PIPELINING")
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok", "354 go")
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        self.assertEqual(hop.transport.value(), b"")
+        self.assertTrue(hop.transport.disconnecting)
+        self.flushLoggedErrors(FileNotFoundError)
+
+    def test_chunk_boundaries(self) -> None:
+        """
+        A CRLF and a dot line split across 64 KiB chunks are written as if
+        whole, from a file read through C{run_in_thread}.
+        """
+        calls: list[Any] = []
+
+        def run(f: Any, *args: Any) -> Any:
+            calls.append(f)
+            return f(*args)
+
+        size = 64 * 1024
+        data = b"x" * (size - 1) + b"\r\n.y\n" + b"z" * size + b"\n."
+        expected = b"x" * (size - 1) + b"\r\n..y\r\n" + b"z" * size + b"\r\n..\r\n.\r\n"
+        self.assertEqual(self.wire(data, path=True, run_in_thread=run), expected)
+        self.assertGreater(len(calls), 3)
+        data2 = b"x" * (size - 1) + b"\r" + b".y"
+        self.assertEqual(self.wire(data2, path=True), b"x" * (size - 1) + b"\r\n..y\r\n.\r\n")
+
+
+def san_certificate() -> bytes:
+    """
+    A self-signed certificate and key (PEM) for C{localhost} and
+    C{127.0.0.1} in subjectAltName.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+class RealTLSTests(TestCase):
+    """
+    The client against relay's own server over loopback TCP with a real
+    STARTTLS handshake (the only tests here that use the reactor).
+    """
+
+    def serve(self, san: bool = False) -> tuple[int, MemorySpool, Any]:
+        from twisted.internet import reactor, ssl
+
+        if san:
+            pem = san_certificate()
+            private = ssl.PrivateCertificate.loadPEM(pem)
+            server_ctx = private.options()
+            cert: Any = ssl.Certificate.loadPEM(pem)
+        else:
+            key = ssl.KeyPair.generate(size=2048)
+            private = key.selfSignedCert(1, CN="localhost")
+            server_ctx = private.options()
+            cert = ssl.Certificate(private.original)
+        spool = MemorySpool()
+        factory = SMTPServerFactory(
+            callbacks=Simple(), spool=spool, clock=reactor, tls_context_factory=server_ctx
+        )
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+        self.addCleanup(port.stopListening)
+
+        async def closed() -> None:
+            # Wait for the server to see the client go (no fixed sleep).
+            from twisted.internet.task import deferLater
+
+            for _ in range(500):
+                if factory.sessions == 0:
+                    break
+                await deferLater(reactor, 0.01)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(closed()))
+        return port.getHost().port, spool, cert  # type: ignore[attr-defined]
+
+    async def _encrypt(self) -> None:
+        from twisted.internet import reactor
+
+        port, spool, _ = self.serve()
+        client = RelayClient(reactor, hostname="relay.test", tls="encrypt", reply_timeout=10)
+        data = b"Subject: t\n\n.dot\r\nbare\rcr\n"
+        result = await client.send(f"127.0.0.1:{port}", envelope(data=data))
+        self.assertEqual([code.code for _, code in result.replies], [250])
+        (message,) = spool.messages_by_id.values()
+        body = message.data if message.data is not None else open(message.path or "", "rb").read()
+        self.assertTrue(body.endswith(b"Subject: t\r\n\r\n.dot\r\nbare\r\ncr\r\n"), body)
+
+    def test_encrypt_delivers(self) -> Any:
+        """
+        tls="encrypt" upgrades with STARTTLS (no verification) and the
+        message arrives with CRLF line endings, unstuffed by the server.
+        """
+        return Deferred.fromCoroutine(self._encrypt())
+
+    async def _verify_wrong_name(self) -> None:
+        from twisted.internet import reactor
+
+        port, spool, cert = self.serve()
+        client = RelayClient(
+            reactor, hostname="relay.test", tls="verify", trust_root=cert, reply_timeout=10
+        )
+        try:
+            await client.send(f"127.0.0.1:{port}", envelope())
+        except DeliveryError as e:
+            self.assertFalse(e.permanent)
+        else:
+            self.fail("delivered despite a certificate for another name")
+        self.assertEqual(spool.messages_by_id, {})
+        # Twisted logs (and otherwise ignores) service_identity's complaint
+        # about the missing subjectAltName; the client's own check refused.
+        from service_identity import CertificateError
+
+        self.flushLoggedErrors(CertificateError)
+
+    async def _verify_ok(self) -> None:
+        from twisted.internet import reactor
+
+        port, spool, cert = self.serve(san=True)
+        client = RelayClient(
+            reactor, hostname="relay.test", tls="verify", trust_root=cert, reply_timeout=10
+        )
+        result = await client.send(f"127.0.0.1:{port}", envelope())
+        self.assertEqual([r.code for _, r in result.replies], [250])
+        self.assertEqual(len(spool.messages_by_id), 1)
+
+    def test_verify_matching_name(self) -> Any:
+        """
+        tls="verify" delivers to a hop whose certificate names it in
+        subjectAltName (here IP 127.0.0.1).
+        """
+        return Deferred.fromCoroutine(self._verify_ok())
+
+    def test_verify_wrong_host_name(self) -> Any:
+        """
+        tls="verify" refuses a certificate whose name does not match the
+        hop (here a certificate for "localhost" at 127.0.0.1): transient
+        error, nothing delivered.
+        """
+        return Deferred.fromCoroutine(self._verify_wrong_name())

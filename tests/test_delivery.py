@@ -1,0 +1,562 @@
+"""
+Tests for L{relay.delivery.DeliveryScheduler} and L{NotifyingSpool}.
+"""
+
+from __future__ import annotations
+
+import email
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from relay.address import NULL_SENDER, EmailAddress, Sender
+from relay.delivery import DeliveryScheduler, NotifyingSpool
+from relay.entry import ACTIVE, FROZEN
+from relay.envelope import Envelope, EnvelopeWithNextHop
+from relay.message import Message
+from relay.nexthop import route_recipients
+from relay.reply import Reply
+from relay.retry import DEFAULT_RETRY_INTERVALS
+from relay.spool import DiskSpool
+from relay.testing import MemorySpool
+
+DATA = b"Subject: hello\r\nFrom: s@example.org\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    hop: str
+    replies: tuple[tuple[str, Reply], ...]
+
+
+class DeliveryError(Exception):
+    def __init__(self, reply: Reply | None, permanent: bool) -> None:
+        Exception.__init__(self, str(reply) if reply else "connection refused")
+        self.reply = reply
+        self.permanent = permanent
+
+
+class FakeClient:
+    """
+    A relay client whose answers the test scripts per hop: a L{Reply} for
+    every recipient, a per-recipient dict, an exception, or C{None} for a
+    L{Deferred} that the test fires.
+    """
+
+    def __init__(self) -> None:
+        self.behaviour: dict[str, Any] = {}
+        self.sent: list[tuple[str, Envelope]] = []
+        self.pending: list[Deferred[Any]] = []
+
+    def send(self, hop: str, envelope: Envelope) -> Deferred[DeliveryResult]:
+        self.sent.append((hop, envelope))
+        b = self.behaviour.get(hop, Reply(250, "2.0.0 ok"))
+        if b is None:
+            d: Deferred[DeliveryResult] = Deferred()
+            self.pending.append(d)
+            return d
+        if isinstance(b, Exception):
+            return defer.fail(b)
+        if isinstance(b, dict):
+            return defer.succeed(
+                DeliveryResult(hop, tuple((str(r), b[str(r)]) for r in envelope.recipients))
+            )
+        return defer.succeed(DeliveryResult(hop, tuple((str(r), b) for r in envelope.recipients)))
+
+
+def make_envelope(
+    recipients: Sequence[str] = ("a@example.com",),
+    hops: Sequence[str] = ("mx1:25",),
+    intervals: Sequence[float] = (60, 120),
+    sender: Sender | None = None,
+    envelope_id: str = "env1",
+) -> EnvelopeWithNextHop:
+    """
+    An envelope ready for spooling.
+    """
+    env = Envelope(
+        id=envelope_id,
+        sender=sender if sender is not None else Sender.of("s@example.org"),
+        sender_args=(),
+        recipients=[EmailAddress.parse(r) for r in recipients],
+        message=Message.from_bytes(DATA),
+    )
+    return EnvelopeWithNextHop(env, hops, intervals)
+
+
+def no_dns(recipients: Any, hops: Any) -> Deferred[Any]:
+    """
+    Routes without DNS: an envelope without hops (a bounce) goes to
+    C{bounce-hop:25}.
+    """
+    return route_recipients(recipients, hops or ("bounce-hop:25",), None)
+
+
+class SchedulerTests(SynchronousTestCase):
+    """
+    The scheduler over a L{MemorySpool} with a fake client and a Clock.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.spool = MemorySpool(self.clock)
+        self.client = FakeClient()
+
+    def make(self, **kw: Any) -> DeliveryScheduler:
+        kw.setdefault("route", no_dns)
+        s = DeliveryScheduler(
+            spool=self.spool, client=self.client, clock=self.clock, hostname="relay.test", **kw
+        )
+        s.startService()
+        self.addCleanup(lambda: s.stopService() if s.running else None)
+        return s
+
+    def enqueue(self, scheduler: DeliveryScheduler, *envelopes: EnvelopeWithNextHop) -> list[Any]:
+        entries = self.successResultOf(NotifyingSpool(self.spool, scheduler).enqueue(list(envelopes)))
+        self.clock.advance(0)
+        return entries
+
+    def test_delivered_end_to_end(self) -> None:
+        """
+        A new envelope goes out at once to its hop and leaves the spool.
+        """
+        s = self.make()
+        self.enqueue(s, make_envelope(recipients=("a@example.com", "b@example.com")))
+        [(hop, env)] = self.client.sent
+        self.assertEqual(hop, "mx1:25")
+        self.assertEqual([str(r) for r in env.recipients], ["a@example.com", "b@example.com"])
+        self.assertEqual(env.message.data, DATA)
+        self.assertEqual(self.spool.entries_by_id, {})
+
+    def test_loads_active_at_start(self) -> None:
+        """
+        Entries already in the active queue are delivered when the
+        scheduler starts, at their due time.
+        """
+        self.successResultOf(self.spool.enqueue([make_envelope()]))
+        self.make()
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.sent), 1)
+        self.assertEqual(self.spool.entries_by_id, {})
+
+    def test_fallback_to_next_hop(self) -> None:
+        """
+        A transient failure at the first hop moves on to the next one.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(None, permanent=False)
+        s = self.make()
+        self.enqueue(s, make_envelope(hops=("mx1:25", "mx2:25")))
+        self.assertEqual([h for h, _ in self.client.sent], ["mx1:25", "mx2:25"])
+        self.assertEqual(self.spool.entries_by_id, {})
+
+    def test_retry_timing(self) -> None:
+        """
+        After a transient failure nothing happens before the first retry
+        interval; the attempt comes right at it, and is recorded.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(421, "4.3.2 busy"), False)
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope(intervals=(60, 120)))
+        self.assertEqual(len(self.client.sent), 1)
+        stored = self.spool.entries_by_id[entry.id]
+        self.assertEqual(stored.next_attempt_at, 1060)
+        self.assertEqual(stored.retry_intervals, (120,))
+        self.assertEqual(stored.attempts[0].code, 421)
+        self.assertEqual(stored.attempts[0].hop, "mx1:25")
+        self.clock.advance(59.9)
+        self.assertEqual(len(self.client.sent), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.sent), 2)
+        self.assertEqual(len(self.spool.entries_by_id[entry.id].attempts), 2)
+
+    def test_freeze_on_exhaustion(self) -> None:
+        """
+        When the retry intervals run out the entry is frozen with a reason
+        and the sender gets a bounce for the expired recipients.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(451, "4.3.0 later"), False)
+        self.client.behaviour["bounce-hop:25"] = None
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope(intervals=(60,)))
+        self.clock.advance(60)
+        frozen = self.spool.entries_by_id[entry.id]
+        self.assertEqual(frozen.queue, FROZEN)
+        self.assertIn("exhausted", frozen.reason or "")
+        self.assertEqual(len(frozen.attempts), 2)
+        bounces = [e for e in self.spool.entries_by_id.values() if e.sender.is_null]
+        self.assertEqual(len(bounces), 1)
+        self.assertEqual([str(r) for r in bounces[0].recipients], ["s@example.org"])
+
+    def test_permanent_failure_bounces_and_finishes(self) -> None:
+        """
+        A 5xx at MAIL fails every recipient: a bounce is spooled and the
+        entry leaves the spool.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(550, "5.7.1 no"), True)
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope(hops=("mx1:25", "mx2:25")))
+        self.assertEqual([h for h, _ in self.client.sent][:1], ["mx1:25"])
+        self.assertNotIn(entry.id, self.spool.entries_by_id)
+        [bounce] = [e for e in self.spool.entries_by_id.values() if e.sender.is_null] or [None]
+        # The bounce itself was delivered at once through the fake client.
+        self.assertIsNone(bounce)
+        self.assertEqual(self.client.sent[-1][1].sender, NULL_SENDER)
+
+    def test_freeze_on_5xx_without_bounce(self) -> None:
+        """
+        With bounces off, a permanently failed entry is frozen, not lost.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(554, "5.0.0 go away"), True)
+        s = self.make(bounce=False)
+        [entry] = self.enqueue(s, make_envelope())
+        frozen = self.spool.entries_by_id[entry.id]
+        self.assertEqual(frozen.queue, FROZEN)
+        self.assertEqual(frozen.failed_recipients, (("a@example.com", "554 5.0.0 go away"),))
+        self.assertEqual(len(self.client.sent), 1)
+
+    def test_null_sender_never_bounced(self) -> None:
+        """
+        A failed bounce (null sender) is frozen and not bounced again.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(550, "5.1.1 unknown"), True)
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope(sender=NULL_SENDER))
+        self.assertEqual(list(self.spool.entries_by_id), [entry.id])
+        self.assertEqual(self.spool.entries_by_id[entry.id].queue, FROZEN)
+
+    def test_partial_failure(self) -> None:
+        """
+        Per-recipient outcomes: the delivered recipient is gone, the 5xx
+        one is recorded as failed, only the 4xx one stays for retry.
+        """
+        self.client.behaviour["mx1:25"] = {
+            "a@example.com": Reply(250, "2.0.0 ok"),
+            "b@example.com": Reply(550, "5.1.1 no such user"),
+            "c@example.com": Reply(452, "4.2.2 mailbox full"),
+        }
+        s = self.make(bounce=False)
+        [entry] = self.enqueue(
+            s, make_envelope(recipients=("a@example.com", "b@example.com", "c@example.com"))
+        )
+        stored = self.spool.entries_by_id[entry.id]
+        self.assertEqual(stored.queue, ACTIVE)
+        self.assertEqual([str(r) for r in stored.recipients], ["c@example.com"])
+        self.assertEqual(stored.failed_recipients, (("b@example.com", "550 5.1.1 no such user"),))
+        self.assertEqual({a.code for a in stored.attempts}, {250, 550, 452})
+        self.client.behaviour["mx1:25"] = Reply(250, "2.0.0 ok")
+        self.clock.advance(60)
+        self.assertEqual([str(r) for r in self.client.sent[-1][1].recipients], ["c@example.com"])
+        # b failed and no bounce is possible: kept, frozen.
+        self.assertEqual(self.spool.entries_by_id[entry.id].queue, FROZEN)
+
+    def test_default_intervals(self) -> None:
+        """
+        An entry without retry intervals gets the configured defaults on
+        its first failure; an entry that used up its intervals is frozen.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False)
+        s = self.make(default_retry_intervals=(30, 90))
+        [entry] = self.enqueue(s, make_envelope(intervals=()))
+        stored = self.spool.entries_by_id[entry.id]
+        self.assertEqual(stored.next_attempt_at, 1030)
+        self.assertEqual(stored.retry_intervals, (90,))
+        self.clock.advance(30)
+        self.clock.advance(90)
+        self.assertEqual(self.spool.entries_by_id[entry.id].queue, FROZEN)
+        self.assertEqual(len(self.client.sent), 3 + 1)  # and the bounce
+
+    def test_builtin_defaults(self) -> None:
+        """
+        Without configured defaults the Postfix-like schedule applies.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False)
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope(intervals=()))
+        stored = self.spool.entries_by_id[entry.id]
+        self.assertEqual(stored.next_attempt_at, 1000 + DEFAULT_RETRY_INTERVALS[0])
+
+    def test_mx_routing(self) -> None:
+        """
+        Without next hops each recipient domain goes to its own MX hosts,
+        by preference; a null MX domain fails permanently.
+        """
+        from relay.nexthop import make_router
+        from tests.test_nexthop import FakeResolver, mx
+
+        resolver = FakeResolver({
+            "x.test": [mx(20, "b.x.test"), mx(10, "a.x.test")],
+            "null.test": [mx(0, "")],
+        })
+        self.client.behaviour["a.x.test:25"] = DeliveryError(None, False)
+        s = self.make(route=make_router(lambda: resolver), bounce=False)
+        [entry] = self.enqueue(
+            s, make_envelope(recipients=("u@x.test", "v@y.test", "w@null.test"), hops=())
+        )
+        self.assertEqual(
+            [(h, [str(r) for r in e.recipients]) for h, e in self.client.sent],
+            [("a.x.test:25", ["u@x.test"]), ("b.x.test:25", ["u@x.test"]),
+             ("y.test:25", ["v@y.test"])],
+        )
+        frozen = self.spool.entries_by_id[entry.id]
+        self.assertEqual(frozen.queue, FROZEN)
+        self.assertEqual([r for r, _ in frozen.failed_recipients], ["w@null.test"])
+
+    def test_max_send_jobs(self) -> None:
+        """
+        No more than C{max_send_jobs} deliveries run at once; the others
+        start as running ones finish.
+        """
+        self.client.behaviour["mx1:25"] = None
+        s = self.make(max_send_jobs=2)
+        self.enqueue(s, *[make_envelope(envelope_id=f"e{i}") for i in range(5)])
+        self.assertEqual(len(self.client.sent), 2)
+        self.client.pending[0].callback(
+            DeliveryResult("mx1:25", (("a@example.com", Reply(250, "ok")),))
+        )
+        self.assertEqual(len(self.client.sent), 3)
+        s.set_max_send_jobs(4)
+        self.assertEqual(len(self.client.sent), 5)
+
+    def test_per_destination_cap(self) -> None:
+        """
+        At most C{per_destination} sends to one hop at once.
+        """
+        self.client.behaviour["mx1:25"] = None
+        s = self.make(max_send_jobs=10, per_destination=1)
+        self.enqueue(s, *[make_envelope(envelope_id=f"e{i}") for i in range(3)])
+        self.assertEqual(len(self.client.sent), 1)
+        self.assertEqual(len(s.jobs), 3)
+
+    def test_send_now(self) -> None:
+        """
+        C{send_now} delivers a deferred entry at once.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False)
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope(intervals=(3600,)))
+        del self.client.behaviour["mx1:25"]
+        s.send_now(entry.id)
+        self.assertEqual(len(self.client.sent), 2)
+        self.assertEqual(self.spool.entries_by_id, {})
+
+    def test_update_failure_keeps_entry(self) -> None:
+        """
+        A spool error while recording the outcome is logged and the entry
+        stays in the active queue.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False)
+        s = self.make()
+        self.spool.update = lambda entry: defer.fail(OSError("disk full"))  # type: ignore[method-assign]
+        [entry] = self.enqueue(s, make_envelope())
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(self.spool.entries_by_id[entry.id].queue, ACTIVE)
+
+    def test_stop_waits_for_running(self) -> None:
+        """
+        Stopping waits for running deliveries up to a bound, and starts no
+        new ones.
+        """
+        self.client.behaviour["mx1:25"] = None
+        s = self.make(max_send_jobs=1, stop_timeout=30)
+        self.enqueue(s, make_envelope(envelope_id="e1"), make_envelope(envelope_id="e2"))
+        d = s.stopService()
+        self.assertNoResult(d)
+        self.client.pending[0].callback(
+            DeliveryResult("mx1:25", (("a@example.com", Reply(250, "ok")),))
+        )
+        self.successResultOf(d)
+        self.assertEqual(len(self.client.sent), 1)
+        s2 = self.make(max_send_jobs=1, stop_timeout=30)
+        self.enqueue(s2, make_envelope(envelope_id="e3"))
+        d2 = s2.stopService()
+        self.assertNoResult(d2)
+        self.clock.advance(30)
+        self.successResultOf(d2)
+
+
+class RestartTests(SynchronousTestCase):
+    """
+    A new scheduler over a L{DiskSpool} picks up where the old one left.
+    """
+
+    def test_restart_picks_up_active_only(self) -> None:
+        """
+        Active entries are delivered after a restart; frozen ones are not.
+        """
+        clock = Clock()
+        root = self.mktemp()
+        spool = DiskSpool(os.path.join(root, "spool"), defer.maybeDeferred, clock)
+        self.successResultOf(spool.recover())
+        [a] = self.successResultOf(spool.enqueue([make_envelope(envelope_id="act")]))
+        [f] = self.successResultOf(spool.enqueue([make_envelope(envelope_id="frz")]))
+        self.successResultOf(spool.move(f.id, FROZEN))
+        spool2 = DiskSpool(os.path.join(root, "spool"), defer.maybeDeferred, clock)
+        client = FakeClient()
+        s = DeliveryScheduler(spool=spool2, client=client, clock=clock, route=no_dns)
+        s.startService()
+        clock.advance(0)
+        self.assertEqual([e.id for _, e in client.sent], ["act"])
+        self.assertEqual(self.successResultOf(spool2.entries(ACTIVE)), [])
+        self.assertEqual([e.id for e in self.successResultOf(spool2.entries(FROZEN))], [f.id])
+        del a
+
+
+    def test_crash_during_delivery(self) -> None:
+        """
+        An entry whose delivery was under way when the relay died (the
+        hop's answer never came) is delivered again after restart; so is
+        one whose retry was recorded; quarantined and removed ones are not.
+        """
+        from relay.entry import REMOVED
+
+        clock = Clock()
+        root = self.mktemp()
+        path = os.path.join(root, "spool")
+        spool = DiskSpool(path, defer.maybeDeferred, clock)
+        self.successResultOf(spool.recover())
+        client = FakeClient()
+        client.behaviour["mx1:25"] = None
+        client.behaviour["mx2:25"] = DeliveryError(None, False)
+        s = DeliveryScheduler(spool=spool, client=client, clock=clock, route=no_dns)
+        s.startService()
+        self.successResultOf(NotifyingSpool(spool, s).enqueue([make_envelope(envelope_id="busy")]))
+        self.successResultOf(
+            NotifyingSpool(spool, s).enqueue([make_envelope(envelope_id="later", hops=("mx2:25",))])
+        )
+        self.successResultOf(spool.quarantine([make_envelope(envelope_id="quar")], "spam"))
+        [r] = self.successResultOf(spool.enqueue([make_envelope(envelope_id="gone")]))
+        self.successResultOf(spool.move(r.id, REMOVED))
+        clock.advance(0)
+        self.assertEqual(sorted(e.id for _, e in client.sent), ["busy", "later"])
+        # "Crash": the first scheduler is simply abandoned.
+        spool2 = DiskSpool(path, defer.maybeDeferred, clock)
+        self.successResultOf(spool2.recover())
+        client2 = FakeClient()
+        s2 = DeliveryScheduler(spool=spool2, client=client2, clock=clock, route=no_dns)
+        s2.startService()
+        clock.advance(0)
+        self.assertEqual([e.id for _, e in client2.sent], ["busy"])
+        clock.advance(60)
+        self.assertEqual(sorted(e.id for _, e in client2.sent), ["busy", "later"])
+        self.assertEqual(self.successResultOf(spool2.entries(ACTIVE)), [])
+
+
+class BounceContentTests(SynchronousTestCase):
+    """
+    The bounce spooled by the scheduler is a well-formed DSN.
+    """
+
+    def test_bounce_parses(self) -> None:
+        """
+        The DSN is multipart/report with a delivery-status part naming the
+        failed recipient and the original headers.
+        """
+        clock = Clock()
+        spool = MemorySpool(clock)
+        client = FakeClient()
+        client.behaviour["mx1:25"] = DeliveryError(Reply(550, "5.1.1 unknown user"), True)
+        client.behaviour["smart:25"] = None
+        s = DeliveryScheduler(
+            spool=spool, client=client, clock=clock, route=no_dns,
+            hostname="relay.test", smarthost="smart:25",
+        )
+        s.startService()
+        self.successResultOf(NotifyingSpool(spool, s).enqueue([make_envelope()]))
+        clock.advance(0)
+        [bounce] = spool.entries_by_id.values()
+        self.assertEqual(bounce.next_hop_choices, ("smart:25",))
+        data = spool.messages_by_id[bounce.id].data
+        assert data is not None
+        self.assertNotIn(b"\n", data.replace(b"\r\n", b""))
+        msg = email.message_from_bytes(data)
+        self.assertEqual(msg.get_content_type(), "multipart/report")
+        self.assertEqual(msg.get_param("report-type"), "delivery-status")
+        parts = msg.get_payload()
+        assert isinstance(parts, list)
+        self.assertEqual(
+            [p.get_content_type() for p in parts],
+            ["text/plain", "message/delivery-status", "text/rfc822-headers"],
+        )
+        status = parts[1].get_payload()
+        assert isinstance(status, list)
+        self.assertEqual(status[0]["Reporting-MTA"], "dns; relay.test")
+        self.assertEqual(status[1]["Final-Recipient"], "rfc822; a@example.com")
+        self.assertEqual(status[1]["Action"], "failed")
+        self.assertEqual(status[1]["Status"], "5.1.1")
+        self.assertIn("unknown user", status[1]["Diagnostic-Code"])
+        self.assertIn(b"Message-ID: <m1@example.org>", data)
+
+
+class WiringTests(SynchronousTestCase):
+    """
+    L{relay.service.makeService} builds and runs the scheduler.
+    """
+
+    def test_make_service(self) -> None:
+        """
+        The scheduler is started with the spool (after recovery), the SMTP
+        server writes through a L{NotifyingSpool}, settings are passed on,
+        and stopping waits for it before unlocking the spool.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relay.service import makeService
+
+        reactor = MemoryReactorClock()
+        base = self.mktemp()
+        top = makeService(
+            smtp=["tcp:0:interface=127.0.0.1"],
+            spool=os.path.join(base, "spool"),
+            quarantine=os.path.join(base, "q"),
+            reactor=reactor,
+            hostname="relay.test",
+            max_send_jobs=3,
+            retry_intervals=(10.0,),
+            bounce=False,
+            smarthost="smart:25",
+            run_in_thread=defer.maybeDeferred,
+        )
+        scheduler = top.delivery  # type: ignore[attr-defined]
+        self.assertIsInstance(scheduler, DeliveryScheduler)
+        self.assertIsInstance(top.factory.spool, NotifyingSpool)  # type: ignore[attr-defined]
+        self.assertEqual(scheduler.max_send_jobs, 3)
+        self.assertEqual(scheduler.default_retry_intervals, (10.0,))
+        self.assertFalse(scheduler.bounce)
+        self.assertEqual(scheduler.smarthost, "smart:25")
+        top.privilegedStartService()
+        top.startService()
+        self.assertTrue(scheduler.running)
+        self.successResultOf(defer.maybeDeferred(top.stopService))
+        self.assertFalse(scheduler.running)
+
+    def test_stop_waits_for_deliveries_before_pool(self) -> None:
+        """
+        On stop the thread pool is stopped only after the spool service
+        (waiting for running deliveries) is done, so that deliveries can
+        still record their outcome.
+        """
+        from relay.service import ThreadPoolService
+
+        class FakePool:
+            started = True
+
+            def stop(self) -> None:
+                self.started = False
+
+        pool = FakePool()
+        service = ThreadPoolService(pool)  # type: ignore[arg-type]
+        service.running = 1
+        blocker: Deferred[None] = Deferred()
+        service.stop_after = lambda: blocker  # type: ignore[attr-defined]
+        d = defer.maybeDeferred(service.stopService)
+        self.assertNoResult(d)
+        self.assertTrue(pool.started)
+        blocker.callback(None)
+        self.successResultOf(d)
+        self.assertFalse(pool.started)
