@@ -293,10 +293,13 @@ class DeliveryScheduler(Service):
             attempts=tuple(entry.attempts) + tuple(attempts),
         )
         if not remaining:
-            bounced = await self._bounce(entry, all_failed, message, now, expired=False)
-            if all_failed and not bounced:
-                # Nobody was told: keep it for the operator.
+            if all_failed:
+                # Issue 3: a permanent failure freezes the entry (kept for the
+                # operator, not retried), after telling the sender if we can.
+                bounced = await self._bounce(entry, all_failed, message, now, expired=False)
                 reason = "permanent failure: " + all_failed[-1][1]
+                if bounced:
+                    reason += " (bounced)"
                 await self._freeze(updated, reason)
                 return
             await self.spool.finish(entry.id)

@@ -193,20 +193,24 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(len(bounces), 1)
         self.assertEqual([str(r) for r in bounces[0].recipients], ["s@example.org"])
 
-    def test_permanent_failure_bounces_and_finishes(self) -> None:
+    def test_permanent_failure_bounces_and_freezes(self) -> None:
         """
-        A 5xx at MAIL fails every recipient: a bounce is spooled and the
-        entry leaves the spool.
+        A 5xx at MAIL fails every recipient: the next hop is not tried, a
+        bounce goes to the sender, and the entry is frozen (kept for the
+        operator, not retried) with the failure recorded.
         """
         self.client.behaviour["mx1:25"] = DeliveryError(Reply(550, "5.7.1 no"), True)
         s = self.make()
         [entry] = self.enqueue(s, make_envelope(hops=("mx1:25", "mx2:25")))
         self.assertEqual([h for h, _ in self.client.sent][:1], ["mx1:25"])
-        self.assertNotIn(entry.id, self.spool.entries_by_id)
-        [bounce] = [e for e in self.spool.entries_by_id.values() if e.sender.is_null] or [None]
+        self.assertNotIn("mx2:25", [h for h, _ in self.client.sent])
+        frozen = self.spool.entries_by_id[entry.id]
+        self.assertEqual(frozen.queue, FROZEN)
+        self.assertEqual(frozen.reason, "permanent failure: 550 5.7.1 no (bounced)")
+        self.assertEqual(frozen.failed_recipients, (("a@example.com", "550 5.7.1 no"),))
         # The bounce itself was delivered at once through the fake client.
-        self.assertIsNone(bounce)
         self.assertEqual(self.client.sent[-1][1].sender, NULL_SENDER)
+        self.assertEqual([str(r) for r in self.client.sent[-1][1].recipients], ["s@example.org"])
 
     def test_freeze_on_5xx_without_bounce(self) -> None:
         """
@@ -469,7 +473,7 @@ class BounceContentTests(SynchronousTestCase):
         s.startService()
         self.successResultOf(NotifyingSpool(spool, s).enqueue([make_envelope()]))
         clock.advance(0)
-        [bounce] = spool.entries_by_id.values()
+        [bounce] = [e for e in spool.entries_by_id.values() if e.sender.is_null]
         self.assertEqual(bounce.next_hop_choices, ("smart:25",))
         data = spool.messages_by_id[bounce.id].data
         assert data is not None
