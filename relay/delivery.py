@@ -54,7 +54,7 @@ class DeliveryScheduler(Service):
         clock: IReactorTime,
         route: Router,
         max_send_jobs: int = 10,
-        per_destination: int = 4,
+        per_destination: int = 20,
         default_retry_intervals: Sequence[float] = (),
         bounce: bool = True,
         hostname: str = "localhost",

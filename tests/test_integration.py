@@ -19,6 +19,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from relay import Consume, Simple
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 30.0
 POLL = 0.1
@@ -54,10 +56,23 @@ def files_under(path: str) -> list[str]:
     return found
 
 
-def send_message(port: int) -> dict[str, Any]:
+def send_message(port: int, message: bytes = MESSAGE) -> dict[str, Any]:
     with smtplib.SMTP("127.0.0.1", port, timeout=TIMEOUT) as client:
         client.ehlo("client.example.com")
-        return client.sendmail("alice@example.com", ["bob@example.net"], MESSAGE)
+        return client.sendmail("alice@example.com", ["bob@example.net"], message)
+
+
+class SinkCallbacks(Simple):
+    """
+    The next hop of the delivery test: consumes every message, keeping it.
+    """
+
+    def __init__(self) -> None:
+        self.envelopes: list[Any] = []
+
+    def process_envelope(self, log: Any, session: Any, envelope: Any) -> Any:
+        self.envelopes.append(envelope)
+        return Consume("delivered to the sink")
 
 
 class TwistdRelayTests(TestCase):
@@ -74,7 +89,9 @@ class TwistdRelayTests(TestCase):
         self.spool = os.path.join(self.base, "spool")
         self.quarantine = os.path.join(self.base, "quarantine")
 
-    def start_twistd(self, name: str, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    def start_twistd(
+        self, name: str, port: int, smarthost: str = "127.0.0.1:9"
+    ) -> tuple[subprocess.Popen[bytes], str]:
         """
         Start C{twistd -n relay} on C{port} with this test's spool; it is
         killed at cleanup whatever happens.
@@ -89,7 +106,8 @@ class TwistdRelayTests(TestCase):
             "--quarantine", self.quarantine,
             "--control", "unix:" + os.path.join(self.base, f"{name}.sock"),
             "--hostname", "relay.test",
-            "--smarthost", "127.0.0.1:9",
+            "--smarthost", smarthost,
+            "--retry-intervals", "1m",
         ]  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
@@ -180,3 +198,42 @@ class TwistdRelayTests(TestCase):
         # The first relay carries on.
         self.assertIsNone(process.poll())
         self.assertTrue(listening(port))
+
+    @inlineCallbacks
+    def test_delivers_to_next_hop(self) -> Any:
+        """
+        The running relay delivers an accepted message to its smarthost (a
+        real SMTP server on loopback) with the bytes intact, dot lines and
+        bare LF included, and its spool is empty afterwards.
+        """
+        from relay.server import SMTPServerFactory
+        from relay.testing import MemorySpool
+
+        sink = SinkCallbacks()
+        factory = SMTPServerFactory(
+            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
+        )
+        listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listener.stopListening)
+        sink_port = listener.getHost().port
+
+        port = free_port()
+        process, output = self.start_twistd("first", port, smarthost=f"127.0.0.1:{sink_port}")
+        yield self.wait_listening(process, output, port)
+        body = MESSAGE + b".leading dot\r\n..two dots\r\n.\r\nbare\nlf\r\nend\r\n"
+        refused = yield deferToThread(send_message, port, body)
+        self.assertEqual(refused, {})
+        yield self.poll(lambda: sink.envelopes, "the message at the sink")
+        [envelope] = sink.envelopes
+        self.assertEqual(str(envelope.sender), "alice@example.com")
+        self.assertEqual([str(r) for r in envelope.recipients], ["bob@example.net"])
+        data = envelope.message.data
+        # smtplib normalizes line endings; what it sent is what arrives,
+        # after the two Received headers.
+        expected = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.assertTrue(data.endswith(expected), data)
+        self.assertEqual(data.count(b"Received: "), 2)
+        yield self.poll(
+            lambda: not files_under(os.path.join(self.spool, "active")),
+            "the spool's active queue to empty",
+        )
