@@ -6,6 +6,11 @@ AUTH as configured, sends the transaction (pipelined when the hop offers
 PIPELINING, RFC 2920) and reports, per recipient, the reply that settled
 it.  The message body is written with CRLF line endings and exact
 dot-stuffing (L{relay.stuffing.DotStuffer}) whatever the stored bytes hold.
+
+A connection whose transaction ended cleanly (the reply to the end of
+data, or every recipient refused and RSET answered 250) is kept idle in a
+small per-hop pool and reused, with its EHLO/STARTTLS/AUTH state, for the
+next envelope to that hop; L{RelayClient.close_idle} closes the pool.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
@@ -80,6 +85,13 @@ class ConnectionClosed(Exception):
     """
 
 
+class _Stale(Exception):
+    """
+    A reused connection turned out closed (or answered MAIL with 421)
+    before the transaction began: try once more on a fresh connection.
+    """
+
+
 def parse_hop(hop: str) -> tuple[str, int]:
     """
     Split C{host:port} or C{[v6]:port} into host and port.
@@ -122,6 +134,15 @@ class SMTPClientProtocol(Protocol):
         self._paused: Deferred[None] | None = None
         self.tls = False
         self.closed = False
+        # Set once the greeting, EHLO/HELO, STARTTLS and AUTH are done: the
+        # extensions the hop offered; kept for transactions on a reused
+        # connection.
+        self.extensions: dict[str, str] | None = None
+        # Transactions begun on this connection.
+        self.transactions = 0
+        # Called once when the connection is lost (the idle pool's hook).
+        self.on_lost: Callable[[], None] | None = None
+        self._lost_waiters: list[Deferred[None]] = []
 
     # Connection and flow control
 
@@ -191,6 +212,30 @@ class SMTPClientProtocol(Protocol):
         why = reason.getErrorMessage() if reason is not None else "closed"
         self._set_error(ConnectionClosed(f"connection closed: {why}"))
         self.resumeProducing()
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost()
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_lost(self) -> Deferred[None]:
+        """
+        A Deferred firing once the connection is lost.
+        """
+        if self.closed:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._lost_waiters.append(d)
+        return d
+
+    @property
+    def clean(self) -> bool:
+        """
+        Nothing unasked-for arrived and nothing failed: fit for another
+        transaction.
+        """
+        return not self.closed and self._error is None and not self._replies and not self._lines
 
     # Replies
 
@@ -302,6 +347,11 @@ class RelayClient:
         over TLS.
     @param run_in_thread: C{f(callable, *args) -> Deferred} to read message
         files off the reactor thread; C{None} reads synchronously.
+    @param max_idle_per_hop: how many connections per hop are kept idle
+        after a transaction that ended cleanly, for the next envelope to
+        that hop (C{0}: QUIT after every envelope).
+    @param idle_timeout: seconds an idle connection is kept before QUIT.
+    @param max_reuse: transactions per connection, after which it is QUIT.
     """
 
     def __init__(
@@ -315,6 +365,9 @@ class RelayClient:
         connect_timeout: float = 30.0,
         reply_timeout: float = 300.0,
         run_in_thread: Callable[..., Any] | None = None,
+        max_idle_per_hop: int = 4,
+        idle_timeout: float = 5.0,
+        max_reuse: int = 100,
     ) -> None:
         if tls not in ("none", "may", "encrypt", "verify"):
             raise ValueError(f"tls must be none, may, encrypt or verify, not {tls!r}")
@@ -326,6 +379,12 @@ class RelayClient:
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._run_in_thread = run_in_thread
+        self.max_idle_per_hop = max_idle_per_hop
+        self.idle_timeout = idle_timeout
+        self.max_reuse = max_reuse
+        # hop -> idle connections (most recently parked last), each with
+        # its idle timer.
+        self._idle: dict[str, list[tuple[SMTPClientProtocol, Any]]] = {}
 
     def send(self, hop: str, envelope: Envelope) -> Deferred[DeliveryResult]:
         """
@@ -345,11 +404,123 @@ class RelayClient:
             return TCP4ClientEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
         return TCP6ClientEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
 
+    # The idle pool
+
+    def _take_idle(self, hop: str) -> SMTPClientProtocol | None:
+        """
+        An idle connection to C{hop} still fit for use, taken out of the
+        pool, or C{None}.
+        """
+        pool = self._idle.get(hop)
+        while pool:
+            proto, timer = pool.pop()
+            if timer.active():
+                timer.cancel()
+            proto.on_lost = None
+            if proto.clean:
+                if not pool:
+                    del self._idle[hop]
+                return proto
+            # Something arrived while idle (such as a 421): not reusable.
+            self._goodbye(proto)
+        self._idle.pop(hop, None)
+        return None
+
+    def _park(self, hop: str, proto: SMTPClientProtocol) -> bool:
+        """
+        Keep C{proto} idle for the next envelope to C{hop}, if it may be
+        reused and the pool has room.
+        """
+        if (
+            not proto.clean
+            or proto.transactions >= self.max_reuse
+            or len(self._idle.get(hop, ())) >= self.max_idle_per_hop
+        ):
+            return False
+        pool = self._idle.setdefault(hop, [])
+        timer = self._reactor.callLater(self.idle_timeout, self._expire, hop, proto)
+        entry = (proto, timer)
+        pool.append(entry)
+
+        def lost() -> None:
+            # Closed by the hop while idle: drop it.
+            self._forget(hop, entry)
+
+        proto.on_lost = lost
+        return True
+
+    def _forget(self, hop: str, entry: tuple[SMTPClientProtocol, Any]) -> None:
+        pool = self._idle.get(hop)
+        if pool is not None and entry in pool:
+            pool.remove(entry)
+            if not pool:
+                del self._idle[hop]
+        if entry[1].active():
+            entry[1].cancel()
+
+    def _expire(self, hop: str, proto: SMTPClientProtocol) -> None:
+        for entry in list(self._idle.get(hop, ())):
+            if entry[0] is proto:
+                self._forget(hop, entry)
+        proto.on_lost = None
+        self._goodbye(proto)
+
+    @staticmethod
+    def _goodbye(proto: SMTPClientProtocol) -> None:
+        if not proto.closed:
+            proto.send("QUIT")
+        proto.close()
+
+    def close_idle(self, timeout: float = 5.0) -> Deferred[None]:
+        """
+        QUIT and close every idle connection (for a graceful stop).
+
+        @return: a Deferred firing once they are all closed; those still
+            open after C{timeout} seconds are aborted.
+        """
+        protos = []
+        for hop in list(self._idle):
+            for entry in list(self._idle.get(hop, ())):
+                self._forget(hop, entry)
+                entry[0].on_lost = None
+                protos.append(entry[0])
+        if not protos:
+            return succeed(None)
+        for proto in protos:
+            self._goodbye(proto)
+        waiting = [p.when_lost() for p in protos]
+        done: Deferred[None] = Deferred()
+
+        def abort_rest() -> None:
+            for proto in protos:
+                proto.abort()
+
+        timer = self._reactor.callLater(timeout, abort_rest)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            done.callback(None)
+
+        gatherResults(waiting).addCallback(finished)
+        return done
+
+    # Delivery
+
     async def _send(self, hop: str, envelope: Envelope) -> DeliveryResult:
         try:
             host, port = parse_hop(hop)
         except ValueError as e:
             raise DeliveryError(str(e)) from None
+        proto = self._take_idle(hop)
+        if proto is not None:
+            try:
+                return await self._attempt(hop, host, envelope, proto)
+            except _Stale as e:
+                log.info(
+                    "reused connection to {hop} unusable for {envelope_id} ({error}); reconnecting",
+                    hop=hop, envelope_id=envelope.id, error=str(e),
+                )
         factory = _ClientFactory(self._reactor, self._reply_timeout)
         try:
             proto = await self._endpoint(host, port).connect(factory)
@@ -359,10 +530,25 @@ class RelayClient:
                 hop=hop, envelope_id=envelope.id, error=str(e),
             )
             raise DeliveryError(f"connect to {hop} failed: {e}") from e
+        return await self._attempt(hop, host, envelope, proto)
+
+    async def _attempt(
+        self, hop: str, host: str, envelope: Envelope, proto: SMTPClientProtocol
+    ) -> DeliveryResult:
+        """
+        One transaction on C{proto} (fresh, or reused from the pool); park
+        the connection afterwards when it ended cleanly, else QUIT.
+
+        @raise _Stale: a reused connection was found closed (or said 421)
+            at MAIL FROM.
+        """
         quit = True
         session = _Session(self, proto, hop, host, envelope)
         try:
             return await session.run()
+        except _Stale:
+            quit = False
+            raise
         except (ReplyTimeout, ConnectionClosed, ReplyError) as e:
             quit = False
             log.info(
@@ -389,10 +575,14 @@ class RelayClient:
         finally:
             if session.in_data:
                 proto.abort()
+            elif session.reusable and self._park(hop, proto):
+                pass
             elif quit and not proto.closed:
                 # Say goodbye, but do not wait for the reply.
                 proto.send("QUIT")
-            proto.close()
+                proto.close()
+            else:
+                proto.close()
 
 
 class _Session:
@@ -411,6 +601,8 @@ class _Session:
         self.extensions: dict[str, str] = {}
         # The body is being written: the hop must not see a QUIT now.
         self.in_data = False
+        # The transaction ended cleanly: the connection may be reused.
+        self.reusable = False
 
     def _fail(self, what: str, reply: Reply, permanent: bool = False) -> DeliveryError:
         return DeliveryError(f"{self.hop}: {what}: {reply}", reply, permanent)
@@ -555,21 +747,42 @@ class _Session:
             commands.append(" ".join([f"RCPT TO:<{rcpt}>"] + args))
         return commands
 
+    async def _mail_reply(self, reused: bool) -> Reply:
+        """
+        The reply to MAIL FROM; on a reused connection, a closed
+        connection or a 421 raises L{_Stale}.
+        """
+        try:
+            reply = await self.proto.next_reply()
+        except ConnectionClosed as e:
+            if reused:
+                raise _Stale(str(e)) from e
+            raise
+        if reused and reply.code == 421:
+            raise _Stale(str(reply))
+        return reply
+
     async def run(self) -> DeliveryResult:
         proto = self.proto
-        greeting = await proto.next_reply()
-        if greeting.code != 220:
-            raise self._fail("greeting", greeting)
-        await self._hello()
-        await self._starttls()
-        await self._authenticate()
+        reused = proto.extensions is not None
+        if proto.extensions is not None:
+            self.extensions = proto.extensions
+        else:
+            greeting = await proto.next_reply()
+            if greeting.code != 220:
+                raise self._fail("greeting", greeting)
+            await self._hello()
+            await self._starttls()
+            await self._authenticate()
+            proto.extensions = self.extensions
         mail = self._mail_command()
         rcpts = self._rcpt_commands()
         recipients = [str(r) for r in self.envelope.recipients]
         pipelining = "PIPELINING" in self.extensions
+        proto.transactions += 1
         if pipelining:
             proto.send(mail, *rcpts, "DATA")
-            mail_reply = await proto.next_reply()
+            mail_reply = await self._mail_reply(reused)
             rcpt_replies = [await proto.next_reply() for _ in rcpts]
             data_reply = await proto.next_reply()
             if not mail_reply.is_positive:
@@ -578,7 +791,8 @@ class _Session:
                     await proto.next_reply()
                 raise self._fail("MAIL FROM refused", mail_reply, mail_reply.is_permanent)
         else:
-            mail_reply = await self._command(mail)
+            proto.send(mail)
+            mail_reply = await self._mail_reply(reused)
             if not mail_reply.is_positive:
                 raise self._fail("MAIL FROM refused", mail_reply, mail_reply.is_permanent)
             rcpt_replies = []
@@ -596,6 +810,14 @@ class _Session:
                 "all recipients of {envelope_id} refused by {hop}",
                 envelope_id=self.envelope.id, hop=self.hop,
             )
+            if self.client.max_idle_per_hop > 0:
+                # Reuse the connection only once the hop confirmed RSET.
+                try:
+                    rset = await proto.next_reply()
+                except (ReplyTimeout, ConnectionClosed, ReplyError):
+                    pass
+                else:
+                    self.reusable = rset.code == 250
             return DeliveryResult(self.hop, tuple(zip(recipients, rcpt_replies, strict=True)))
         if not pipelining:
             data_reply = await self._command("DATA")
@@ -605,6 +827,8 @@ class _Session:
         await self._write_body()
         self.in_data = False
         final = await proto.next_reply()
+        # A 421 means the hop is closing the connection.
+        self.reusable = final.code != 421
         replies = tuple(
             (address, final if ok else reply)
             for address, ok, reply in zip(recipients, accepted, rcpt_replies, strict=True)

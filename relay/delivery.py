@@ -102,9 +102,11 @@ class DeliveryScheduler(Service):
                 call.cancel()
         self.timers.clear()
         self.due.clear()
-        if not self.jobs:
-            return defer.succeed(None)
         done: Deferred[None] = Deferred()
+        done.addCallback(self._close_idle_connections)
+        if not self.jobs:
+            done.callback(None)
+            return done
         waiting = defer.DeferredList(list(self.jobs.values()), consumeErrors=True)
 
         def finished(_: object) -> None:
@@ -124,6 +126,17 @@ class DeliveryScheduler(Service):
         timeout = self.clock.callLater(self.stop_timeout, timed_out)
         waiting.addCallback(finished)
         return done
+
+    def _close_idle_connections(self, _: object) -> Deferred[None] | None:
+        """
+        Say QUIT on the connections kept open for reuse, once no delivery
+        needs them.
+        """
+        close_idle = getattr(self.client, "close_idle", None)
+        if close_idle is None:
+            return None
+        d: Deferred[None] = defer.maybeDeferred(close_idle)
+        return d.addErrback(lambda f: self.log.failure("Closing idle connections failed", f))
 
     # -- scheduling ------------------------------------------------------
 

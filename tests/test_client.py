@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -64,6 +64,8 @@ class Hop:
         self.test = test
         self.reactor = MemoryReactorClock()
         kwargs.setdefault("tls", "none")
+        # One envelope per connection unless a test asks for reuse.
+        kwargs.setdefault("max_idle_per_hop", 0)
         self.client = RelayClient(self.reactor, hostname="relay.test", **kwargs)
         self.result: list[Any] = []
         d = self.client.send("192.0.2.1:25", env or envelope())
@@ -661,6 +663,7 @@ class RealTLSTests(TestCase):
 
         port, spool, _ = self.serve()
         client = RelayClient(reactor, hostname="relay.test", tls="encrypt", reply_timeout=10)
+        self.addCleanup(client.close_idle)
         data = b"Subject: t\n\n.dot\r\nbare\rcr\n"
         result = await client.send(f"127.0.0.1:{port}", envelope(data=data))
         self.assertEqual([code.code for _, code in result.replies], [250])
@@ -702,6 +705,7 @@ class RealTLSTests(TestCase):
         client = RelayClient(
             reactor, hostname="relay.test", tls="verify", trust_root=cert, reply_timeout=10
         )
+        self.addCleanup(client.close_idle)
         result = await client.send(f"127.0.0.1:{port}", envelope())
         self.assertEqual([r.code for _, r in result.replies], [250])
         self.assertEqual(len(spool.messages_by_id), 1)
@@ -720,3 +724,355 @@ class RealTLSTests(TestCase):
         error, nothing delivered.
         """
         return Deferred.fromCoroutine(self._verify_wrong_name())
+
+
+class PooledHop:
+    """
+    A scripted next hop for connection reuse: every connection the client
+    opens through the L{MemoryReactorClock} is built on demand with its own
+    transport.
+    """
+
+    HOP = "192.0.2.1:25"
+
+    def __init__(self, test: SynchronousTestCase, **kwargs: Any) -> None:
+        self.test = test
+        self.reactor = MemoryReactorClock()
+        kwargs.setdefault("tls", "none")
+        self.client = RelayClient(self.reactor, hostname="relay.test", **kwargs)
+        self.connections: list[tuple[Any, TLSStringTransport]] = []
+
+    def send(self, env: Envelope | None = None) -> list[Any]:
+        """
+        Start a delivery; its outcome lands in the returned list.
+        """
+        result: list[Any] = []
+        self.client.send(self.HOP, env or envelope()).addBoth(result.append)
+        return result
+
+    def connect(self) -> tuple[Any, TLSStringTransport]:
+        """
+        Accept the client's next connection attempt.
+        """
+        self.test.assertGreater(len(self.reactor.tcpClients), len(self.connections))
+        host, port, factory, _, _ = self.reactor.tcpClients[len(self.connections)]
+        proto = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = TLSStringTransport()
+        proto.makeConnection(transport)
+        self.connections.append((proto, transport))
+        return proto, transport
+
+    def reply(self, proto: Any, *lines: str) -> None:
+        proto.dataReceived(b"".join(line.encode() + b"\r\n" for line in lines))
+
+    def expect(self, transport: StringTransport, data: bytes) -> None:
+        self.test.assertEqual(transport.value(), data)
+        transport.clear()
+
+    def greet(self, *extensions: str) -> tuple[Any, TLSStringTransport]:
+        """
+        Accept a connection, greet and answer EHLO.
+        """
+        proto, transport = self.connect()
+        self.reply(proto, "220 hop.test ESMTP")
+        self.expect(transport, b"EHLO relay.test\r\n")
+        lines = ["hop.test", *extensions]
+        self.reply(proto, *[f"250-{x}" for x in lines[:-1]], f"250 {lines[-1]}")
+        return proto, transport
+
+    def transact(self, proto: Any, transport: StringTransport, result: list[Any]) -> None:
+        """
+        Run one accepted transaction (no PIPELINING) to its end.
+        """
+        self.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        self.reply(proto, "250 ok")
+        self.expect(transport, b"RCPT TO:<bob@example.com>\r\n")
+        self.reply(proto, "250 ok")
+        self.expect(transport, b"DATA\r\n")
+        self.reply(proto, "354 go")
+        self.expect(transport, BODY + b".\r\n")
+        self.reply(proto, "250 queued")
+        self.test.assertEqual(len(result), 1)
+        self.test.assertIsInstance(result[0], DeliveryResult)
+
+    def first(self) -> tuple[Any, TLSStringTransport]:
+        """
+        Deliver one envelope on a fresh connection, which stays idle.
+        """
+        result = self.send()
+        proto, transport = self.greet()
+        self.transact(proto, transport, result)
+        self.expect(transport, b"")
+        self.test.assertFalse(transport.disconnecting)
+        return proto, transport
+
+
+class ReuseTests(SynchronousTestCase):
+    """
+    Connection reuse: idle connections are kept per hop for the next
+    envelope to that hop.
+    """
+
+    def test_two_envelopes_one_connection(self) -> None:
+        """
+        Two envelopes to the same hop use one connection: one greeting and
+        EHLO, two MAIL transactions, no QUIT in between.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        result = hop.send()
+        self.assertEqual(len(hop.reactor.tcpClients), 1)
+        hop.transact(proto, transport, result)
+        self.assertEqual(len(hop.reactor.tcpClients), 1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_pipelined_reuse(self) -> None:
+        """
+        A reused PIPELINING connection sends MAIL, RCPT and DATA in one
+        write at once, with the extensions learnt at EHLO.
+        """
+        hop = PooledHop(self)
+        result = hop.send()
+        proto, transport = hop.greet("PIPELINING")
+        transport.clear()
+        hop.reply(proto, "250 ok", "250 ok", "354 go")
+        hop.expect(transport, BODY + b".\r\n")
+        hop.reply(proto, "250 queued")
+        self.assertIsInstance(result[0], DeliveryResult)
+        result = hop.send()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        hop.reply(proto, "250 ok", "250 ok", "354 go")
+        hop.expect(transport, BODY + b".\r\n")
+        hop.reply(proto, "250 queued")
+        self.assertIsInstance(result[0], DeliveryResult)
+        self.assertEqual(len(hop.reactor.tcpClients), 1)
+
+    def test_tls_carries_over(self) -> None:
+        """
+        STARTTLS and the second EHLO happen once per connection; the
+        reused connection goes straight to MAIL.
+        """
+        hop = PooledHop(self, tls="encrypt")
+        result = hop.send()
+        proto, transport = hop.greet("STARTTLS")
+        hop.expect(transport, b"STARTTLS\r\n")
+        hop.reply(proto, "220 go ahead")
+        self.assertIsNotNone(transport.tls_context)
+        hop.expect(transport, b"EHLO relay.test\r\n")
+        hop.reply(proto, "250 hop.test")
+        hop.transact(proto, transport, result)
+        result = hop.send()
+        hop.transact(proto, transport, result)
+        self.assertEqual(len(hop.reactor.tcpClients), 1)
+
+    def test_idle_timeout(self) -> None:
+        """
+        An idle connection is closed with QUIT after idle_timeout seconds;
+        the next envelope connects afresh.
+        """
+        hop = PooledHop(self, idle_timeout=5)
+        proto, transport = hop.first()
+        hop.reactor.advance(4.9)
+        hop.expect(transport, b"")
+        self.assertFalse(transport.disconnecting)
+        hop.reactor.advance(0.1)
+        hop.expect(transport, b"QUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+        proto.connectionLost(Failure(ConnectionDone()))
+        result = hop.send()
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_closed_while_idle(self) -> None:
+        """
+        A connection the hop closes while idle leaves the pool (and its
+        timer is cancelled); the next envelope connects afresh.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(hop.reactor.getDelayedCalls(), [])
+        result = hop.send()
+        hop.expect(transport, b"")
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_unsolicited_reply_while_idle(self) -> None:
+        """
+        A connection on which the hop said something while idle (such as
+        a 421 before closing) is not reused.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        hop.reply(proto, "421 4.4.2 idle too long")
+        result = hop.send()
+        hop.expect(transport, b"QUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_421_on_mail_retries_fresh(self) -> None:
+        """
+        A 421 to MAIL FROM on a reused connection retries the envelope once
+        on a fresh connection, which delivers it.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        result = hop.send()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply(proto, "421 4.4.2 closing")
+        self.assertEqual(result, [])
+        self.assertTrue(transport.disconnecting)
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_closed_at_mail_retries_fresh(self) -> None:
+        """
+        A reused connection that turns out closed while MAIL FROM awaits
+        its reply retries once on a fresh connection.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        result = hop.send()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(result, [])
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_421_on_fresh_connection_not_retried(self) -> None:
+        """
+        A 421 to MAIL FROM on a fresh connection is an ordinary transient
+        failure: no second connection.
+        """
+        hop = PooledHop(self)
+        result = hop.send()
+        proto, transport = hop.greet()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply(proto, "421 4.4.2 closing")
+        self.assertIsInstance(result[0], Failure)
+        result[0].trap(DeliveryError)
+        self.assertFalse(result[0].value.permanent)
+        self.assertEqual(len(hop.reactor.tcpClients), 1)
+
+    def test_max_reuse(self) -> None:
+        """
+        After max_reuse transactions the connection is closed with QUIT and
+        the next envelope connects afresh.
+        """
+        hop = PooledHop(self, max_reuse=2)
+        proto, transport = hop.first()
+        result = hop.send()
+        hop.transact(proto, transport, result)
+        hop.expect(transport, b"QUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+        result = hop.send()
+        self.assertEqual(len(hop.reactor.tcpClients), 2)
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_max_idle_per_hop(self) -> None:
+        """
+        At most max_idle_per_hop connections per hop stay idle; one more
+        finishing is closed with QUIT.
+        """
+        hop = PooledHop(self, max_idle_per_hop=1)
+        first, second = hop.send(), hop.send()
+        proto1, transport1 = hop.greet()
+        proto2, transport2 = hop.greet()
+        hop.transact(proto1, transport1, first)
+        hop.transact(proto2, transport2, second)
+        hop.expect(transport1, b"")
+        hop.expect(transport2, b"QUIT\r\n")
+        self.assertTrue(transport2.disconnecting)
+
+    def test_all_rejected_then_reused(self) -> None:
+        """
+        A transaction whose recipients were all refused is reused only once
+        the hop answered RSET with 250.
+        """
+        hop = PooledHop(self)
+        result = hop.send()
+        proto, transport = hop.greet()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply(proto, "250 ok")
+        hop.expect(transport, b"RCPT TO:<bob@example.com>\r\n")
+        hop.reply(proto, "550 no")
+        hop.expect(transport, b"RSET\r\n")
+        self.assertEqual(result, [])
+        hop.reply(proto, "250 reset")
+        self.assertEqual(result[0].replies, (("bob@example.com", Reply(550, "no")),))
+        result = hop.send()
+        hop.transact(proto, transport, result)
+        self.assertEqual(len(hop.reactor.tcpClients), 1)
+
+    def test_421_final_reply_not_reused(self) -> None:
+        """
+        A 421 to the end of data (the hop is closing) ends with QUIT, not
+        in the pool.
+        """
+        hop = PooledHop(self)
+        result = hop.send()
+        proto, transport = hop.greet()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply(proto, "250 ok")
+        hop.expect(transport, b"RCPT TO:<bob@example.com>\r\n")
+        hop.reply(proto, "250 ok")
+        hop.expect(transport, b"DATA\r\n")
+        hop.reply(proto, "354 go")
+        hop.expect(transport, BODY + b".\r\n")
+        hop.reply(proto, "421 4.3.2 shutting down")
+        self.assertEqual(result[0].replies, (("bob@example.com", Reply(421, "4.3.2 shutting down")),))
+        hop.expect(transport, b"QUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_failed_transaction_not_reused(self) -> None:
+        """
+        A transaction that failed (here MAIL FROM refused) ends with QUIT,
+        not in the pool.
+        """
+        hop = PooledHop(self)
+        result = hop.send()
+        proto, transport = hop.greet()
+        hop.expect(transport, b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply(proto, "451 later")
+        self.assertIsInstance(result[0], Failure)
+        hop.expect(transport, b"QUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_close_idle(self) -> None:
+        """
+        close_idle QUITs every idle connection and fires once they are
+        closed; the idle timers are cancelled.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        done: list[Any] = []
+        hop.client.close_idle().addBoth(done.append)
+        hop.expect(transport, b"QUIT\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(done, [])
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(done, [None])
+        self.assertEqual(hop.reactor.getDelayedCalls(), [])
+        result = hop.send()
+        self.assertEqual(len(hop.reactor.tcpClients), 2)
+        proto2, transport2 = hop.greet()
+        hop.transact(proto2, transport2, result)
+
+    def test_close_idle_aborts_after_timeout(self) -> None:
+        """
+        close_idle aborts connections still open after its timeout, and
+        fires with nothing idle at once.
+        """
+        hop = PooledHop(self)
+        done: list[Any] = []
+        hop.client.close_idle().addBoth(done.append)
+        self.assertEqual(done, [None])
+        proto, transport = hop.first()
+        done = []
+        hop.client.close_idle(timeout=2).addBoth(done.append)
+        hop.reactor.advance(2)
+        self.assertTrue(transport.disconnected)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(done, [None])

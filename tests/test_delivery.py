@@ -383,6 +383,24 @@ class SchedulerTests(SynchronousTestCase):
         self.clock.advance(30)
         self.successResultOf(d2)
 
+    def test_stop_closes_idle_connections(self) -> None:
+        """
+        Once running deliveries are done, stopping closes the connections
+        the client keeps for reuse, and waits for that.
+        """
+        closing: Deferred[None] = Deferred()
+        self.client.close_idle = lambda: closing  # type: ignore[attr-defined]
+        self.client.behaviour["mx1:25"] = None
+        s = self.make(stop_timeout=30)
+        self.enqueue(s, make_envelope())
+        d = s.stopService()
+        self.client.pending[0].callback(
+            DeliveryResult("mx1:25", (("a@example.com", Reply(250, "ok")),))
+        )
+        self.assertNoResult(d)
+        closing.callback(None)
+        self.successResultOf(d)
+
 
 class RestartTests(SynchronousTestCase):
     """
