@@ -83,6 +83,43 @@ def listens_publicly(endpoint: str) -> bool:
     return not _is_loopback(interface)
 
 
+def control_endpoint(endpoint: str) -> str:
+    """
+    The control endpoint description C{endpoint}, with C{mode=0600} added
+    to a unix socket that does not say its mode: only the relay's user may
+    manage it.
+    """
+    from twisted.internet.endpoints import _parse  # type: ignore[attr-defined]
+
+    try:
+        args, kwargs = _parse(endpoint)
+    except Exception:
+        return endpoint
+    if not args or str(args[0]).lower() != "unix":
+        return endpoint
+    if "mode" not in kwargs:
+        kwargs["mode"] = "0600"
+    path = str(args[1]) if len(args) > 1 else str(kwargs.pop("address", ""))
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        # A socket path longer than AF_UNIX allows cannot be bound; the
+        # same socket relative to the current directory may fit.
+        relative = os.path.relpath(path)
+        if len(os.fsencode(relative)) < len(os.fsencode(path)):
+            path = relative
+    return ":".join(
+        ["unix", _escape(path)]
+        + [f"{k}={_escape(str(v))}" for k, v in kwargs.items()]
+        + [_escape(str(a)) for a in args[2:]]
+    )
+
+
+_UNIX_PATH_MAX = 107
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
 def is_open_relay(callbacks: object) -> bool:
     """
     Is C{callbacks} the stock L{Simple} policy, that relays for anyone?
@@ -361,6 +398,19 @@ def makeService(
         reject_bare_lf=reject_bare_lf,
     )
     top.factory = factory  # type: ignore[attr-defined]
+
+    if control:
+        from relay.control import ControlFactory, plugin_locators
+
+        control_factory = ControlFactory(
+            top.spool, top.delivery, plugin_locators(plugin), clock=reactor  # type: ignore[attr-defined]
+        )
+        top.control_factory = control_factory  # type: ignore[attr-defined]
+        control_service = strports.service(
+            control_endpoint(control), control_factory, reactor=reactor
+        )
+        control_service.setName("control")
+        control_service.setServiceParent(top)
 
     open_relay = is_open_relay(plugin)
     for i, endpoint in enumerate(smtp):

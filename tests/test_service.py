@@ -95,7 +95,7 @@ class MakeServiceTests(SynchronousTestCase):
         top = self.make(smtp=["tcp:2525:interface=127.0.0.1", "tcp:2526:interface=\\:\\:1"])
         self.assertIsInstance(top, MultiService)
         names = [s.name for s in top]
-        self.assertEqual(names, ["threadpool", "spool", "smtp-0", "smtp-1"])
+        self.assertEqual(names, ["threadpool", "spool", "control", "smtp-0", "smtp-1"])
         smtp = top.getServiceNamed("smtp-0")
         self.assertIsInstance(smtp, StreamServerEndpointService)
         self.assertIs(smtp.factory, top.factory)

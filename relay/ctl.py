@@ -1,0 +1,499 @@
+"""
+C{relayctl}: manage a running relay over its AMP control endpoint, or read
+the spool straight from disk when no relay runs.
+
+    relayctl [--control ENDPOINT | --spool DIR] COMMAND ...
+
+Exit codes: 0 ok, 1 the operation failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence, TextIO
+
+from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
+from relay.retry import parse_retry_intervals
+from relay.spool import entry_from_json, entry_to_json
+
+DEFAULT_CONTROL = "unix:./spool/control.sock"
+DEFAULT_SPOOL = "./spool"
+LAST_ERROR_WIDTH = 40
+
+OK = 0
+FAILED = 1
+USAGE = 2
+
+
+class UsageError(Exception):
+    """
+    The command line makes no sense.
+    """
+
+
+class OperationFailed(Exception):
+    """
+    The operation failed; the message is for the operator.
+    """
+
+
+# -- reading the spool from disk ---------------------------------------------
+
+
+def queue_dir(spool_dir: str, queue: str, quarantine_dir: str | None = None) -> str:
+    """
+    The directory holding C{queue}'s metadata in the spool at C{spool_dir}
+    (the layout of L{relay.spool.DiskSpool}).
+    """
+    if queue not in QUEUES:
+        raise ValueError(f"no such queue {queue!r}")
+    if queue == QUARANTINE:
+        return quarantine_dir if quarantine_dir is not None else os.path.join(spool_dir, QUARANTINE)
+    return os.path.join(spool_dir, queue)
+
+
+def read_entries(
+    spool_dir: str,
+    queue: str,
+    quarantine_dir: str | None = None,
+    errors: list[tuple[str, str]] | None = None,
+) -> list[SpoolEntry]:
+    """
+    The entries of C{queue} read from the spool directory, oldest first.
+    Nothing is written; a missing queue directory is an empty queue.
+
+    @param errors: if given, C{(path, error)} of unreadable files are
+        appended to it; such files are left out.
+    """
+    directory = queue_dir(spool_dir, queue, quarantine_dir)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    entries = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            entries.append(entry_from_json(data, queue=queue))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            if errors is not None:
+                errors.append((path, str(e)))
+    entries.sort(key=lambda e: (e.created_at, e.id))
+    return entries
+
+
+def count_entries(spool_dir: str, quarantine_dir: str | None = None) -> dict[str, int]:
+    """
+    How many entries each queue holds, read from disk.
+    """
+    return {queue: len(read_entries(spool_dir, queue, quarantine_dir)) for queue in QUEUES}
+
+
+# -- formatting ----------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """
+    A short human duration: C{45s}, C{5m}, C{2h}, C{3d} (rounded down).
+    """
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def format_size(size: int) -> str:
+    """
+    A message size the way C{exim -bp} shows it: C{512}, C{1.5K}, C{2.0M}.
+    """
+    if size < 1024:
+        return str(size)
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f}K"
+    return f"{size / (1024 * 1024):.1f}M"
+
+
+def _sender(entry: SpoolEntry) -> str:
+    text = str(entry.sender)
+    return f"<{text}>" if text else "<>"
+
+
+def _truncate(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    return text[: width - 3] + "..."
+
+
+def _next_attempt(entry: SpoolEntry, now: float) -> str:
+    if entry.queue != ACTIVE:
+        return "-"
+    delta = entry.next_attempt_at - now
+    if delta <= 0:
+        return "now"
+    return "in " + format_duration(delta)
+
+
+TABLE_COLUMNS = ("ID", "SENDER", "RECIPIENTS", "AGE", "NEXT ATTEMPT", "NEXT HOP", "LAST ERROR")
+
+
+def table_row(entry: SpoolEntry, now: float) -> tuple[str, ...]:
+    """
+    The cells of one entry's row in L{format_table}.
+    """
+    last_error = entry.last_error
+    if last_error is None and entry.queue == QUARANTINE and entry.reason:
+        last_error = entry.reason
+    return (
+        entry.id,
+        _sender(entry),
+        ",".join(str(r) for r in entry.recipients),
+        format_duration(now - entry.created_at),
+        _next_attempt(entry, now),
+        entry.next_hop_choices[0] if entry.next_hop_choices else "MX",
+        _truncate(last_error, LAST_ERROR_WIDTH) if last_error else "-",
+    )
+
+
+def format_table(entries: Sequence[SpoolEntry], now: float) -> str:
+    """
+    The entries as an aligned table with a header line.  The last error of
+    a quarantined entry that was never tried is its quarantine reason.
+    """
+    rows = [TABLE_COLUMNS] + [table_row(e, now) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def format_exim(entries: Sequence[SpoolEntry], now: float) -> str:
+    """
+    The entries the way C{exim -bp} lists its queue: C{age size id <sender>}
+    (with C{*** frozen ***} or the quarantine reason after it), then the
+    recipients indented, and a blank line after each entry.
+    """
+    out = []
+    for entry in entries:
+        head = (
+            f"{format_duration(now - entry.created_at):>3} "
+            f"{format_size(entry.message_size):>5} {entry.id} {_sender(entry)}"
+        )
+        if entry.queue == FROZEN:
+            head += " *** frozen ***"
+        elif entry.queue == REMOVED:
+            head += " *** removed ***"
+        elif entry.queue == QUARANTINE:
+            head += " *** quarantined ***"
+            if entry.reason:
+                head += f" ({_truncate(entry.reason, 60)})"
+        out.append(head + "\n")
+        for recipient in entry.recipients:
+            out.append(f"          {recipient}\n")
+        out.append("\n")
+    return "".join(out)
+
+
+def format_json(entries: Sequence[SpoolEntry]) -> str:
+    """
+    The entries as an indented JSON list of their metadata.
+    """
+    return json.dumps([entry_to_json(e) for e in entries], indent=2, sort_keys=True) + "\n"
+
+
+def format_entries(entries: Sequence[SpoolEntry], fmt: str, now: float) -> str:
+    if fmt == "json":
+        return format_json(entries)
+    if fmt == "exim":
+        return format_exim(entries, now)
+    return format_table(entries, now)
+
+
+def format_count(counts: dict[str, int]) -> str:
+    """
+    One C{queue: n} line per queue.
+    """
+    return "".join(f"{queue}: {counts.get(queue, 0)}\n" for queue in QUEUES)
+
+
+# -- talking to the server -------------------------------------------------------
+
+
+def call_server(control: str, command: Any, **kwargs: Any) -> dict[str, Any]:
+    """
+    Connect to the AMP control endpoint C{control}, call C{command} with
+    C{kwargs} and return its response.  The only networking in this module.
+
+    @raise OperationFailed: on a connection failure or an AMP error.
+    """
+    from twisted.internet import defer
+    from twisted.internet.endpoints import clientFromString, connectProtocol
+    from twisted.internet.task import react
+    from twisted.protocols import amp
+
+    outcome: dict[str, Any] = {}
+
+    @defer.inlineCallbacks
+    def run(reactor: Any) -> Any:
+        try:
+            endpoint = clientFromString(reactor, control)
+            proto = yield connectProtocol(endpoint, amp.AMP())
+        except Exception as e:
+            outcome["error"] = f"cannot connect to {control}: {e}"
+            return
+        try:
+            outcome["result"] = yield proto.callRemote(command, **kwargs)
+        except Exception as e:
+            outcome["error"] = _describe(e)
+        finally:
+            proto.transport.loseConnection()
+
+    try:
+        react(run)
+    except SystemExit:
+        pass
+    if "result" in outcome:
+        return outcome["result"]
+    raise OperationFailed(outcome.get("error", "the control connection failed"))
+
+
+# overridable by tests
+_call: Callable[..., dict[str, Any]] = call_server
+
+
+def _remote(options: argparse.Namespace, name: str, **kwargs: Any) -> dict[str, Any]:
+    from relay import rpc
+
+    command = getattr(rpc, name)
+    try:
+        return _call(options.control or DEFAULT_CONTROL, command, **kwargs)
+    except OperationFailed:
+        raise
+    except Exception as e:  # an AMP error raised as its local class
+        raise OperationFailed(_describe(e)) from None
+
+
+def _describe(e: BaseException) -> str:
+    name = e.__class__.__name__
+    text = str(e)
+    if name == "UnknownEntry":
+        return f"unknown entry: {text}" if text else "unknown entry"
+    if name == "BadArgument":
+        return f"bad argument: {text}" if text else "bad argument"
+    return f"{name}: {text}" if text else name
+
+
+# -- the command line --------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relayctl", description="Manage the relay's spool.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--control",
+        metavar="ENDPOINT",
+        help=f"the relay's AMP control endpoint (default {DEFAULT_CONTROL})",
+    )
+    where.add_argument(
+        "--spool",
+        metavar="DIR",
+        help="read status and count straight from this spool directory",
+    )
+    parser.add_argument(
+        "--quarantine",
+        metavar="DIR",
+        help="the quarantine directory, with --spool (default ./quarantine "
+        "when the spool is ./spool, else DIR/quarantine)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    status = sub.add_parser("status", help="list the entries of a queue")
+    status.add_argument("--queue", choices=QUEUES, default=ACTIVE)
+    status.add_argument("--format", choices=("table", "exim", "json"), default="table")
+
+    sub.add_parser("count", help="how many entries each queue holds")
+
+    freeze = sub.add_parser("freeze", help="freeze entries")
+    freeze.add_argument("ids", nargs="+", metavar="ID")
+
+    send = sub.add_parser("send", help="make entries due now (unfreezing them)")
+    send.add_argument("--all", action="store_true", help="every active and frozen entry")
+    send.add_argument("--frozen", action="store_true", help="every frozen entry")
+    send.add_argument("--retry-intervals", metavar="LIST", help="e.g. 1m,5m,1h")
+    send.add_argument("ids", nargs="*", metavar="ID")
+
+    send_now = sub.add_parser("send-now", help="try entries now")
+    send_now.add_argument("ids", nargs="+", metavar="ID")
+
+    remove = sub.add_parser("remove", help="move entries to the removed queue")
+    remove.add_argument("ids", nargs="+", metavar="ID")
+
+    recover = sub.add_parser("recover", help="bring removed or quarantined entries back, frozen")
+    source = recover.add_mutually_exclusive_group(required=True)
+    source.add_argument("--removed", action="store_true")
+    source.add_argument("--quarantined", action="store_true")
+    recover.add_argument("ids", nargs="+", metavar="ID")
+
+    jobs = sub.add_parser("set-max-send-jobs", help="set how many deliveries run at once")
+    jobs.add_argument("n", type=int, metavar="N")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """
+    Parse and check the command line.
+
+    @raise UsageError: if it makes no sense.
+    """
+    options = build_parser().parse_args(list(argv))
+    if options.spool is not None and options.command not in ("status", "count"):
+        raise UsageError("relayctl: error: --spool only works with status and count")
+    if options.command == "send":
+        chosen = sum(1 for x in (options.all, options.frozen, bool(options.ids)) if x)
+        if chosen != 1:
+            raise UsageError("relayctl send: error: give exactly one of --all, --frozen or IDs")
+        options.intervals = None
+        if options.retry_intervals is not None:
+            try:
+                options.intervals = list(parse_retry_intervals(options.retry_intervals))
+            except ValueError as e:
+                raise UsageError(f"relayctl send: error: --retry-intervals: {e}") from None
+    if options.command == "set-max-send-jobs" and options.n < 1:
+        raise UsageError("relayctl set-max-send-jobs: error: N must be at least 1")
+    return options
+
+
+def _control_socket_missing(control: str) -> bool:
+    if not control.startswith("unix:"):
+        return False
+    path = control[len("unix:") :].split(":", 1)[0]
+    if path.startswith("path="):
+        path = path[len("path=") :]
+    return not os.path.exists(path)
+
+
+def _local_spool(options: argparse.Namespace) -> tuple[str, str | None] | None:
+    """
+    C{(spool dir, quarantine dir)} when status and count read from disk.
+    """
+    if options.spool is not None:
+        spool = options.spool
+    elif options.control is None and _control_socket_missing(DEFAULT_CONTROL):
+        spool = DEFAULT_SPOOL
+    else:
+        return None
+    quarantine = options.quarantine
+    if quarantine is None and os.path.normpath(spool) == os.path.normpath(DEFAULT_SPOOL):
+        quarantine = "./quarantine"
+    return spool, quarantine
+
+
+def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None = None) -> int:
+    """
+    Carry out the parsed command, writing its output to C{out}.
+
+    @raise OperationFailed: if it fails.
+    """
+    command = options.command
+    local = _local_spool(options) if command in ("status", "count") else None
+    if command == "status":
+        if local is not None:
+            errors: list[tuple[str, str]] = []
+            entries = read_entries(local[0], options.queue, local[1], errors)
+            for path, error in errors:
+                (err or sys.stderr).write(f"relayctl: unreadable entry {path}: {error}\n")
+        else:
+            result = _remote(options, "Status", queue=options.queue)
+            entries = [
+                entry_from_json(d, queue=d.get("queue")) for d in json.loads(result["entries"])
+            ]
+        out.write(format_entries(entries, options.format, now))
+    elif command == "count":
+        if local is not None:
+            counts = count_entries(*local)
+        else:
+            counts = dict(_remote(options, "Count"))
+        out.write(format_count(counts))
+    elif command in ("freeze", "send-now", "remove"):
+        name = {"freeze": "Freeze", "send-now": "SendNow", "remove": "Remove"}[command]
+        result = _remote(options, name, ids=list(options.ids))
+        _print_done(out, command, result["done"])
+    elif command == "send":
+        kwargs: dict[str, Any] = dict(ids=list(options.ids), all=options.all, frozen=options.frozen)
+        if options.intervals is not None:
+            kwargs["retry_intervals"] = options.intervals
+        result = _remote(options, "SendFrozen", **kwargs)
+        _print_done(out, command, result["done"])
+    elif command == "recover":
+        source = REMOVED if options.removed else QUARANTINE
+        result = _remote(options, "Recover", ids=list(options.ids), source=source)
+        _print_done(out, command, result["done"])
+    elif command == "set-max-send-jobs":
+        result = _remote(options, "SetMaxSendJobs", n=options.n)
+        out.write(f"max send jobs: {options.n} (was {result['previous']})\n")
+    return OK
+
+
+def _print_done(out: TextIO, command: str, done: Sequence[str]) -> None:
+    for entry_id in done:
+        out.write(f"{command}: {entry_id}\n")
+    if not done:
+        out.write(f"{command}: nothing to do\n")
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    now: float | None = None,
+) -> int:
+    """
+    The C{relayctl} console script.
+
+    @return: the exit code: 0 ok, 1 the operation failed, 2 usage error.
+    """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        options = parse_args(argv)
+    except UsageError as e:
+        err.write(f"{e}\n")
+        return USAGE
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if isinstance(e.code, int) else USAGE
+    try:
+        return run(options, out, time.time() if now is None else now, err)
+    except OperationFailed as e:
+        err.write(f"relayctl {options.command}: {e}\n")
+        return FAILED
+    except OSError as e:
+        err.write(f"relayctl {options.command}: {e}\n")
+        return FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
