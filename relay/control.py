@@ -17,10 +17,13 @@ from twisted.protocols import amp
 
 from relay import rpc
 from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
+from relay.events import Event, EventBus
 
 log = Logger()
 
 T = TypeVar("T")
+
+HEARTBEAT_INTERVAL = 30.0
 
 # Names relayctl may use for the queues entries are recovered from.
 RECOVER_SOURCES = {REMOVED: REMOVED, QUARANTINE: QUARANTINE, "quarantined": QUARANTINE}
@@ -68,6 +71,8 @@ class ControlLocator(amp.CommandLocator):
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[no-redef]
         self.clock = clock
+        bus = getattr(scheduler, "events", None)
+        self.events: EventBus = bus if bus is not None else EventBus(clock)
 
     def locateResponder(self, name: bytes) -> Any:
         responder = super().locateResponder(name)
@@ -162,6 +167,7 @@ class ControlLocator(amp.CommandLocator):
                 await self.spool.update(dataclasses.replace(entry, reason="frozen by operator"))
                 await self.spool.move(entry.id, FROZEN)
                 log.info("{id} frozen by operator", id=entry.id)
+                self.events.emit("frozen", entry.id, reason="frozen by operator")
             done.append(entry.id)
         return {"done": done}
 
@@ -199,6 +205,7 @@ class ControlLocator(amp.CommandLocator):
             if entry.queue == FROZEN:
                 updated = await self.spool.move(entry.id, ACTIVE)
                 log.info("{id} unfrozen by operator", id=entry.id)
+                self.events.emit("unfrozen", entry.id)
             sent.append(updated)
             done.append(entry.id)
         if self.scheduler is not None:
@@ -216,6 +223,7 @@ class ControlLocator(amp.CommandLocator):
                 await self.spool.update(dataclasses.replace(entry, reason=None))
                 await self.spool.move(entry.id, ACTIVE)
                 log.info("{id} unfrozen by operator", id=entry.id)
+                self.events.emit("unfrozen", entry.id)
             scheduler.send_now(entry.id)
             done.append(entry.id)
         return {"done": done}
@@ -230,6 +238,7 @@ class ControlLocator(amp.CommandLocator):
                 self._unschedule(entry.id)
                 await self.spool.move(entry.id, REMOVED)
                 log.info("{id} removed by operator", id=entry.id)
+                self.events.emit("removed", entry.id, queue=entry.queue)
             done.append(entry.id)
         return {"done": done}
 
@@ -244,6 +253,7 @@ class ControlLocator(amp.CommandLocator):
         for entry in entries:
             await self.spool.move(entry.id, FROZEN)
             log.info("{id} recovered from {queue}, frozen", id=entry.id, queue=queue)
+            self.events.emit("recovered", entry.id, source=queue)
             done.append(entry.id)
         return {"done": done}
 
@@ -272,8 +282,59 @@ class ControlProtocol(amp.AMP):
     ) -> None:
         if locator is None:
             locator = ControlLocator(spool, scheduler, plugin_locators, clock)
-        amp.AMP.__init__(self, locator=locator)
+        amp.AMP.__init__(self)
         self.control = locator
+        self._unsubscribe: Callable[[], None] | None = None
+        self._heartbeat: Any = None
+
+    def locateResponder(self, name: bytes) -> Any:
+        """
+        C{Subscribe} is this connection's own; the rest are the shared
+        locator's.
+        """
+        responder = super().locateResponder(name)
+        if responder is not None:
+            return responder
+        return self.control.locateResponder(name)
+
+    @rpc.Subscribe.responder
+    def subscribe(self) -> dict[str, Any]:
+        if self._unsubscribe is None:
+            self._unsubscribe = self.control.events.subscribe(self._send_event)
+            self._schedule_heartbeat()
+        return {}
+
+    def _send_event(self, event: Event) -> None:
+        arguments: dict[str, Any] = {
+            "kind": event.kind,
+            "at": event.at,
+            "seq": event.seq,
+            "fields": json.dumps(event.fields, sort_keys=True, default=str),
+        }
+        if event.entry_id is not None:
+            arguments["entry_id"] = event.entry_id
+        self.callRemote(rpc.Event, **arguments)
+
+    def _schedule_heartbeat(self) -> None:
+        self._heartbeat = self.control.clock.callLater(HEARTBEAT_INTERVAL, self._beat)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        if self._unsubscribe is None:
+            return
+        # Only to this connection: each subscriber has its own heartbeat.
+        bus = self.control.events
+        self._send_event(Event("heartbeat", None, float(self.control.clock.seconds()), bus.seq))
+        self._schedule_heartbeat()
+
+    def connectionLost(self, reason: Any = None) -> None:  # type: ignore[override]
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+        amp.AMP.connectionLost(self, reason)
 
 
 class ControlFactory(Factory):

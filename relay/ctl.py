@@ -358,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     jobs = sub.add_parser("set-max-send-jobs", help="set how many deliveries run at once")
     jobs.add_argument("n", type=int, metavar="N")
+
+    rpc_parser = sub.add_parser("rpc", help="call a plugin's AMP command")
+    rpc_parser.add_argument("rpc_command", metavar="COMMAND", help="e.g. mypkg.rpcs.Ping")
+    rpc_parser.add_argument("rpc_args", nargs="*", metavar="NAME=VALUE")
+
+    sub.add_parser("events", help="follow the live event stream until interrupted")
     return parser
 
 
@@ -453,6 +459,128 @@ def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None
     elif command == "set-max-send-jobs":
         result = _remote(options, "SetMaxSendJobs", n=options.n)
         out.write(f"max send jobs: {options.n} (was {result['previous']})\n")
+    elif command == "rpc":
+        return _rpc(options, out, err or sys.stderr)
+    elif command == "events":
+        return _events(options, out)
+    return OK
+
+
+def _rpc(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """
+    C{relayctl rpc COMMAND NAME=VALUE ...}: call a plugin's AMP command
+    (named by its dotted name) and print its response as JSON.
+    """
+    from twisted.protocols import amp
+    from twisted.python.reflect import namedAny
+
+    def usage(message: str) -> int:
+        err.write(f"relayctl rpc: error: {message}\n")
+        return USAGE
+
+    try:
+        command = namedAny(options.rpc_command)
+    except Exception as e:
+        return usage(f"cannot find command {options.rpc_command!r}: {e}")
+    if not (isinstance(command, type) and issubclass(command, amp.Command)):
+        return usage(f"{options.rpc_command} is not an AMP Command class")
+    types = {(n.decode() if isinstance(n, bytes) else n): a for n, a in command.arguments}
+    kwargs: dict[str, Any] = {}
+    for item in options.rpc_args:
+        name, sep, value = item.partition("=")
+        if not sep:
+            return usage(f"expected NAME=VALUE, got {item!r}")
+        argument = types.get(name)
+        if argument is None:
+            known = ", ".join(sorted(types)) or "none"
+            return usage(f"{options.rpc_command} has no argument {name!r} (it has: {known})")
+        try:
+            if isinstance(argument, amp.Boolean):
+                flags = {"true": True, "1": True, "yes": True}
+                flags.update({"false": False, "0": False, "no": False})
+                kwargs[name] = flags[value.lower()]
+            elif isinstance(argument, (amp.Integer, amp.Float, amp.Unicode, amp.String)):
+                kwargs[name] = argument.fromString(value.encode("utf-8"))
+            else:
+                return usage(f"argument {name!r}: unsupported type {type(argument).__name__}")
+        except (KeyError, ValueError) as e:
+            return usage(f"argument {name!r}: bad value {value!r} ({e!r})")
+    try:
+        result = _call(options.control or DEFAULT_CONTROL, command, **kwargs)
+    except OperationFailed:
+        raise
+    except Exception as e:  # an AMP error raised as its local class
+        raise OperationFailed(_describe(e)) from None
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value.decode("utf-8", "replace")
+        if isinstance(value, dict):
+            return {plain(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    out.write(json.dumps(plain(dict(result)), sort_keys=True, default=str) + "\n")
+    return OK
+
+
+def _events(options: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{relayctl events}: subscribe to the live event stream and print each
+    event as one line (L{relay.events.format_event}) until interrupted or
+    the connection closes.
+    """
+    from twisted.internet import defer
+    from twisted.internet.endpoints import clientFromString, connectProtocol
+    from twisted.internet.task import react
+    from twisted.protocols import amp
+
+    from relay import rpc
+    from relay.events import format_event
+
+    control = options.control or DEFAULT_CONTROL
+    outcome: dict[str, str] = {}
+
+    class Follower(amp.AMP):
+        def __init__(self) -> None:
+            amp.AMP.__init__(self)
+            self.closed: defer.Deferred[None] = defer.Deferred()
+
+        @rpc.Event.responder
+        def event(
+            self, kind: str, at: float, seq: int, fields: str, entry_id: str | None = None
+        ) -> dict[str, Any]:
+            out.write(format_event(kind, entry_id, at, fields) + "\n")
+            out.flush()
+            return {}
+
+        def connectionLost(self, reason: Any = None) -> None:  # type: ignore[override]
+            amp.AMP.connectionLost(self, reason)
+            if not self.closed.called:
+                self.closed.callback(None)
+
+    @defer.inlineCallbacks
+    def follow(reactor: Any) -> Any:
+        try:
+            proto = yield connectProtocol(clientFromString(reactor, control), Follower())
+        except Exception as e:
+            outcome["error"] = f"cannot connect to {control}: {e}"
+            return
+        try:
+            yield proto.callRemote(rpc.Subscribe)
+        except Exception as e:
+            outcome["error"] = _describe(e)
+            proto.transport.loseConnection()
+            return
+        yield proto.closed
+
+    try:
+        react(follow)
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    if "error" in outcome:
+        raise OperationFailed(outcome["error"])
     return OK
 
 

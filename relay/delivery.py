@@ -24,6 +24,7 @@ from relay.address import EmailAddress
 from relay.bounce import make_bounce
 from relay.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
 from relay.envelope import Envelope
+from relay.events import EventBus
 from relay.interfaces import ISpool
 from relay.message import Message
 from relay.nexthop import Route
@@ -62,8 +63,10 @@ class DeliveryScheduler(Service):
         stop_timeout: float = 30.0,
         wait_for: Callable[[], Any] | None = None,
         log: Logger | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.spool = spool
+        self.events = events if events is not None else EventBus(clock)
         self.client = client
         self.clock = clock
         self.route = route
@@ -317,6 +320,7 @@ class DeliveryScheduler(Service):
                 return
             await self.spool.finish(entry.id)
             self.log.info("{id} settled", id=entry.id)
+            self.events.emit("delivered", entry.id)
             return
         intervals = effective_intervals(
             entry.retry_intervals, len(entry.attempts), self.default_retry_intervals
@@ -342,12 +346,16 @@ class DeliveryScheduler(Service):
             n=len(remaining),
             error=updated.last_error,
         )
+        self.events.emit(
+            "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error
+        )
         self.schedule(entry.id, at)
 
     async def _freeze(self, entry: SpoolEntry, reason: str) -> None:
         await self.spool.update(dataclasses.replace(entry, reason=reason))
         await self.spool.move(entry.id, FROZEN)
         self.log.warn("{id} frozen: {reason}", id=entry.id, reason=reason)
+        self.events.emit("frozen", entry.id, reason=reason)
 
     async def _bounce(
         self,
@@ -368,6 +376,7 @@ class DeliveryScheduler(Service):
             return False
         new = await self.spool.enqueue([bounce])
         self.log.info("{id} bounced to {sender}", id=entry.id, sender=str(entry.sender))
+        self.events.emit("bounced", entry.id, sender=str(entry.sender))
         self.notify(new)
         return True
 
@@ -390,6 +399,8 @@ class NotifyingSpool:
         d: Deferred[Any] = self._spool.enqueue(envelopes, received_from=received_from)
 
         def enqueued(entries: Any) -> Any:
+            for entry in entries:
+                self._scheduler.events.emit("spooled", entry.id)
             try:
                 self._scheduler.notify(entries)
             except Exception:
@@ -406,7 +417,17 @@ class NotifyingSpool:
         return self._spool.discard(message)
 
     def quarantine(self, envelopes: Any, reason: str, received_from: str | None = None) -> Any:
-        return self._spool.quarantine(envelopes, reason, received_from=received_from)
+        d = self._spool.quarantine(envelopes, reason, received_from=received_from)
+
+        def quarantined(result: Any) -> Any:
+            for entry in result if isinstance(result, (list, tuple)) else ():
+                entry_id = getattr(entry, "id", None)
+                self._scheduler.events.emit("quarantined", entry_id, reason=reason)
+            return result
+
+        if hasattr(d, "addCallback"):
+            d.addCallback(quarantined)
+        return d
 
     def entries(self, queue: str) -> Any:
         return self._spool.entries(queue)

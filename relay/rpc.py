@@ -139,10 +139,40 @@ class SetMaxSendJobs(Command):
     errors = ERRORS
 
 
+class Subscribe(Command):
+    """
+    Follow the live event stream: the server then sends an L{Event} for
+    every event, and a C{heartbeat} one every 30 seconds, until the
+    connection closes.
+    """
+
+    arguments = []  # type: ignore[var-annotated]
+    response = []  # type: ignore[var-annotated]
+    errors = ERRORS
+
+
+class Event(Command):
+    """
+    Server to client: one event of the stream; C{fields} is a JSON object.
+    """
+
+    arguments = [
+        (b"kind", Unicode()),
+        (b"entry_id", Unicode(optional=True)),
+        (b"at", Float()),
+        (b"seq", Integer()),
+        (b"fields", Unicode()),
+    ]
+    response = []  # type: ignore[var-annotated]
+    requiresAnswer = False
+
+
 __all__ = [
     "BadArgument",
     "Count",
     "ERRORS",
+    "Event",
+    "Subscribe",
     "Freeze",
     "Recover",
     "Remove",

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import ctl
@@ -448,3 +449,101 @@ class DiskTests(SynchronousTestCase):
         )
         self.assertIn("looks like spam", out)
         self.assertIn(self.q.id, out)
+
+
+class PingRPC(amp.Command):
+    """
+    A plugin RPC for L{RPCTests}.
+    """
+
+    arguments = [
+        (b"text", amp.Unicode()),
+        (b"n", amp.Integer(optional=True)),
+        (b"x", amp.Float(optional=True)),
+        (b"flag", amp.Boolean(optional=True)),
+        (b"raw", amp.String(optional=True)),
+        (b"ids", amp.ListOf(amp.Unicode(), optional=True)),
+    ]
+    response = [(b"text", amp.Unicode()), (b"raw", amp.String())]
+
+
+class RPCTests(SynchronousTestCase):
+    """
+    C{relayctl rpc} calls a plugin's AMP command named by its dotted name.
+    """
+
+    def setUp(self) -> None:
+        self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+        self.response: dict[str, Any] = {"text": "pong", "raw": b"\x00b"}
+        self.error: Exception | None = None
+
+        def fake(control: str, command: Any, **kwargs: Any) -> dict[str, Any]:
+            self.calls.append((control, command, kwargs))
+            if self.error is not None:
+                raise self.error
+            return self.response
+
+        self.patch(ctl, "_call", fake)
+
+    def test_call(self) -> None:
+        """
+        Each C{NAME=VALUE} is converted with the argument's type; the response
+        is printed as JSON with sorted keys and bytes decoded.
+        """
+        code, out, err = run_main(
+            "--control", "unix:/c", "rpc", "tests.test_ctl.PingRPC",
+            "text=héllo", "n=42", "x=1.5", "flag=true", "raw=abc",
+        )  # fmt: skip
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, '{"raw": "\\u0000b", "text": "pong"}\n')
+        self.assertEqual(
+            self.calls,
+            [
+                (
+                    "unix:/c",
+                    PingRPC,
+                    {"text": "héllo", "n": 42, "x": 1.5, "flag": True, "raw": b"abc"},
+                )
+            ],
+        )
+
+    def test_boolean_false(self) -> None:
+        code, out, err = run_main("rpc", "tests.test_ctl.PingRPC", "text=", "flag=no")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(self.calls, [(ctl.DEFAULT_CONTROL, PingRPC, {"text": "", "flag": False})])
+
+    def test_usage_errors(self) -> None:
+        """
+        An unknown command, a name that is not a command, an unknown
+        argument, a bad value or a missing C{=} exit with 2, calling nothing.
+        """
+        cases = [
+            (("no.such.module.Cmd",), "cannot find command"),
+            (("tests.test_ctl.RPCTests",), "is not an AMP Command class"),
+            (("tests.test_ctl.PingRPC", "nope=1"), "has no argument 'nope'"),
+            (("tests.test_ctl.PingRPC", "n=abc"), "argument 'n': bad value 'abc'"),
+            (("tests.test_ctl.PingRPC", "flag=maybe"), "argument 'flag': bad value"),
+            (("tests.test_ctl.PingRPC", "text"), "expected NAME=VALUE"),
+            (("tests.test_ctl.PingRPC", "ids=a"), "unsupported type ListOf"),
+        ]
+        for argv, message in cases:
+            code, out, err = run_main("--control", "unix:/c", "rpc", *argv)
+            self.assertEqual((code, out), (ctl.USAGE, ""), argv)
+            self.assertTrue(err.startswith("relayctl rpc: error: "), err)
+            self.assertIn(message, err)
+        self.assertEqual(self.calls, [])
+        code, out, err = run_main("rpc")
+        self.assertEqual(code, ctl.USAGE)
+
+    def test_amp_error(self) -> None:
+        """
+        An AMP error exits with 1 and its text.
+        """
+        self.error = amp.RemoteAmpError(b"UNKNOWN", "it broke")
+        code, out, err = run_main("--control", "unix:/c", "rpc", "tests.test_ctl.PingRPC", "text=x")
+        self.assertEqual((code, out), (ctl.FAILED, ""))
+        self.assertIn("it broke", err)
+        self.assertTrue(err.startswith("relayctl rpc: "), err)
+        self.error = ctl.OperationFailed("cannot connect to unix:/c: refused")
+        code, out, err = run_main("--control", "unix:/c", "rpc", "tests.test_ctl.PingRPC", "text=x")
+        self.assertEqual((code, err), (1, "relayctl rpc: cannot connect to unix:/c: refused\n"))

@@ -5,6 +5,7 @@ L{smtplib}.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import smtplib
@@ -237,3 +238,72 @@ class TwistdRelayTests(TestCase):
             lambda: not files_under(os.path.join(self.spool, "active")),
             "the spool's active queue to empty",
         )
+
+    @inlineCallbacks
+    def test_relayctl_against_running_relay(self) -> Any:
+        """
+        The real C{relayctl}, in a subprocess, manages the running relay over
+        its unix control socket: count, freeze, status, remove, recover, and
+        an unknown id exits with 1.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        port = free_port()
+        process, output = self.start_twistd("first", port)
+        yield self.wait_listening(process, output, port)
+        sock = os.path.join(self.base, "first.sock")
+        if len(os.fsencode(sock)) > 107:
+            sock = "first.sock"  # as relay.service.control_endpoint binds it
+        yield self.poll(lambda: os.path.exists(os.path.join(self.base, "first.sock")), "the socket")
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+
+        @inlineCallbacks
+        def relayctl(*argv: str) -> Any:
+            d = getProcessOutputAndValue(
+                sys.executable,
+                ["-c", "from relay.ctl import main; import sys; sys.exit(main())",
+                 "--control", "unix:" + sock, *argv],
+                env=env, path=self.base,
+            )  # fmt: skip
+            d.addTimeout(TIMEOUT, reactor)
+            out, err, code = yield d
+            return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), code
+
+        def counted(result: Any) -> bool:
+            return result[2] == 0 and "active: 1\n" in result[0]
+
+        for _ in range(int(TIMEOUT / POLL)):
+            result = yield relayctl("count")
+            if counted(result) or result[2] != 0:
+                break
+            yield deferLater(reactor, POLL, lambda: None)
+        self.assertTrue(counted(result), (result, self.output(output)))
+        self.assertIn("frozen: 0\n", result[0])
+
+        out, err, code = yield relayctl("status", "--format", "json")
+        self.assertEqual(code, 0, err)
+        [entry] = json.loads(out)
+        entry_id = entry["id"]
+
+        out, err, code = yield relayctl("freeze", entry_id)
+        self.assertEqual((out, err, code), (f"freeze: {entry_id}\n", "", 0))
+        out, err, code = yield relayctl("status", "--queue", "frozen", "--format", "json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual([e["id"] for e in json.loads(out)], [entry_id])
+
+        out, err, code = yield relayctl("remove", entry_id)
+        self.assertEqual((out, err, code), (f"remove: {entry_id}\n", "", 0))
+        out, err, code = yield relayctl("recover", "--removed", entry_id)
+        self.assertEqual((out, err, code), (f"recover: {entry_id}\n", "", 0))
+        out, err, code = yield relayctl("count")
+        self.assertEqual(code, 0, err)
+        self.assertIn("frozen: 1\n", out)
+        self.assertIn("removed: 0\n", out)
+
+        out, err, code = yield relayctl("freeze", "nosuchid")
+        self.assertEqual((out, code), ("", 1))
+        self.assertIn("nosuchid", err)
+        self.assertNotIn("Traceback", err)
