@@ -320,7 +320,7 @@ class DeliveryScheduler(Service):
                 return
             await self.spool.finish(entry.id)
             self.log.info("{id} settled", id=entry.id)
-            self.events.emit("delivered", entry.id)
+            self.events.emit("delivered", entry.id, created_at=entry.created_at)
             return
         intervals = effective_intervals(
             entry.retry_intervals, len(entry.attempts), self.default_retry_intervals

@@ -127,6 +127,8 @@ class SMTPServerFactory(protocol.Factory):
         self.auth_requires_tls = auth_requires_tls
         self.reject_bare_lf = reject_bare_lf
         self.sessions = 0
+        # Called (with no arguments) when process_envelope rejects a message.
+        self.on_rejected: Any = None
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # type: ignore[override]
         p = SMTPServerProtocol()
@@ -724,6 +726,8 @@ class SMTPServerProtocol(protocol.Protocol):
             self._reply(Reply(250, f"2.0.0 {result.ok_msg}"))
         elif isinstance(result, Reject):
             self._discard(message)
+            if self.factory.on_rejected is not None:
+                self.factory.on_rejected()
             self._reply(result.reply)
         elif isinstance(result, (Send, Quarantine)):
             try:

@@ -308,6 +308,7 @@ def makeService(
     reactor: Any = None,
     tls_context_factory: Any = None,
     run_in_thread: Callable[..., Deferred[Any]] | None = None,
+    metrics: str | None = None,
 ) -> MultiService:
     """
     Build the relay: a L{MultiService} with a thread pool, the spool, and
@@ -316,6 +317,8 @@ def makeService(
     @param callbacks: the policy: a dotted name, a class, or an object
         providing (some of) L{IServerCallbacks}.
     @param reactor: the reactor; the global one when C{None}.
+    @param metrics: an endpoint description to serve Prometheus metrics on
+        (at C{/metrics}), or C{None} for none.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -398,6 +401,19 @@ def makeService(
         reject_bare_lf=reject_bare_lf,
     )
     top.factory = factory  # type: ignore[attr-defined]
+
+    top.metrics = None  # type: ignore[attr-defined]
+    if metrics:
+        from relay.metrics import RelayMetrics, metrics_service
+
+        relay_metrics = RelayMetrics(sessions=lambda: factory.sessions)
+        factory.on_rejected = relay_metrics.rejected
+        delivery = top.delivery  # type: ignore[attr-defined]
+        metrics_service(
+            metrics, relay_metrics, disk,
+            delivery.events if delivery is not None else None, reactor,
+        ).setServiceParent(top)
+        top.metrics = relay_metrics  # type: ignore[attr-defined]
 
     if control:
         from relay.control import ControlFactory, plugin_locators

@@ -92,6 +92,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["spool", None, "spool", "The spool directory."],
         ["quarantine", None, "quarantine", "The quarantine directory."],
         ["control", None, "unix:./spool/control.sock", "The AMP control endpoint."],
+        ["metrics", None, None,
+         "Serve Prometheus metrics at /metrics on this endpoint, e.g. tcp:9025:interface=127.0.0.1."],
         ["callbacks", None, "relay.simple.Simple",
          "Dotted name of a class or provider of IServerCallbacks."],
         ["smarthost", None, None, "Relay all mail through HOST[:PORT] (port 25 by default)."],
@@ -151,6 +153,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except Exception as e:
             raise usage.UsageError(f"--callbacks: cannot load {name!r}: {e}") from None
         self["callbacks-name"] = name
+
+        if self["metrics"] is not None:
+            from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
+
+            try:
+                _parseServer(self["metrics"], None)
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--metrics: bad endpoint {self['metrics']!r}: {e}"
+                ) from None
 
         if self["smarthost"] is not None:
             try:
@@ -248,4 +260,5 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
         reject_bare_lf=bool(options["reject-bare-lf"]),
         auth_requires_tls=not options["allow-auth-without-tls"],
         bounce=not options["no-bounce"],
+        metrics=options["metrics"],
     )
