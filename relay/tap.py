@@ -21,32 +21,19 @@ __all__ = ["Options", "makeService", "parse_interval", "parse_retry_intervals", 
 def parse_smarthost(text: str) -> str:
     """
     Normalise C{HOST[:PORT]} (IPv6 as C{[::1]:25}) to C{host:port}, the
-    port defaulting to 25.
+    port defaulting to 25: the form the relay client's L{parse_hop} reads.
     """
+    from relay.client import parse_hop
+
     text = text.strip()
     if not text:
         raise ValueError("empty host")
-    if text.startswith("["):
-        end = text.find("]")
-        if end == -1:
-            raise ValueError(f"unclosed '[' in {text!r}")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"expected ':PORT' after ']' in {text!r}")
-        port_text = rest[1:] if rest else "25"
-        display = f"[{host}]"
-    elif text.count(":") > 1:
-        # A bare IPv6 address: no port.
-        host, port_text, display = text, "25", f"[{text}]"
-    else:
-        host, _, port_text = text.partition(":")
-        port_text = port_text or "25"
-        display = host
-    if not host:
-        raise ValueError(f"no host in {text!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port {port_text!r} in {text!r}")
-    return f"{display}:{int(port_text)}"
+    if not text.startswith("[") and text.count(":") > 1:
+        text = f"[{text}]"  # a bare IPv6 address: no port
+    if text.startswith("[") and text.endswith("]"):
+        text += ":25"
+    host, port = parse_hop(text)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _positive(kind: type, name: str):  # type: ignore[no-untyped-def]
