@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint venv clean
+.PHONY: run test crash interop bench deb-tools lint venv clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,32 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests
+
+# The crash suite (SIGKILL at random moments, disk full) and the interop suite
+# (real Postfix and swaks on loopback) are trial modules that `make test`
+# does not collect: their names do not start with test_.
+crash: $(STAMP)
+	$(BIN)/trial $(TRIAL_ARGS) tests.system.crash
+
+interop: $(STAMP) deb-tools
+	$(BIN)/trial $(TRIAL_ARGS) tests.system.interop
+
+# Benchmarks against Postfix, aiosmtpd and twisted.mail; writes bench/RESULTS.md.
+bench: $(STAMP) deb-tools
+	$(BIN)/pip install --quiet -e '.[bench]' --config-settings editable_mode=compat
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Debian's postfix (smtp-source, smtp-sink, a private Postfix instance) and
+# swaks.  The system Postfix is installed unconfigured and never started:
+# the suites run their own instances on loopback only.
+deb-tools:
+	@if command -v smtp-source >/dev/null && command -v smtp-sink >/dev/null \
+	    && command -v postfix >/dev/null && command -v swaks >/dev/null; then :; else \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends postfix swaks \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends postfix swaks; }; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests twisted
