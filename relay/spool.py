@@ -14,15 +14,63 @@ Layout under the spool directory::
 and in the quarantine directory C{<id>.json} (with the reason) beside
 C{<id>.eml} (a hard link to the message, or a copy on another filesystem).
 
-The queue an entry is in is the directory its metadata is in.  Every change
-is written to a temporary file, fsynced, renamed into place and the
-directory fsynced, so that a crash leaves either the old or the new state.
-All file I/O runs through C{run_in_thread}, never on the reactor thread
-(except L{DiskSpool.lock}, meant for start-up).
+The queue an entry is in is the directory its metadata is in.  All file
+I/O runs through C{run_in_thread}, never on the reactor thread (except
+L{DiskSpool.lock}, meant for start-up), and every change to the disk goes
+through one L{FileSystem} object, so that tests can fail any step.
+
+What is made durable, and when
+------------------------------
+
+The promise is that nothing acknowledged is lost, whether the process is
+killed or the machine loses power; anything else may at worst come back
+as a duplicate delivery after a power loss (which Postfix accepts too).
+
+C{enqueue} and C{quarantine} are group commits: one committer runs in the
+thread pool at a time and takes every commit requested while the
+previous batch ran (no timer, so a lone message waits for nothing).  Per
+batch:
+
+ 1. For each commit, the message is written to a new C{messages/<id>.eml}
+    (created exclusively: taking the name is what makes the id ours), or
+    the file it spilled to in C{tmp/} is hard-linked there; further
+    envelopes of the same message are hard links to it.  The metadata is
+    written to C{tmp/<id>.json} (C{<quarantine>/<id>.json.tmp} for the
+    quarantine, which may be another filesystem).  A failure here (say
+    ENOSPC) fails that commit only, and removes every file it made.
+ 2. All of that is made durable at once: one C{syncfs(2)} of the spool's
+    filesystem (and of the quarantine's, when elsewhere); where there is
+    no syncfs, each file was fsynced in step 1 and C{messages/} (and the
+    quarantine directory) are fsynced here.  A failure here (EIO) fails
+    every commit of the batch and removes all their files.
+ 3. The commit point: each metadata file is renamed into its queue
+    directory, and each queue directory touched is fsynced once.  Only
+    then do the commits' L{Deferred}s fire (and the server says 250).
+
+Because step 2 ends before step 3 begins, nothing becomes visible in
+C{active/} or the quarantine before its message and metadata are durable.
+
+C{update} fsyncs the new metadata before renaming it over the old (else a
+power loss could leave an empty file where an acknowledged entry was),
+but not the directory: a lost rename brings back the previous state, which
+only repeats a delivery attempt.  C{move} (operator commands, freezing) is
+rare and fsyncs both directories.  C{finish} is batched like commits: the
+metadata files are unlinked and their directories fsynced once per batch,
+and only then the message files unlinked, unsynced (a message file that
+comes back is removed by L{DiskSpool.recover}).  Without that fsync a
+power loss could bring back an entry whose message is gone.
+
+Trips to the thread pool: a message costs a share of one commit batch and
+of one finish batch.  The spool remembers (up to L{RECENT_ENTRIES}, with at
+most L{RECENT_BYTES} of in-memory messages) the entries it wrote, so that
+C{get} and C{message} of a fresh entry answer without reading the disk;
+and C{message} of a stored small message reads it whole, so that sending
+it needs no further reads.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -30,7 +78,9 @@ import json
 import os
 import re
 import shutil
-from typing import IO, Any, Callable, Iterable
+import sys
+from collections import OrderedDict
+from typing import IO, Any, Callable, Iterable, cast
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -41,7 +91,7 @@ from zope.interface import implementer
 
 from relay.address import NULL_SENDER, EmailAddress, Sender
 from relay.argument import Argument
-from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, Attempt, SpoolEntry, new_id
+from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, Attempt, SpoolEntry
 from relay.envelope import EnvelopeWithNextHop
 from relay.interfaces import IMessageWriter, ISpool
 from relay.message import MAX_HEADER_BYTES, Message, header_section, parse_header_block
@@ -51,6 +101,10 @@ log = Logger()
 VERSION = 1
 SPILL_THRESHOLD = 256 * 1024
 HIGH_WATER = 1024 * 1024
+#: entries L{DiskSpool} remembers after writing them, and the most message
+#: bytes it keeps with them
+RECENT_ENTRIES = 4096
+RECENT_BYTES = 32 * 1024 * 1024
 DIR_MODE = 0o700
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
@@ -194,62 +248,246 @@ def entry_for(
     )
 
 
+# -- the file system --------------------------------------------------------------
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return cast(Callable[[int], int], syncfs)
+
+
+_SYNCFS = _load_syncfs() if sys.platform.startswith("linux") else None
+
+
+class FileSystem:
+    """
+    The spool's disk operations that change anything, one method per step,
+    so that tests can fail or kill any step (see
+    L{relay.testing.FaultyFileSystem}).  Reads go straight to C{os}.
+    Errors are C{OSError}s with their C{errno}, as the OS gave them.
+    """
+
+    #: whether L{syncfs} works here (Linux)
+    has_syncfs = _SYNCFS is not None
+
+    def create(self, path: str) -> int:
+        """
+        Create C{path}, which must not exist (C{FileExistsError}), for
+        writing; return its descriptor.
+        """
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def write(self, fd: int, data: bytes) -> None:
+        """
+        Write all of C{data} to C{fd}.
+        """
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fsync_path(self, path: str) -> None:
+        """
+        fsync the file or directory C{path}.
+        """
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def syncfs(self, path: str, fd: int | None = None) -> None:
+        """
+        Make everything written to the filesystem holding C{path} durable
+        (Linux C{syncfs(2)}, which reports write-back errors since 5.8).
+
+        @param fd: a descriptor of C{path} kept open since before the
+            writes, if there is one: syncfs reports an error to each open
+            descriptor once, so an error another process already saw
+            still reaches this one.
+        """
+        if _SYNCFS is None:
+            raise OSError(errno.ENOSYS, "syncfs is not available", path)
+        own = fd is None
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _SYNCFS(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code), path)
+        finally:
+            if own:
+                os.close(fd)
+
+    def link(self, src: str, dst: str) -> None:
+        os.link(src, dst)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def copy(self, src: str, dst: str) -> None:
+        """
+        Copy C{src} to a new file C{dst} (not fsynced).
+        """
+        shutil.copyfile(src, dst)
+
+
 # -- blocking helpers (run in the thread pool) --------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _write_new(fs: FileSystem, path: str, data: bytes, sync: bool) -> None:
+    """
+    Create C{path} (it must not exist) with C{data}, fsynced if C{sync}.
+    """
+    fd = fs.create(path)
     try:
-        os.fsync(fd)
+        fs.write(fd, data)
+        if sync:
+            fs.fsync(fd)
     finally:
-        os.close(fd)
+        fs.close(fd)
 
 
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_file(path: str, data: bytes) -> None:
-    """
-    Create C{path} (it must not exist) with C{data}, fsynced.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _unlink(path: str) -> bool:
+def _unlink(fs: FileSystem, path: str) -> bool:
     try:
-        os.unlink(path)
+        fs.unlink(path)
     except FileNotFoundError:
         return False
     return True
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def _remove_all(fs: FileSystem, paths: Iterable[str]) -> None:
+    """
+    Remove C{paths} (last first) after a failure; whatever cannot be
+    removed now is left to L{DiskSpool.recover}.
+    """
+    for path in reversed(list(paths)):
+        try:
+            fs.unlink(path)
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            log.warn("cannot remove {path}: {error}", path=path, error=repr(e))
+
+
+def _link_or_copy(fs: FileSystem, src: str, dst: str) -> None:
     """
     Hard-link C{src} to C{dst}, or copy it (fsynced) across filesystems.
     """
     try:
-        os.link(src, dst)
+        fs.link(src, dst)
     except OSError as e:
         if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
         tmp = dst + ".tmp"
         try:
-            shutil.copyfile(src, tmp)
-            _fsync_file(tmp)
-            os.rename(tmp, dst)
+            fs.copy(src, tmp)
+            fs.fsync_path(tmp)
+            fs.rename(tmp, dst)
         except BaseException:
-            _unlink(tmp)
+            _unlink(fs, tmp)
             raise
 
 
 def _encode(entry: SpoolEntry) -> bytes:
-    return json.dumps(entry_to_json(entry), indent=1, sort_keys=True).encode("utf-8")
+    # compact: json's C encoder does not indent
+    text = json.dumps(entry_to_json(entry), sort_keys=True, separators=(",", ":"))
+    return text.encode("utf-8") + b"\n"
+
+
+# -- batches ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    """
+    One request in a L{_Batcher}: the thread side sets C{result} or
+    C{error}.
+    """
+
+    done: Deferred[Any] = dataclasses.field(default_factory=Deferred, init=False)
+    result: Any = dataclasses.field(default=None, init=False)
+    error: BaseException | None = dataclasses.field(default=None, init=False)
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+
+class _Batcher:
+    """
+    Group commit: C{process(jobs)} runs in the thread pool with every job
+    submitted since the previous call started, one call at a time.  No
+    timer: a batch is whatever piled up while the previous one ran, so a
+    lone request is not delayed and a busy spool syncs once per batch.
+    """
+
+    def __init__(self, run: Callable[..., Deferred[Any]], process: Callable[[list[Any]], None]) -> None:
+        self._run = run
+        self._process = process
+        self._pending: list[_Job] = []
+        self._busy = False
+
+    def submit(self, job: _Job) -> Deferred[Any]:
+        self._pending.append(job)
+        if not self._busy:
+            self._next()
+        return job.done
+
+    def _next(self) -> None:
+        batch, self._pending = self._pending, []
+        self._busy = True
+        self._run(self._process, batch).addBoth(self._finished, batch)
+
+    def _finished(self, result: object, batch: list[_Job]) -> None:
+        for job in batch:
+            if isinstance(result, Failure):
+                # the batch died as a whole (process removed what it could)
+                job.fail(result.value)
+            if job.error is not None:
+                error = job.error
+                job.done.errback(Failure(error, type(error), error.__traceback__))
+            else:
+                job.done.callback(job.result)
+        # requests made by those callbacks waited for this batch to end
+        self._busy = False
+        if self._pending:
+            self._next()
+
+
+@dataclasses.dataclass(eq=False)
+class _Commit(_Job):
+    envelopes: list[EnvelopeWithNextHop] = dataclasses.field(default_factory=list)
+    queue: str = ACTIVE
+    reason: str | None = None
+    received_from: str | None = None
+    now: float = 0.0
+    #: files this commit made, removed if it fails
+    created: list[str] = dataclasses.field(default_factory=list)
+    #: spilled bodies in tmp/, removed once committed
+    consumed: list[str] = dataclasses.field(default_factory=list)
+    #: (metadata in tmp, its place in the queue directory)
+    renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class _Finish(_Job):
+    entry_id: str = ""
+    queue: str = ""
 
 
 # -- the message writer ---------------------------------------------------------
@@ -259,7 +497,9 @@ def _encode(entry: SpoolEntry) -> bytes:
 class DiskMessageWriter:
     """
     Receives one message: in memory up to C{spill_threshold} bytes, then
-    into C{tmp/<message_id>.eml}, one write in flight at a time.
+    into C{tmp/<message_id>.eml}, one write in flight at a time.  The file
+    is not fsynced here: the commit that spools the message makes it
+    durable along with the rest of its batch.
 
     @ivar buffered: bytes held in memory (not yet on their way to disk, or
         in flight).
@@ -268,6 +508,7 @@ class DiskMessageWriter:
     def __init__(self, spool: DiskSpool, message_id: str, spill_threshold: int) -> None:
         self._spool = spool
         self._run = spool._run
+        self._fs = spool.fs
         self.message_id = message_id
         self.path = os.path.join(spool.tmp_dir, message_id + ".eml")
         self._threshold = spill_threshold
@@ -275,7 +516,7 @@ class DiskMessageWriter:
         self.buffered = 0
         self.spilled = False
         self._chunks: list[bytes] = []
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None
         self._in_flight = False
         self._failure: Failure | None = None
         self._aborted = False
@@ -286,27 +527,21 @@ class DiskMessageWriter:
     # thread side
 
     def _write_sync(self, data: bytes) -> None:
-        if self._file is None:
+        if self._fd is None:
             self._spool._ensure_dirs()
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._file = open(fd, "wb")
-        self._file.write(data)
+            self._fd = self._fs.create(self.path)
+        self._fs.write(self._fd, data)
 
-    def _close_sync(self, fsync: bool) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            try:
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                f.close()
+    def _close_sync(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self._fs.close(fd)
 
     def _remove_sync(self) -> None:
         try:
-            self._close_sync(fsync=False)
+            self._close_sync()
         finally:
-            _unlink(self.path)
+            _unlink(self._fs, self.path)
 
     # reactor side
 
@@ -396,7 +631,7 @@ class DiskMessageWriter:
             yield self._run(self._remove_sync)
             failure.raiseException()
         try:
-            yield self._run(self._close_sync, True)
+            yield self._run(self._close_sync)
         except BaseException:
             yield self._run(self._remove_sync)
             raise
@@ -437,6 +672,10 @@ class DiskSpool:
     @param clock: the time of new entries.
     @param quarantine_path: the quarantine directory; C{<path>/quarantine}
         when C{None}.
+    @param fs: the L{FileSystem} every change goes through.
+    @param use_syncfs: make a commit batch durable with one C{syncfs(2)}
+        per filesystem (C{True}) or with an fsync of each file and
+        directory (C{False}); C{None} uses syncfs where there is one.
     """
 
     def __init__(
@@ -446,10 +685,14 @@ class DiskSpool:
         clock: IReactorTime,
         quarantine_path: str | None = None,
         spill_threshold: int = SPILL_THRESHOLD,
+        fs: FileSystem | None = None,
+        use_syncfs: bool | None = None,
     ) -> None:
         self.path = os.path.abspath(path)
         self._run = run_in_thread
         self.clock = clock
+        self.fs = fs if fs is not None else FileSystem()
+        self.use_syncfs = self.fs.has_syncfs if use_syncfs is None else use_syncfs
         self.quarantine_path = os.path.abspath(
             quarantine_path if quarantine_path is not None else os.path.join(path, "quarantine")
         )
@@ -463,8 +706,18 @@ class DiskSpool:
             QUARANTINE: self.quarantine_path,
         }
         self._dirs_ready = False
+        self._quarantine_elsewhere = False
         self._lock_file: IO[str] | None = None
+        # the spool directory, open while the lock is held, for syncfs
+        self._sync_fd: int | None = None
         self._entry_locks: dict[str, defer.DeferredLock] = {}
+        self._committer = _Batcher(run_in_thread, self._commit_batch_sync)
+        self._finisher = _Batcher(run_in_thread, self._finish_batch_sync)
+        # entries as this spool last wrote them, with their message when
+        # it is in memory, so that delivering a fresh entry needs no trip
+        # to the disk to read back what was just written
+        self._recent: OrderedDict[str, tuple[SpoolEntry, Message | None]] = OrderedDict()
+        self._recent_bytes = 0
 
     def queue_dir(self, queue: str) -> str:
         """
@@ -503,12 +756,16 @@ class DiskSpool:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._lock_file = f
+        self._sync_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def unlock(self) -> None:
         """
         Release the lock taken by L{lock}.
         """
         f, self._lock_file = self._lock_file, None
+        fd, self._sync_fd = self._sync_fd, None
+        if fd is not None:
+            os.close(fd)
         if f is not None:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
             f.close()
@@ -520,6 +777,9 @@ class DiskSpool:
             return
         for d in (self.path, self.tmp_dir, self.messages_dir, *self._queue_dirs.values()):
             os.makedirs(d, mode=DIR_MODE, exist_ok=True)
+        self._quarantine_elsewhere = (
+            os.stat(self.quarantine_path).st_dev != os.stat(self.path).st_dev
+        )
         self._dirs_ready = True
 
     def _json_path(self, queue: str, entry_id: str) -> str:
@@ -549,36 +809,27 @@ class DiskSpool:
         with open(self._json_path(queue, entry_id), "rb") as f:
             return entry_from_json(json.load(f), queue)
 
-    def _install_json(self, entry: SpoolEntry, queue: str, created: list[str]) -> None:
+    def _json_tmp(self, queue: str, entry_id: str) -> str:
         """
-        Write C{entry}'s metadata into C{queue}: temporary file, fsync,
-        rename.  Paths that exist because of this are added to C{created}.
-        The caller fsyncs the queue directory.
+        Where new metadata for C{queue} is written before its rename: in
+        C{tmp/}, or beside the quarantine (which may be another filesystem).
         """
-        dest = self._json_path(queue, entry.id)
         if queue == QUARANTINE:
-            tmp = dest + ".tmp"
-        else:
-            tmp = os.path.join(self.tmp_dir, entry.id + ".json")
-        created.append(tmp)
-        _unlink(tmp)
-        _write_file(tmp, _encode(entry))
-        created.append(dest)
-        os.rename(tmp, dest)
-        created.remove(tmp)
+            return self._json_path(queue, entry_id) + ".tmp"
+        return os.path.join(self.tmp_dir, entry_id + ".json")
 
     def _is_tmp(self, path: str) -> bool:
         return os.path.dirname(os.path.abspath(path)) == self.tmp_dir
 
-    def _link_fresh(
-        self, body: str, envelope: EnvelopeWithNextHop, n: int
+    def _claim_fresh(
+        self, envelope: EnvelopeWithNextHop, n: int, claim: Callable[[str], None]
     ) -> tuple[str, str, int]:
         """
-        Link C{body} into C{messages/} under the first free id
-        C{<envelope id>-<m>}, C{m >= n}; the link taking the name is what
-        makes the id ours.
+        Claim the first free id C{<envelope id>-<m>}, C{m >= n}: C{claim(path)}
+        creates C{messages/<id>.eml} or raises C{FileExistsError}; taking the
+        name is what makes the id ours.
 
-        @return: the id, the path of the link, and C{m + 1}.
+        @return: the id, the path of the message file, and C{m + 1}.
         """
         if _SAFE_ID.match(f"{envelope.envelope.id}-{n}") is None:
             raise ValueError(f"bad envelope id {envelope.envelope.id!r}")
@@ -586,78 +837,189 @@ class DiskSpool:
             entry_id = f"{envelope.envelope.id}-{n}"
             eml = self._eml_path(entry_id)
             try:
-                os.link(body, eml)
+                claim(eml)
             except FileExistsError:
                 n += 1
                 continue
             return entry_id, eml, n + 1
 
-    def _commit_sync(
-        self,
-        envelopes: list[EnvelopeWithNextHop],
-        queue: str,
-        reason: str | None,
-        received_from: str | None,
-        now: float,
-    ) -> list[SpoolEntry]:
-        self._ensure_dirs()
-        created: list[str] = []
-        consumed: list[str] = []
-        bodies: dict[int, str] = {}
+    def _link_fresh(
+        self, body: str, envelope: EnvelopeWithNextHop, n: int
+    ) -> tuple[str, str, int]:
+        """
+        Hard-link C{body} into C{messages/} under a fresh id (see
+        L{_claim_fresh}).
+        """
+        return self._claim_fresh(envelope, n, lambda eml: self.fs.link(body, eml))
+
+    def _write_fresh(
+        self, data: bytes, envelope: EnvelopeWithNextHop, n: int, created: list[str]
+    ) -> tuple[str, str, int]:
+        """
+        Write C{data} as a new C{messages/<id>.eml} under a fresh id (see
+        L{_claim_fresh}), fsynced unless syncfs will do it.
+        """
+        fs = self.fs
+
+        def claim(eml: str) -> None:
+            fd = fs.create(eml)
+            created.append(eml)
+            try:
+                fs.write(fd, data)
+                if not self.use_syncfs:
+                    fs.fsync(fd)
+            finally:
+                fs.close(fd)
+
+        return self._claim_fresh(envelope, n, claim)
+
+    def _prepare_sync(self, c: _Commit) -> None:
+        """
+        Phase 1 of a commit: the message files and the metadata, not yet
+        visible in a queue.  With C{use_syncfs} nothing is synced here.
+        """
+        fs = self.fs
+        sync_each = not self.use_syncfs
+        # the message files: the first envelope of each message writes it
+        # (or links the file it spilled to), the others link to that
+        first: dict[int, str] = {}
+        ids: list[str] = []
+        counters: dict[str, int] = {}
+        for e in c.envelopes:
+            message = e.envelope.message
+            n = counters.get(e.envelope.id, 0)
+            if id(message) in first:
+                entry_id, eml, n = self._link_fresh(first[id(message)], e, n)
+                c.created.append(eml)
+            elif message.data is not None:
+                entry_id, eml, n = self._write_fresh(message.data, e, n, c.created)
+            elif message.path is not None:
+                if sync_each:
+                    fs.fsync_path(message.path)
+                entry_id, eml, n = self._link_fresh(message.path, e, n)
+                c.created.append(eml)
+                if self._is_tmp(message.path):
+                    c.consumed.append(message.path)
+            else:
+                raise ValueError("message has neither data nor path")
+            first.setdefault(id(message), eml)
+            counters[e.envelope.id] = n
+            ids.append(entry_id)
+            if c.queue == QUARANTINE:
+                q_eml = self._quarantine_eml(entry_id)
+                _unlink(fs, q_eml)
+                c.created.append(q_eml)
+                _link_or_copy(fs, eml, q_eml)
+        # the metadata, beside its queue
+        entries = []
+        for entry_id, e in zip(ids, c.envelopes, strict=True):
+            entry = entry_for(entry_id, c.queue, e, c.now, c.reason, c.received_from)
+            tmp = self._json_tmp(c.queue, entry_id)
+            _unlink(fs, tmp)
+            c.created.append(tmp)
+            _write_new(fs, tmp, _encode(entry), sync_each)
+            c.renames.append((tmp, self._json_path(c.queue, entry_id)))
+            entries.append(entry)
+        c.result = entries
+
+    def _make_durable_sync(self, commits: list[_Commit]) -> None:
+        """
+        Between the phases: everything phase 1 wrote, durable.
+        """
+        quarantine = any(c.queue == QUARANTINE for c in commits)
+        if self.use_syncfs:
+            self.fs.syncfs(self.path, self._sync_fd)
+            if quarantine and self._quarantine_elsewhere:
+                self.fs.syncfs(self.quarantine_path)
+        else:
+            # the files were fsynced in phase 1; their names:
+            self.fs.fsync_path(self.messages_dir)
+            if quarantine:
+                self.fs.fsync_path(self.quarantine_path)
+
+    def _commit_batch_sync(self, commits: list[_Commit]) -> None:
+        """
+        Commit a batch of enqueues and quarantines (see the module
+        docstring), setting each one's C{result} or C{error}.
+        """
+        fs = self.fs
         try:
-            # 1. every message body durably in a file
-            for e in envelopes:
-                message = e.envelope.message
-                if id(message) in bodies:
-                    continue
-                if message.data is not None:
-                    body = os.path.join(self.tmp_dir, new_id() + ".eml")
-                    created.append(body)
-                    _write_file(body, message.data)
-                    consumed.append(body)
-                elif message.path is not None:
-                    body = message.path
-                    _fsync_file(body)
-                    if self._is_tmp(body):
-                        consumed.append(body)
-                else:
-                    raise ValueError("message has neither data nor path")
-                bodies[id(message)] = body
-            # 2. link each body into messages/ under a fresh entry id
-            ids: list[str] = []
-            counters: dict[str, int] = {}
-            for e in envelopes:
-                entry_id, eml, counters[e.envelope.id] = self._link_fresh(
-                    bodies[id(e.envelope.message)], e, counters.get(e.envelope.id, 0)
-                )
-                created.append(eml)
-                ids.append(entry_id)
-                if queue == QUARANTINE:
-                    q_eml = self._quarantine_eml(entry_id)
-                    _unlink(q_eml)
-                    created.append(q_eml)
-                    _link_or_copy(eml, q_eml)
-            _fsync_dir(self.messages_dir)
-            if queue == QUARANTINE:
-                _fsync_dir(self.quarantine_path)
-            # 3. the metadata, renamed into the queue
-            entries = []
-            for entry_id, e in zip(ids, envelopes, strict=True):
-                entry = entry_for(entry_id, queue, e, now, reason, received_from)
-                self._install_json(entry, queue, created)
-                entries.append(entry)
-            _fsync_dir(self.queue_dir(queue))
-        except BaseException:
-            for path in reversed(created):
+            self._ensure_dirs()
+            ok: list[_Commit] = []
+            for c in commits:
                 try:
-                    _unlink(path)
-                except OSError:
-                    pass
+                    self._prepare_sync(c)
+                except Exception as e:
+                    c.fail(e)
+                    _remove_all(fs, c.created)
+                else:
+                    ok.append(c)
+            if ok:
+                try:
+                    self._make_durable_sync(ok)
+                except Exception as e:
+                    for c in ok:
+                        c.fail(e)
+                    raise
+            # phase 2: the commit point
+            renamed: list[_Commit] = []
+            for c in ok:
+                try:
+                    for tmp, dest in c.renames:
+                        c.created.append(dest)
+                        fs.rename(tmp, dest)
+                        c.created.remove(tmp)
+                except Exception as e:
+                    c.fail(e)
+                    _remove_all(fs, c.created)
+                else:
+                    renamed.append(c)
+            try:
+                for directory in sorted({self.queue_dir(c.queue) for c in renamed}):
+                    fs.fsync_path(directory)
+            except Exception as e:
+                for c in renamed:
+                    c.fail(e)
+                raise
+        except BaseException as e:
+            for c in commits:
+                c.fail(e)
+                _remove_all(fs, c.created)
+            if isinstance(e, Exception):
+                return
             raise
-        # 4. committed: the temporary bodies are not needed any more
-        for body in consumed:
-            _unlink(body)
-        return entries
+        # committed: the spilled bodies are not needed any more
+        for c in renamed:
+            _remove_all(fs, c.consumed)
+
+    def _finish_batch_sync(self, jobs: list[_Finish]) -> None:
+        """
+        Remove delivered entries: the metadata, then (once that is durable,
+        lest an entry come back without its message) the message files.
+        """
+        fs = self.fs
+        gone: list[_Finish] = []
+        for job in jobs:
+            try:
+                job.queue = self._find(job.entry_id)
+                fs.unlink(self._json_path(job.queue, job.entry_id))
+            except Exception as e:
+                job.fail(e)
+            else:
+                gone.append(job)
+        try:
+            for directory in sorted({self.queue_dir(job.queue) for job in gone}):
+                fs.fsync_path(directory)
+        except Exception as e:
+            # The entries are gone; a power loss might bring them back (a
+            # duplicate, not a loss), so keep their messages for that.
+            log.warn("finishing {n} entries: {error}", n=len(gone), error=repr(e))
+            return
+        for job in gone:
+            paths = [self._eml_path(job.entry_id)]
+            if job.queue == QUARANTINE:
+                paths.append(self._quarantine_eml(job.entry_id))
+            _remove_all(fs, paths)
 
     def _entries_sync(self, queue: str) -> tuple[list[SpoolEntry], list[tuple[str, str]]]:
         self._ensure_dirs()
@@ -688,26 +1050,34 @@ class DiskSpool:
             raise KeyError(entry_id) from None
         with f:
             size = os.fstat(f.fileno()).st_size
+            if size <= self.spill_threshold:
+                # small: in memory, so that sending it needs no more trips
+                # to the thread pool
+                data = f.read()
+                return Message(parse_header_block(header_section(data)), len(data), data=data)
             head = f.read(MAX_HEADER_BYTES)
         return Message(parse_header_block(header_section(head)), size, path=path)
 
     def _update_sync(self, entry: SpoolEntry) -> SpoolEntry:
+        fs = self.fs
         queue = self._find(entry.id)
         if entry.queue != queue:
             entry = _replace_queue(entry, queue)
-        created: list[str] = []
+        tmp = self._json_tmp(queue, entry.id)
+        _unlink(fs, tmp)
         try:
-            self._install_json(entry, queue, created)
+            # fsynced before it replaces acknowledged metadata; the
+            # directory is not: a lost rename only brings the old state back
+            _write_new(fs, tmp, _encode(entry), sync=True)
+            fs.rename(tmp, self._json_path(queue, entry.id))
         except BaseException:
-            # only the temporary file may be left; the old metadata stands
-            for path in created:
-                if not path.endswith(".json") or os.path.dirname(path) != self.queue_dir(queue):
-                    _unlink(path)
+            # the old metadata stands
+            _remove_all(fs, [tmp])
             raise
-        _fsync_dir(self.queue_dir(queue))
         return entry
 
     def _move_sync(self, entry_id: str, queue: str) -> SpoolEntry:
+        fs = self.fs
         source = self._find(entry_id)
         entry = self._read(source, entry_id)
         if source == queue:
@@ -715,53 +1085,49 @@ class DiskSpool:
         moved = _replace_queue(entry, queue)
         if queue == QUARANTINE:
             q_eml = self._quarantine_eml(entry_id)
-            _unlink(q_eml)
-            _link_or_copy(self._eml_path(entry_id), q_eml)
-            _fsync_dir(self.quarantine_path)
+            _unlink(fs, q_eml)
+            _link_or_copy(fs, self._eml_path(entry_id), q_eml)
+            fs.fsync_path(self.quarantine_path)
         src = self._json_path(source, entry_id)
         try:
-            os.rename(src, self._json_path(queue, entry_id))
+            fs.rename(src, self._json_path(queue, entry_id))
         except OSError as e:
             if e.errno != errno.EXDEV:
                 if queue == QUARANTINE:
-                    _unlink(self._quarantine_eml(entry_id))
+                    _unlink(fs, self._quarantine_eml(entry_id))
                 raise
             # the quarantine is on another filesystem: copy, then remove
-            created: list[str] = []
-            self._install_json(moved, queue, created)
-            _fsync_dir(self.queue_dir(queue))
-            os.unlink(src)
-        _fsync_dir(self.queue_dir(queue))
-        _fsync_dir(self.queue_dir(source))
+            tmp = self._json_tmp(queue, entry_id)
+            _unlink(fs, tmp)
+            try:
+                _write_new(fs, tmp, _encode(moved), sync=True)
+                fs.rename(tmp, self._json_path(queue, entry_id))
+            except BaseException:
+                _remove_all(fs, [tmp])
+                raise
+            fs.fsync_path(self.queue_dir(queue))
+            fs.unlink(src)
+        fs.fsync_path(self.queue_dir(queue))
+        fs.fsync_path(self.queue_dir(source))
         if source == QUARANTINE:
-            _unlink(self._quarantine_eml(entry_id))
-            _fsync_dir(self.quarantine_path)
+            _unlink(fs, self._quarantine_eml(entry_id))
         return moved
-
-    def _finish_sync(self, entry_id: str) -> None:
-        queue = self._find(entry_id)
-        os.unlink(self._json_path(queue, entry_id))
-        _fsync_dir(self.queue_dir(queue))
-        _unlink(self._eml_path(entry_id))
-        _fsync_dir(self.messages_dir)
-        if queue == QUARANTINE:
-            _unlink(self._quarantine_eml(entry_id))
-            _fsync_dir(self.quarantine_path)
 
     def _recover_sync(self) -> list[str]:
         self._ensure_dirs()
+        fs = self.fs
         removed = []
         for name in os.listdir(self.tmp_dir):
             path = os.path.join(self.tmp_dir, name)
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)
             else:
-                os.unlink(path)
+                fs.unlink(path)
             removed.append(path)
         for name in os.listdir(self.quarantine_path):
             if name.endswith(".tmp"):
                 path = os.path.join(self.quarantine_path, name)
-                os.unlink(path)
+                fs.unlink(path)
                 removed.append(path)
         referenced = set()
         for queue in QUEUES:
@@ -772,22 +1138,22 @@ class DiskSpool:
         for name in os.listdir(self.messages_dir):
             if name.endswith(".eml") and name[: -len(".eml")] not in ids:
                 path = os.path.join(self.messages_dir, name)
-                os.unlink(path)
+                fs.unlink(path)
                 removed.append(path)
         for name in os.listdir(self.quarantine_path):
             if name.endswith(".eml") and (QUARANTINE, name[: -len(".eml")]) not in referenced:
                 path = os.path.join(self.quarantine_path, name)
-                os.unlink(path)
+                fs.unlink(path)
                 removed.append(path)
         for d in (self.tmp_dir, self.messages_dir, self.quarantine_path):
-            _fsync_dir(d)
+            fs.fsync_path(d)
         return removed
 
-    def _serialized(self, entry_id: str, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def _serialized(self, entry_id: str, f: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
         """
-        Run C{f(*args)} in the thread once earlier changes to the same
-        entry are done, so that e.g. an update and a move of one entry
-        cannot interleave in the thread pool.
+        Run C{f(*args)} once earlier changes to the same entry are done, so
+        that e.g. an update and a move of one entry cannot interleave in
+        the thread pool.
         """
         lock = self._entry_locks.get(entry_id)
         if lock is None:
@@ -798,7 +1164,46 @@ class DiskSpool:
                 self._entry_locks.pop(entry_id, None)
             return result
 
-        return lock.run(self._run, f, *args).addBoth(release)
+        return lock.run(f, *args).addBoth(release)
+
+    # -- entries this spool wrote (reactor side) -------------------------------
+
+    def _remember(self, entry: SpoolEntry, message: Message | None) -> None:
+        self._forget(entry.id)
+        if message is not None and (
+            message.data is None or self._recent_bytes + message.size > RECENT_BYTES
+        ):
+            message = None
+        self._recent[entry.id] = (entry, message)
+        if message is not None:
+            self._recent_bytes += message.size
+        while len(self._recent) > RECENT_ENTRIES:
+            self._forget(next(iter(self._recent)))
+
+    def _forget(self, entry_id: str) -> None:
+        _, message = self._recent.pop(entry_id, (None, None))
+        if message is not None:
+            self._recent_bytes -= message.size
+
+    def _committed(self, entries: list[SpoolEntry], envelopes: list[EnvelopeWithNextHop]) -> list[SpoolEntry]:
+        for entry, e in zip(entries, envelopes, strict=True):
+            self._remember(entry, e.envelope.message)
+        return entries
+
+    def _changed(self, entry_id: str, d: Deferred[Any]) -> Deferred[Any]:
+        """
+        Keep what L{_recent} knows of C{entry_id} true while C{d} changes
+        it on disk: forgotten until then, and after a failure.
+        """
+        old = self._recent.get(entry_id)
+        self._forget(entry_id)
+
+        def changed(result: object) -> object:
+            if isinstance(result, SpoolEntry) and old is not None:
+                self._remember(result, old[1])
+            return result
+
+        return d.addCallback(changed)
 
     # -- ISpool -----------------------------------------------------------------
 
@@ -810,16 +1215,30 @@ class DiskSpool:
     def discard(self, message: Message) -> Deferred[None]:
         if message.path is None or not self._is_tmp(message.path):
             return defer.succeed(None)
-        d = self._run(_unlink, message.path)
+        d = self._run(_unlink, self.fs, message.path)
         d.addCallback(lambda _: None)
         return d
+
+    def _commit(
+        self,
+        envelopes: Iterable[EnvelopeWithNextHop],
+        queue: str,
+        reason: str | None,
+        received_from: str | None,
+    ) -> Deferred[list[SpoolEntry]]:
+        job = _Commit(
+            envelopes=list(envelopes),
+            queue=queue,
+            reason=reason,
+            received_from=received_from,
+            now=self.clock.seconds(),
+        )
+        return self._committer.submit(job).addCallback(self._committed, job.envelopes)
 
     def enqueue(
         self, envelopes: Iterable[EnvelopeWithNextHop], received_from: str | None = None
     ) -> Deferred[list[SpoolEntry]]:
-        return self._run(
-            self._commit_sync, list(envelopes), ACTIVE, None, received_from, self.clock.seconds()
-        )
+        return self._commit(envelopes, ACTIVE, None, received_from)
 
     def quarantine(
         self,
@@ -827,14 +1246,7 @@ class DiskSpool:
         reason: str,
         received_from: str | None = None,
     ) -> Deferred[list[SpoolEntry]]:
-        return self._run(
-            self._commit_sync,
-            list(envelopes),
-            QUARANTINE,
-            reason,
-            received_from,
-            self.clock.seconds(),
-        )
+        return self._commit(envelopes, QUARANTINE, reason, received_from)
 
     def entries(self, queue: str) -> Deferred[list[SpoolEntry]]:
         try:
@@ -851,23 +1263,36 @@ class DiskSpool:
         return self._run(self._entries_sync, queue).addCallback(report)
 
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
+        recent = self._recent.get(entry_id)
+        if recent is not None:
+            return defer.succeed(recent[0])
         return self._run(self._get_sync, entry_id)
 
     def message(self, entry_id: str) -> Deferred[Message]:
+        recent = self._recent.get(entry_id)
+        if recent is not None and recent[1] is not None:
+            return defer.succeed(recent[1])
         return self._run(self._message_sync, entry_id)
 
     def update(self, entry: SpoolEntry) -> Deferred[SpoolEntry]:
-        return self._serialized(entry.id, self._update_sync, entry)
+        return self._changed(
+            entry.id, self._serialized(entry.id, self._run, self._update_sync, entry)
+        )
 
     def move(self, entry_id: str, queue: str) -> Deferred[SpoolEntry]:
         try:
             self.queue_dir(queue)
         except ValueError:
             return defer.fail()
-        return self._serialized(entry_id, self._move_sync, entry_id, queue)
+        return self._changed(
+            entry_id, self._serialized(entry_id, self._run, self._move_sync, entry_id, queue)
+        )
 
     def finish(self, entry_id: str) -> Deferred[None]:
-        return self._serialized(entry_id, self._finish_sync, entry_id)
+        def submit() -> Deferred[None]:
+            return self._finisher.submit(_Finish(entry_id=entry_id))
+
+        return self._changed(entry_id, self._serialized(entry_id, submit))
 
     def recover(self) -> Deferred[int]:
         """

@@ -10,6 +10,7 @@ import json
 import os
 import stat
 from typing import Any, Callable
+from unittest import skipIf
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -24,8 +25,8 @@ from relay.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, Attempt
 from relay.envelope import Envelope, EnvelopeWithNextHop
 from relay.interfaces import IMessageWriter, ISpool
 from relay.message import Message
-from relay.spool import DiskSpool, SpoolLocked, entry_from_json, entry_to_json
-from relay.testing import MemorySpool
+from relay.spool import DiskSpool, FileSystem, SpoolLocked, entry_from_json, entry_to_json
+from relay.testing import FaultyFileSystem, MemorySpool
 
 DATA = b"Subject: hello\r\nFrom: s@example.org\r\n\r\nbody\r\n"
 
@@ -402,34 +403,297 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual(a.st_ino, b.st_ino)
         self.assertEqual(a.st_nlink, 2)
 
-    def test_fsync(self) -> None:
+    def test_fsync_each(self) -> None:
         """
-        Enqueue fsyncs the files it writes and the C{messages/} and
-        C{active/} directories.
+        Without syncfs, enqueue fsyncs the body and the metadata, then
+        C{messages/}, before renaming the metadata into C{active/}; then
+        C{active/} once, before the L{Deferred} fires.
+        """
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, use_syncfs=False)
+        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+        base = os.path.join(os.path.abspath(self.root), "spool")
+        steps = [(name, os.path.relpath(path, base)) for name, path in fs.steps]
+        self.assertEqual(
+            [step for step in steps if step[0] in ("fsync", "syncfs", "rename")],
+            [
+                ("fsync", "messages/env1-0.eml"),
+                ("fsync", "tmp/env1-0.json"),
+                ("fsync", "messages"),
+                ("rename", "active/env1-0.json"),
+                ("fsync", "active"),
+            ],
+        )
+
+    @skipIf(not FileSystem.has_syncfs, "no syncfs(2) here")
+    def test_syncfs(self) -> None:
+        """
+        With syncfs, a commit writes its files unsynced, makes them all
+        durable with one syncfs, then renames and fsyncs C{active/} once.
+        """
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, use_syncfs=True)
+        self.successResultOf(s.enqueue([make_envelope(), make_envelope("env2")]))
+        base = os.path.join(os.path.abspath(self.root), "spool")
+        steps = [(name, os.path.relpath(path, base)) for name, path in fs.steps]
+        self.assertEqual(
+            [step for step in steps if step[0] in ("fsync", "syncfs", "rename")],
+            [
+                ("syncfs", "."),
+                ("rename", "active/env1-0.json"),
+                ("rename", "active/env2-0.json"),
+                ("fsync", "active"),
+            ],
+        )
+
+    @skipIf(not FileSystem.has_syncfs, "no syncfs(2) here")
+    def test_syncfs_through_descriptor_held_with_lock(self) -> None:
+        """
+        While the spool is locked, syncfs goes through a descriptor of the
+        spool directory opened at lock time (so that it hears of every
+        write-back error since then); without the lock, through a new one.
+        """
+        seen: list[tuple[int, int] | None] = []
+
+        class Recording(FaultyFileSystem):
+            def syncfs(self, path: str, fd: int | None = None) -> None:
+                seen.append(None if fd is None else (os.fstat(fd).st_dev, os.fstat(fd).st_ino))
+                super().syncfs(path, fd)
+
+        s = self.spool_with(Recording(), use_syncfs=True)
+        s.lock()
+        self.addCleanup(s.unlock)
+        self.successResultOf(s.enqueue([make_envelope()]))
+        st = os.stat(s.path)
+        self.assertEqual(seen, [(st.st_dev, st.st_ino)])
+        s.unlock()
+        self.successResultOf(s.enqueue([make_envelope("env2")]))
+        self.assertEqual(seen[1:], [None])
+
+    def test_syncfs_by_default_where_there_is_one(self) -> None:
+        """
+        A spool uses syncfs when the platform has it, unless told not to.
+        """
+        self.clock = Clock()
+        self.assertEqual(self.make_spool().use_syncfs, FileSystem.has_syncfs)
+        self.assertFalse(self.make_spool(use_syncfs=False).use_syncfs)
+        if FileSystem.has_syncfs:
+            FileSystem().syncfs(".")  # the call works here
+
+    def spool_with(self, fs: FileSystem, run: Any = synchronous, **kw: Any) -> DiskSpool:
+        self.clock = Clock()
+        self.clock.advance(1000.5)
+        s = self.make_spool(run, fs=fs, **kw)
+        d = s.entries(ACTIVE)  # creates the directories
+        if isinstance(run, ManualRunner):
+            run.run_all()
+        self.successResultOf(d)
+        del fs.steps[:]
+        return s
+
+    @skipIf(not FileSystem.has_syncfs, "no syncfs(2) here")
+    def test_group_commit(self) -> None:
+        """
+        Commits requested while a batch runs wait for it and then go
+        together, in one call to the thread pool with one syncfs.
+        """
+        runner = ManualRunner()
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, runner, use_syncfs=True)
+        first = s.enqueue([make_envelope("e1")])
+        later = [s.enqueue([make_envelope(f"e{i}")]) for i in (2, 3)]
+        later.append(s.quarantine([make_envelope("e4")], "spam"))
+        self.assertEqual(len(runner.calls), 1)
+        runner.run_one()
+        self.assertEqual([e.id for e in self.successResultOf(first)], ["e1-0"])
+        for d in later:
+            self.assertNoResult(d)
+        self.assertEqual(len(runner.calls), 1)
+        runner.run_one()
+        self.assertEqual(runner.calls, [])
+        self.assertEqual(
+            [[e.id for e in self.successResultOf(d)] for d in later], [["e2-0"], ["e3-0"], ["e4-0"]]
+        )
+        self.assertEqual([name for name, _ in fs.steps].count("syncfs"), 2)
+        self.assertEqual(self.files("active"), ["e1-0.json", "e2-0.json", "e3-0.json"])
+        self.assertEqual(self.files("quarantine"), ["e4-0.eml", "e4-0.json"])
+
+    def test_one_commit_of_a_batch_fails(self) -> None:
+        """
+        A commit that fails while its files are written (ENOSPC) fails
+        alone and leaves nothing; the rest of its batch is committed.
+        """
+        runner = ManualRunner()
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, runner)
+        s.enqueue([make_envelope("e1")])
+        ds = [s.enqueue([make_envelope(f"e{i}")]) for i in (2, 3, 4)]
+        runner.run_one()
+        fs.fail("create", errno.ENOSPC, "*/tmp/e3-0.json")
+        runner.run_all()
+        self.successResultOf(ds[0])
+        f = self.failureResultOf(ds[1], OSError)
+        self.assertEqual(f.value.errno, errno.ENOSPC)
+        self.successResultOf(ds[2])
+        self.assertEqual(self.files("active"), ["e1-0.json", "e2-0.json", "e4-0.json"])
+        self.assertEqual(self.files("messages"), ["e1-0.eml", "e2-0.eml", "e4-0.eml"])
+        self.assertEqual(self.files("tmp"), [])
+
+    @skipIf(not FileSystem.has_syncfs, "no syncfs(2) here")
+    def test_sync_fails_the_batch(self) -> None:
+        """
+        When the syncfs of a batch fails (EIO), every commit of the batch
+        fails and none of their files remain.
+        """
+        runner = ManualRunner()
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, runner, use_syncfs=True)
+        s.enqueue([make_envelope("e1")])
+        ds = [s.enqueue([make_envelope(f"e{i}")]) for i in (2, 3)]
+        runner.run_one()
+        fs.fail("syncfs", errno.EIO)
+        runner.run_all()
+        for d in ds:
+            self.assertEqual(self.failureResultOf(d, OSError).value.errno, errno.EIO)
+        self.assertEqual(self.files("active"), ["e1-0.json"])
+        self.assertEqual(self.files("messages"), ["e1-0.eml"])
+        self.assertEqual(self.files("tmp"), [])
+
+    def test_rename_fails_half_way(self) -> None:
+        """
+        When the second rename of a two-envelope commit fails, the first
+        one's metadata is taken back out of C{active/}; the other commit of
+        the batch stands.
+        """
+        runner = ManualRunner()
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, runner)
+        s.enqueue([make_envelope("e0")])
+        message = Message.from_bytes(DATA)
+        two = s.enqueue([make_envelope("e1", message=message), make_envelope("e2", message=message)])
+        other = s.enqueue([make_envelope("e3")])
+        runner.run_one()
+        fs.fail("rename", errno.ENOSPC, "*/active/e2-0.json")
+        runner.run_all()
+        self.failureResultOf(two, OSError)
+        self.successResultOf(other)
+        self.assertEqual(self.files("active"), ["e0-0.json", "e3-0.json"])
+        self.assertEqual(self.files("messages"), ["e0-0.eml", "e3-0.eml"])
+        self.assertEqual(self.files("tmp"), [])
+
+    def test_update_fsyncs_before_rename(self) -> None:
+        """
+        C{update} fsyncs the new metadata before renaming it over the old
+        one, and leaves the directory unsynced (losing that rename only
+        brings the old state back).
+        """
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs)
+        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+        del fs.steps[:]
+        self.successResultOf(s.update(dataclasses.replace(entry, next_attempt_at=5.0)))
+        base = os.path.join(os.path.abspath(self.root), "spool")
+        self.assertEqual(
+            [(name, os.path.relpath(path, base)) for name, path in fs.steps if name != "unlink"],
+            [
+                ("create", "tmp/env1-0.json"),
+                ("write", "tmp/env1-0.json"),
+                ("fsync", "tmp/env1-0.json"),
+                ("close", "tmp/env1-0.json"),
+                ("rename", "active/env1-0.json"),
+            ],
+        )
+
+    def test_finish_batched(self) -> None:
+        """
+        Finishes requested while one runs go together as one batch: the
+        metadata files go, their directory is fsynced once, and only then
+        the messages go.
+        """
+        runner = ManualRunner()
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, runner)
+        d = s.enqueue([make_envelope(f"e{i}") for i in range(3)])
+        runner.run_all()
+        entries = self.successResultOf(d)
+        del fs.steps[:]
+        ds = [s.finish(e.id) for e in entries]
+        self.assertEqual(len(runner.calls), 1)  # the first, alone
+        runner.run_one()
+        self.assertEqual(len(runner.calls), 1)  # the other two, together
+        runner.run_one()
+        for d in ds:
+            self.successResultOf(d)
+        base = os.path.join(os.path.abspath(self.root), "spool")
+        steps = [(name, os.path.relpath(path, base)) for name, path in fs.steps]
+        self.assertEqual(
+            steps,
+            [("unlink", "active/e0-0.json"), ("fsync", "active"), ("unlink", "messages/e0-0.eml")]
+            + [("unlink", f"active/e{i}-0.json") for i in (1, 2)]
+            + [("fsync", "active")]
+            + [("unlink", f"messages/e{i}-0.eml") for i in (1, 2)],
+        )
+        self.assertEqual(self.files("active") + self.files("messages"), [])
+
+    def test_finish_keeps_message_when_sync_fails(self) -> None:
+        """
+        If the directory cannot be fsynced after the metadata went, the
+        message file stays (a power loss could bring the entry back), for
+        C{recover} to remove at the next start.
+        """
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs)
+        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+        fs.fail("fsync", errno.EIO, "*/active")
+        self.successResultOf(s.finish(entry.id))
+        self.assertEqual(self.files("active"), [])
+        self.assertEqual(self.files("messages"), ["env1-0.eml"])
+        self.assertEqual(self.successResultOf(s.recover()), 1)
+        self.assertEqual(self.files("messages"), [])
+
+    def test_fresh_entries_need_no_disk_reads(self) -> None:
+        """
+        Right after enqueue, C{get} and C{message} answer from memory what
+        is on disk; after C{update} the new state, after C{finish} nothing.
+        """
+        runner = ManualRunner()
+        s = self.spool_with(FaultyFileSystem(), runner)
+        d = s.enqueue([make_envelope()])
+        runner.run_all()
+        [entry] = self.successResultOf(d)
+        self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
+        self.assertEqual(read_bytes(self.successResultOf(s.message(entry.id))), DATA)
+        self.assertEqual(runner.calls, [])
+        again = self.make_spool()  # reads the disk
+        self.assertEqual(self.successResultOf(again.get(entry.id)), entry)
+        d = s.update(dataclasses.replace(entry, next_attempt_at=5.0))
+        runner.run_all()
+        updated = self.successResultOf(d)
+        self.assertEqual(self.successResultOf(s.get(entry.id)), updated)
+        self.assertEqual(self.successResultOf(again.get(entry.id)), updated)
+        d = s.finish(entry.id)
+        runner.run_all()
+        self.successResultOf(d)
+        d = s.get(entry.id)
+        runner.run_all()
+        self.failureResultOf(d, KeyError)
+
+    def test_message_read_into_memory_when_small(self) -> None:
+        """
+        C{message} of a stored entry holds a small message in memory (so
+        sending it needs no more disk reads) and refers to the file of a
+        large one.
         """
         s = self.spool()
-        self.successResultOf(s.entries(ACTIVE))  # creates the directories
-        synced: list[tuple[bool, int]] = []
-        real_fsync = os.fsync
-
-        def fsync(fd: int) -> None:
-            st = os.fstat(fd)
-            synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
-            real_fsync(fd)
-
-        self.patch(os, "fsync", fsync)
-        self.successResultOf(s.enqueue([make_envelope()]))
-        files = [ino for is_dir, ino in synced if not is_dir]
-        dirs = [ino for is_dir, ino in synced if is_dir]
-        self.assertGreaterEqual(len(files), 2)  # the body and the metadata
-        json_ino = os.stat(os.path.join(self.root, "spool", "active", "env1-0.json")).st_ino
-        self.assertIn(json_ino, files)
-        for d in ("messages", "active"):
-            self.assertIn(os.stat(os.path.join(self.root, "spool", d)).st_ino, dirs)
-        # the active directory is synced after the metadata file is
-        active = (True, os.stat(os.path.join(self.root, "spool", "active")).st_ino)
-        last_active = len(synced) - 1 - synced[::-1].index(active)
-        self.assertGreater(last_active, synced.index((False, json_ino)))
+        small, = self.successResultOf(s.enqueue([make_envelope()]))
+        big_data = DATA + b"x" * 300_000
+        big, = self.successResultOf(s.enqueue([make_envelope("env2", Message.from_bytes(big_data))]))
+        again = self.make_spool()
+        m = self.successResultOf(again.message(small.id))
+        self.assertEqual((m.data, m.size, m.header("subject")), (DATA, len(DATA), "hello"))
+        m = self.successResultOf(again.message(big.id))
+        self.assertIsNone(m.data)
+        self.assertEqual((read_bytes(m), m.size, m.header("subject")), (big_data, len(big_data), "hello"))
 
     def test_failure_mid_enqueue_leaves_nothing(self) -> None:
         """
