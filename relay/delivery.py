@@ -82,6 +82,8 @@ class DeliveryScheduler(Service):
             self.log = log
         self.timers: dict[str, IDelayedCall] = {}
         self.due: deque[str] = deque()
+        # The ids in due, so that a large backlog is not searched linearly.
+        self._due_ids: set[str] = set()
         self.jobs: dict[str, Deferred[None]] = {}
         self.again: set[str] = set()
         self.stopping = False
@@ -105,6 +107,7 @@ class DeliveryScheduler(Service):
                 call.cancel()
         self.timers.clear()
         self.due.clear()
+        self._due_ids.clear()
         done: Deferred[None] = Deferred()
         done.addCallback(self._close_idle_connections)
         if not self.jobs:
@@ -167,13 +170,18 @@ class DeliveryScheduler(Service):
         if entry_id in self.jobs:
             self.again.add(entry_id)
             return
-        if entry_id not in self.due:
-            self.due.append(entry_id)
+        self._make_due(entry_id)
         self._pump()
+
+    def _make_due(self, entry_id: str) -> None:
+        if entry_id not in self._due_ids:
+            self._due_ids.add(entry_id)
+            self.due.append(entry_id)
 
     def _pump(self) -> None:
         while not self.stopping and self.due and len(self.jobs) < self.max_send_jobs:
             entry_id = self.due.popleft()
+            self._due_ids.discard(entry_id)
             if entry_id in self.jobs:
                 continue
             d = Deferred.fromCoroutine(self._deliver(entry_id))
@@ -188,7 +196,7 @@ class DeliveryScheduler(Service):
         self.jobs.pop(entry_id, None)
         if entry_id in self.again:
             self.again.discard(entry_id)
-            self.due.append(entry_id)
+            self._make_due(entry_id)
         self._pump()
 
     def set_max_send_jobs(self, n: int) -> None:
@@ -229,13 +237,23 @@ class DeliveryScheduler(Service):
         return d.addBoth(forget)
 
     async def _deliver(self, entry_id: str) -> None:
+        # The entry and its message are read side by side: two trips to
+        # the spool's thread pool in the time of one.
+        got: Deferred[SpoolEntry] = self.spool.get(entry_id)
+        read: Deferred[Message] = self.spool.message(entry_id)
         try:
-            entry: SpoolEntry = await self.spool.get(entry_id)
+            entry: SpoolEntry = await got
         except KeyError:
+            # Settled or removed before its turn came.
+            read.addErrback(lambda _: None)
             return
+        except BaseException:
+            read.addErrback(lambda _: None)
+            raise
         if entry.queue != ACTIVE:
+            read.addErrback(lambda _: None)
             return
-        message: Message = await self.spool.message(entry_id)
+        message: Message = await read
         envelope = entry.envelope(message)
         now = self.clock.seconds()
         attempts: list[Attempt] = []
@@ -256,10 +274,11 @@ class DeliveryScheduler(Service):
                 if not pending:
                     break
                 names = tuple(str(r) for r in pending)
+                recipients = tuple(pending)
+                if recipients != tuple(envelope.recipients):
+                    envelope = dataclasses.replace(envelope, recipients=recipients)
                 try:
-                    result = await self._send(
-                        hop, dataclasses.replace(envelope, recipients=tuple(pending))
-                    )
+                    result = await self._send(hop, envelope)
                 except Exception as e:
                     reply = getattr(e, "reply", None)
                     text = str(reply) if reply is not None else (str(e) or type(e).__name__)
@@ -302,6 +321,19 @@ class DeliveryScheduler(Service):
     ) -> None:
         now = self.clock.seconds()
         all_failed = tuple(entry.failed_recipients) + tuple(failed)
+        if not remaining and not all_failed:
+            await self.spool.finish(entry.id)
+            # One line per delivered entry (the client logs only failures).
+            final = attempts[-1] if attempts else None
+            self.log.info(
+                "{id} delivered to {hop}: {reply}",
+                id=entry.id,
+                envelope_id=entry.envelope_id,
+                hop=final.hop if final else "",
+                reply=final.reply if final else "",
+            )
+            self.events.emit("delivered", entry.id, created_at=entry.created_at)
+            return
         updated = dataclasses.replace(
             entry,
             recipients=tuple(remaining),
@@ -309,18 +341,13 @@ class DeliveryScheduler(Service):
             attempts=tuple(entry.attempts) + tuple(attempts),
         )
         if not remaining:
-            if all_failed:
-                # Issue 3: a permanent failure freezes the entry (kept for the
-                # operator, not retried), after telling the sender if we can.
-                bounced = await self._bounce(entry, all_failed, message, now, expired=False)
-                reason = "permanent failure: " + all_failed[-1][1]
-                if bounced:
-                    reason += " (bounced)"
-                await self._freeze(updated, reason)
-                return
-            await self.spool.finish(entry.id)
-            self.log.info("{id} settled", id=entry.id)
-            self.events.emit("delivered", entry.id, created_at=entry.created_at)
+            # Issue 3: a permanent failure freezes the entry (kept for the
+            # operator, not retried), after telling the sender if we can.
+            bounced = await self._bounce(entry, all_failed, message, now, expired=False)
+            reason = "permanent failure: " + all_failed[-1][1]
+            if bounced:
+                reason += " (bounced)"
+            await self._freeze(updated, reason)
             return
         intervals = effective_intervals(
             entry.retry_intervals, len(entry.attempts), self.default_retry_intervals

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.address import NULL_SENDER, EmailAddress, Sender
@@ -348,6 +349,54 @@ class SchedulerTests(SynchronousTestCase):
         s.send_now(entry.id)
         self.assertEqual(len(self.client.sent), 2)
         self.assertEqual(self.spool.entries_by_id, {})
+
+    def test_one_log_line_per_delivery(self) -> None:
+        """
+        A delivered entry is logged once, with the hop and its reply.
+        """
+        events: list[dict[str, Any]] = []
+        s = self.make(log=Logger(observer=events.append))
+        [entry] = self.enqueue(s, make_envelope())
+        [event] = events
+        self.assertEqual(
+            formatEvent(event), f"{entry.id} delivered to mx1:25: 250 2.0.0 ok"
+        )
+        self.assertEqual(event["envelope_id"], "env1")
+
+    def test_gone_before_its_turn(self) -> None:
+        """
+        An entry settled or removed while it waited for a delivery slot is
+        skipped without an error, as is one frozen meanwhile; the message
+        read that went out beside the entry's is dropped quietly.
+        """
+        s = self.make(max_send_jobs=1)
+        self.client.behaviour["mx1:25"] = None
+        first, gone, frozen = self.enqueue(
+            s, *[make_envelope(envelope_id=f"e{i}") for i in range(3)]
+        )
+        self.assertEqual(list(s.due), [gone.id, frozen.id])
+        del self.spool.entries_by_id[gone.id]
+        del self.spool.messages_by_id[gone.id]
+        self.successResultOf(self.spool.move(frozen.id, FROZEN))
+        self.client.pending.pop().callback(
+            DeliveryResult("mx1:25", (("a@example.com", Reply(250, "ok")),))
+        )
+        self.assertEqual(len(self.client.sent), 1)
+        self.assertEqual(s.jobs, {})
+        self.assertEqual(list(s.due), [])
+        self.assertEqual(self.spool.entries_by_id[frozen.id].queue, FROZEN)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_due_once(self) -> None:
+        """
+        An entry that becomes due again while it waits is queued once.
+        """
+        s = self.make(max_send_jobs=1)
+        self.client.behaviour["mx1:25"] = None
+        _, waiting = self.enqueue(s, *[make_envelope(envelope_id=f"e{i}") for i in range(2)])
+        s.send_now(waiting.id)
+        s.send_now(waiting.id)
+        self.assertEqual(list(s.due), [waiting.id])
 
     def test_update_failure_keeps_entry(self) -> None:
         """
