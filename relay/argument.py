@@ -84,7 +84,7 @@ def parse_mail_parameters(text: str, smtputf8_offered: bool = True) -> tuple[Arg
     for arg in args:
         k, v = arg.keyword, arg.value
         if k == "SIZE":
-            if v is None or not v.isdigit() or len(v) > 20:
+            if v is None or not (v.isascii() and v.isdigit()) or len(v) > 20:
                 raise ArgumentError(Reply.parameter_error("5.5.4 SIZE needs a number"))
         elif k == "BODY":
             if v is None or v.upper() not in ("7BIT", "8BITMIME"):

@@ -14,12 +14,22 @@ MAX_LINE_LENGTH = 998
 MAX_CARRY = 64 * 1024
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_LENGTH + 1))
 
 # What precedes the current position in the stream.
 _AFTER_CRLF = 0
 _AFTER_LF = 1
 _MID_LINE = 2
+
+
+def _longest_line(block: bytes) -> int:
+    """
+    The length of the longest run of bytes without CR or LF in C{block}.
+
+    Split in C, not a regular expression: C{[^\r\n]{999}} tries every start
+    position and costs about a line's length at each, some 100 times slower
+    on ordinary mail.
+    """
+    return max(map(len, block.replace(b"\r", b"\n").split(b"\n")))
 
 
 class DataReader:
@@ -90,8 +100,10 @@ class DataReader:
         """
         if not block:
             return
-        if not self.max_line_length_exceeded and (
-            len(block) > MAX_LINE_LENGTH and _LONG_LINE.search(block) is not None
+        if (
+            not self.max_line_length_exceeded
+            and len(block) > MAX_LINE_LENGTH
+            and _longest_line(block) > MAX_LINE_LENGTH
         ):
             self.max_line_length_exceeded = True
         ends_crlf = block.endswith(b"\r\n")

@@ -18,8 +18,11 @@ from typing import Any, Callable, Coroutine
 
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from relay.address import AddressError, EmailAddress, Sender
 from relay.argument import (
@@ -49,9 +52,19 @@ from relay.session import Session, TLSInfo
 
 MAX_LINE = 512
 MAX_RECEIVED = 50
+# Input waiting while a command is pending: past this the transport is
+# paused, so that a client pipelining without reading cannot grow memory.
+MAX_PENDING_INPUT = 64 * 1024
+# Replies that mean the client spoke bad SMTP (not a policy refusal); after
+# MAX_PROTOCOL_ERRORS of them the session is closed, as Postfix's
+# smtpd_hard_error_limit does.
+PROTOCOL_ERRORS = frozenset({500, 501, 502, 503, 504, 555})
+MAX_PROTOCOL_ERRORS = 20
 
 _MAIL = re.compile(r"^FROM: ?(<[^>]*>)(?: +(.*))?$", re.I | re.S)
 _RCPT = re.compile(r"^TO: ?(<[^>]*>)(?: +(.*))?$", re.I | re.S)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _log = Logger(namespace="relay.server")
 
@@ -72,7 +85,9 @@ class SessionLogger(Logger):
         if format is not None:
             # The text log names the session (and envelope), Postfix-style, so
             # that grep finds a whole mail flow; the fields stay structured.
-            ids = " ".join(f"{key}={{{key}}}" for key in ("session_id", "envelope_id") if key in kwargs)
+            ids = " ".join(
+                f"{key}={{{key}}}" for key in ("session_id", "envelope_id") if key in kwargs
+            )
             if ids:
                 format = f"[{ids}] {format}"
         super().emit(level, format, **kwargs)
@@ -113,6 +128,9 @@ class SMTPServerFactory(protocol.Factory):
         tls_context_factory: Any = None,
         auth_requires_tls: bool = True,
         reject_bare_lf: bool = False,
+        auth_failures_before_delay: int = 2,
+        auth_failure_delay: float = 2.0,
+        auth_max_failures: int = 5,
     ) -> None:
         self.callbacks = callbacks
         self.spool = spool
@@ -126,6 +144,13 @@ class SMTPServerFactory(protocol.Factory):
         self.tls_context_factory = tls_context_factory
         self.auth_requires_tls = auth_requires_tls
         self.reject_bare_lf = reject_bare_lf
+        # AUTH brute force, counted per session: the first
+        # auth_failures_before_delay failures are answered at once, later
+        # ones after auth_failure_delay seconds (input waits meanwhile), and
+        # failure number auth_max_failures closes the session with 421.
+        self.auth_failures_before_delay = auth_failures_before_delay
+        self.auth_failure_delay = auth_failure_delay
+        self.auth_max_failures = auth_max_failures
         self.sessions = 0
         # Called (with no arguments) when process_envelope rejects a message.
         self.on_rejected: Any = None
@@ -150,9 +175,17 @@ class _Transaction:
         self.rejected: list[EmailAddress] = []
 
 
+@implementer(IPushProducer)
 class SMTPServerProtocol(protocol.Protocol):
     """
     One ESMTP session.
+
+    It is the push producer of its own transport: while the client does not
+    read our replies (and they fill the transport's buffer) its commands
+    wait unprocessed, and past L{MAX_PENDING_INPUT} of them we stop reading,
+    so that a client pipelining without reading cannot make us buffer
+    replies without end.  (Reading goes on below that: a TLS layer pauses
+    us during its handshake, which needs to read.)
     """
 
     factory: SMTPServerFactory
@@ -173,11 +206,21 @@ class SMTPServerProtocol(protocol.Protocol):
         self._reader: DataReader | None = None
         self._writer: Any = None
         self._paused = False
+        self._input_paused = False
+        self._output_full = False
+        self._producing = False
+        self._processing = False
+        self._greeted = False
+        self._early_input = False
+        self._protocol_errors = 0
+        self._auth_failures = 0
+        self._auth_delay: Deferred[None] | None = None
         self._advertise_auth = False
         self._tls = False
         self._tls_info_checked = False
         self.session: Session = Session(id=new_id()[:10])
         self.log: Logger = _log
+        self._session_log: Logger = _log
 
     # -- plumbing ---------------------------------------------------------
 
@@ -191,8 +234,31 @@ class SMTPServerProtocol(protocol.Protocol):
         return call_callback(getattr(self.factory.callbacks, name), self.log, *args)
 
     def _reply(self, reply: Reply) -> None:
-        if not self._closed:
-            self.transport.write(reply.to_bytes())
+        if self._closed:
+            return
+        self.transport.write(reply.to_bytes())
+        if reply.code in PROTOCOL_ERRORS:
+            self._protocol_errors += 1
+            if self._protocol_errors >= MAX_PROTOCOL_ERRORS:
+                self.log.warn("too many errors from {remote}", remote=self.session.remote_host)
+                self._abort_writer()
+                self._close(Reply(421, f"4.7.0 {self.factory.hostname} Error: too many errors"))
+
+    def _synchronization_error(self, where: str) -> None:
+        """
+        The client sent input it had to wait for a reply before sending
+        (RFC 5321 section 4.3.1, RFC 2920 section 3.1): what it sent cannot
+        be trusted to be commands, so none of it runs.  Exim answers the
+        same way.
+        """
+        self.log.warn(
+            "SMTP synchronization error {where} from {remote}",
+            where=where,
+            remote=self.session.remote_host,
+        )
+        self._buffer = b""
+        self._abort_writer()
+        self._close(Reply(554, f"5.5.0 SMTP synchronization error: input sent {where}"))
 
     def _close(self, reply: Reply | None = None) -> None:
         if self._closed:
@@ -201,6 +267,10 @@ class SMTPServerProtocol(protocol.Protocol):
             self._reply(reply)
         self._closed = True
         self._cancel_timers()
+        if self._producing:
+            # A transport does not close while a producer is registered.
+            self._producing = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _cancel_timers(self) -> None:
@@ -209,6 +279,27 @@ class SMTPServerProtocol(protocol.Protocol):
             if call is not None and call.active():
                 call.cancel()
             setattr(self, name, None)
+        if self._auth_delay is not None:
+            delay, self._auth_delay = self._auth_delay, None
+            delay.cancel()
+
+    def _set_producing(self) -> None:
+        """
+        Pause reading from the client while the message writer asks us to
+        (L{_paused}) or too much input waits (L{_input_paused}).
+        """
+        if self._closed:
+            return
+        if self._paused or self._input_paused:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
+
+    def _check_pending_input(self) -> None:
+        pause = (self._busy or self._output_full) and len(self._buffer) > MAX_PENDING_INPUT
+        if pause != self._input_paused:
+            self._input_paused = pause
+            self._set_producing()
 
     def _timeout_reply(self) -> Reply:
         return Reply(421, f"4.4.2 {self.factory.hostname} Error: timeout exceeded")
@@ -252,11 +343,33 @@ class SMTPServerProtocol(protocol.Protocol):
 
     # -- connection -------------------------------------------------------
 
+    # IPushProducer, for the transport: see the class docstring.
+
+    def pauseProducing(self) -> None:
+        self._output_full = True
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        if not self._busy and not self._closed:
+            self._process()
+            self._check_pending_input()
+
+    def stopProducing(self) -> None:
+        pass
+
     def connectionMade(self) -> None:
+        try:
+            self.transport.registerProducer(self, True)
+        except (AttributeError, RuntimeError):
+            # A transport without producer support, or one that already has
+            # a producer: replies are then buffered as before.
+            pass
+        else:
+            self._producing = True
         self.session = Session(
             id=self.session.id, local=self.transport.getHost(), remote=self.transport.getPeer()
         )
-        self.log = self._make_log()
+        self.log = self._session_log = self._make_log()
         f = self.factory
         if f.sessions >= f.max_sessions:
             self.log.warn("too many connections from {remote}", remote=self.session.remote_host)
@@ -270,6 +383,10 @@ class SMTPServerProtocol(protocol.Protocol):
 
         def connected(result: Any) -> None:
             if isinstance(result, Accept):
+                if self._early_input:
+                    self._synchronization_error("before the greeting")
+                    return
+                self._greeted = True
                 self._reply(Reply(220, result.greeting))
                 self._resume()
             elif isinstance(result, Disconnect):
@@ -297,9 +414,17 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._tls and not self._tls_info_checked:
             self._check_tls_info()
         self._reset_idle()
+        if not self._greeted:
+            # Talking before the greeting is a spambot's habit (Postfix's
+            # postscreen "pregreet" test); the input is dropped unread and
+            # refused once the greeting is due.
+            self._early_input = True
+            return
         self._buffer += data
         if not self._busy:
             self._process()
+        if self._busy or self._output_full:
+            self._check_pending_input()
 
     def _pause_idle(self) -> None:
         # The idle timeout measures the client's silence; while a plugin
@@ -313,6 +438,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if not self._closed:
             self._reset_idle()
             self._process()
+            self._check_pending_input()
 
     def _run(self, coro: Coroutine[Any, Any, Any]) -> None:
         """
@@ -336,7 +462,18 @@ class SMTPServerProtocol(protocol.Protocol):
         d.addBoth(lambda _: self._resume())
 
     def _process(self) -> None:
-        while not self._busy and not self._closed and self._buffer:
+        # Not re-entrant: a transport may resume us (resumeProducing) from
+        # inside a write; the loop below then simply goes on.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_input()
+        finally:
+            self._processing = False
+
+    def _process_input(self) -> None:
+        while not self._busy and not self._output_full and not self._closed and self._buffer:
             if self._mode == "data":
                 assert self._reader is not None
                 data, self._buffer = self._buffer, b""
@@ -387,8 +524,11 @@ class SMTPServerProtocol(protocol.Protocol):
 
     def _command(self, line: str) -> Any:
         verb, _, arg = line.partition(" ")
+        # isascii first: Unicode case mapping must not make a verb
+        # ("quıt".upper() is "QUIT").
+        ok = verb.isascii() and verb.isalpha()
         verb = verb.upper()
-        method = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        method = getattr(self, "smtp_" + verb, None) if ok else None
         if method is None:
             self._reply(Reply(500, "5.5.2 Command unrecognized"))
             return None
@@ -399,7 +539,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self._transaction = None
         self._reader = None
         self._mode = "command"
-        self.log = self._make_log()
+        # The session's logger (made once: a Logger per transaction costs).
+        self.log = self._session_log
 
     def _abort_writer(self) -> None:
         if self._writer is not None:
@@ -410,7 +551,7 @@ class SMTPServerProtocol(protocol.Protocol):
                 self.log.failure("aborting the message writer failed")
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            self._set_producing()
 
     def smtp_NOOP(self, arg: str) -> None:
         self._reply(Reply(250, "2.0.0 Ok"))
@@ -452,7 +593,7 @@ class SMTPServerProtocol(protocol.Protocol):
         return ext
 
     async def _helo(self, arg: str, esmtp: bool) -> None:
-        if not arg or " " in arg:
+        if not arg or " " in arg or _CONTROL.search(arg) is not None:
             self._reply(Reply(501, f"5.5.4 Syntax: {'EHLO' if esmtp else 'HELO'} hostname"))
             return
         self._reset_transaction()
@@ -568,22 +709,29 @@ class SMTPServerProtocol(protocol.Protocol):
             self.log.error("process_recipient returned {result!r}", result=result)
             self._reply(Reply.local_error())
 
+    def _refuse_data(self, reply: Reply) -> None:
+        self._reply(reply)
+        if self._buffer:
+            # Sent without waiting for the 354: it is the message, and must
+            # not run as commands now that DATA failed.
+            self._synchronization_error("after a refused DATA")
+
     def smtp_DATA(self, arg: str) -> None:
         t = self._transaction
         if arg:
-            self._reply(Reply(501, "5.5.4 Syntax: DATA"))
+            self._refuse_data(Reply(501, "5.5.4 Syntax: DATA"))
             return
         if t is None:
-            self._reply(Reply(503, "5.5.1 Error: need MAIL command"))
+            self._refuse_data(Reply(503, "5.5.1 Error: need MAIL command"))
             return
         if not t.recipients:
-            self._reply(Reply(554, "5.5.1 No valid recipients"))
+            self._refuse_data(Reply(554, "5.5.1 No valid recipients"))
             return
         try:
             self._writer = self.factory.spool.receive(t.id)
         except Exception:
             self.log.failure("spool receive failed")
-            self._reply(Reply.local_error())
+            self._refuse_data(Reply.local_error())
             return
         self._too_big = False
         self._write_failure: Failure | None = None
@@ -631,14 +779,13 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         if stop and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._set_producing()
             writer.drained().addBoth(self._drained)
 
     def _drained(self, result: Any) -> Any:
         if self._paused:
             self._paused = False
-            if not self._closed:
-                self.transport.resumeProducing()
+            self._set_producing()
         return None
 
     def _sink(self, data: bytes) -> None:
@@ -909,5 +1056,25 @@ class SMTPServerProtocol(protocol.Protocol):
             self._update(authenticated=username)
             self.log.info("authenticated as {username}", username=username)
             self._reply(Reply(235, "2.7.0 Authentication successful"))
-        else:
-            self._reply(Reply(535, "5.7.8 Authentication credentials invalid"))
+            return
+        f = self.factory
+        self._auth_failures += 1
+        self.log.info(
+            "authentication failed for {username} ({failures} in this session)",
+            username=username,
+            failures=self._auth_failures,
+        )
+        if self._auth_failures >= f.auth_max_failures:
+            self._close(
+                Reply(421, f"4.7.0 {f.hostname} Error: too many failed authentication attempts")
+            )
+            return
+        if self._auth_failures > f.auth_failures_before_delay and f.auth_failure_delay > 0:
+            self._auth_delay = deferLater(f.clock, f.auth_failure_delay, lambda: None)
+            try:
+                await self._auth_delay
+            except defer.CancelledError:
+                return
+            finally:
+                self._auth_delay = None
+        self._reply(Reply(535, "5.7.8 Authentication credentials invalid"))
