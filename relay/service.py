@@ -18,6 +18,7 @@ import os
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
@@ -25,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python import reflect
 from twisted.python.threadpool import ThreadPool
 
+from relay.proxy import server_endpoint
 from relay.simple import Defaults, Simple, as_callbacks
 
 log = Logger()
@@ -309,6 +311,9 @@ def makeService(
     tls_context_factory: Any = None,
     run_in_thread: Callable[..., Deferred[Any]] | None = None,
     metrics: str | None = None,
+    receivers: int = 0,
+    auth: Sequence[str] = (),
+    receiver_grace: float = 30.0,
 ) -> MultiService:
     """
     Build the relay: a L{MultiService} with a thread pool, the spool, and
@@ -319,6 +324,16 @@ def makeService(
     @param reactor: the reactor; the global one when C{None}.
     @param metrics: an endpoint description to serve Prometheus metrics on
         (at C{/metrics}), or C{None} for none.
+    @param receivers: with 0, this process serves SMTP itself.  With N >= 1
+        it does not: it opens the C{smtp} sockets (C{tcp:}, C{tcp6:}, or
+        C{haproxy:} over one of them) and runs N receiving processes on
+        them (L{relay.receiver}), each with at most C{max_sessions / N}
+        sessions; the plugin must then be named by a dotted path.
+    @param auth: C{twisted.cred.strcred} descriptions of the AUTH checker
+        (e.g. C{"memory:alice:secret"}), the form receivers need; the
+        checker is made from the first one when C{checker} is C{None}.
+    @param receiver_grace: seconds a stopping receiver lets its open
+        sessions finish.
     """
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -332,6 +347,28 @@ def makeService(
         hostname = socket.getfqdn()
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key must be given together")
+    receivers = int(receivers)
+    if receivers < 0:
+        raise ValueError("receivers must be 0 or more")
+    auth = tuple(auth)
+    if auth and checker is None:
+        from twisted.cred import strcred
+
+        from relay.tap import _bytes_users
+
+        checker = _bytes_users(strcred.makeChecker(auth[0]))
+    receiver_setup: dict[str, Any] = {}
+    if receivers:
+        from relay.receiver import callbacks_name, parse_listener
+
+        receiver_setup["listeners"] = [parse_listener(e) for e in smtp]
+        receiver_setup["callbacks"] = callbacks_name(callbacks)
+        if checker is not None and not auth:
+            raise ValueError(
+                "with receivers, give the AUTH checker as strcred descriptions (auth=[...])"
+            )
+        if tls_context_factory is not None and tls_cert is None:
+            raise ValueError("with receivers, give TLS as tls_cert and tls_key files")
     if tls_context_factory is None and tls_cert is not None:
         tls_context_factory = load_tls_context(tls_cert, tls_key)  # type: ignore[arg-type]
 
@@ -365,6 +402,7 @@ def makeService(
         bounce=bounce,
     )
     top.callbacks = plugin  # type: ignore[attr-defined]
+    top.receivers = None  # type: ignore[attr-defined]
 
     pool_service: ThreadPoolService | None = None
     if run_in_thread is None:
@@ -387,6 +425,30 @@ def makeService(
         max_send_jobs, relay_tls, bounce, run_in_thread,
     )
 
+    if receivers:
+        top.factory = None  # type: ignore[attr-defined]
+        _receivers(
+            top, receivers, receiver_setup, disk, spool_service, reactor,
+            spool=os.path.abspath(spool),
+            quarantine=os.path.abspath(quarantine),
+            hostname=hostname,
+            smarthost=smarthost,
+            retry_intervals=list(retry_intervals),
+            max_message_size=max_message_size,
+            max_recipients=max_recipients,
+            max_sessions=-(-max_sessions // receivers),
+            idle_timeout=idle_timeout,
+            reject_bare_lf=reject_bare_lf,
+            auth_requires_tls=auth_requires_tls,
+            tls_cert=os.path.abspath(tls_cert) if tls_cert else None,
+            tls_key=os.path.abspath(tls_key) if tls_key else None,
+            auth=list(auth),
+            grace=receiver_grace,
+        )  # fmt: skip
+        _metrics_and_control(top, plugin, disk, reactor, metrics, control, None)
+        _warn_open_relay(plugin, smtp)
+        return top
+
     factory = SMTPServerFactory(
         callbacks=plugin,
         spool=served,
@@ -401,39 +463,61 @@ def makeService(
         reject_bare_lf=reject_bare_lf,
     )
     top.factory = factory  # type: ignore[attr-defined]
+    _metrics_and_control(top, plugin, disk, reactor, metrics, control, factory)
+    for i, endpoint in enumerate(smtp):
+        listener = StreamServerEndpointService(server_endpoint(reactor, endpoint), factory)
+        listener.setName(f"smtp-{i}")
+        listener.setServiceParent(top)
+    _warn_open_relay(plugin, smtp)
+    return top
 
-    top.metrics = None  # type: ignore[attr-defined]
+
+def _metrics_and_control(
+    top: Any, plugin: Any, disk: Any, reactor: Any, metrics: str | None, control: str,
+    factory: Any,
+) -> None:
+    """
+    Add the metrics and control services to C{top}.  The metrics count the
+    sessions and policy rejections of C{factory}, or of the receivers when
+    there is none.
+    """
+    top.metrics = None
     if metrics:
         from relay.metrics import RelayMetrics, metrics_service
 
-        relay_metrics = RelayMetrics(sessions=lambda: factory.sessions)
-        factory.on_rejected = relay_metrics.rejected
-        delivery = top.delivery  # type: ignore[attr-defined]
+        if factory is not None:
+            relay_metrics = RelayMetrics(sessions=lambda: factory.sessions)
+            factory.on_rejected = relay_metrics.rejected
+        else:
+            pool = top.receivers
+            relay_metrics = RelayMetrics(sessions=pool.sessions)
+            pool.on_rejected = relay_metrics.rejected
+        delivery = top.delivery
         metrics_service(
             metrics, relay_metrics, disk,
             delivery.events if delivery is not None else None, reactor,
         ).setServiceParent(top)
-        top.metrics = relay_metrics  # type: ignore[attr-defined]
+        top.metrics = relay_metrics
 
     if control:
         from relay.control import ControlFactory, plugin_locators
 
         control_factory = ControlFactory(
-            top.spool, top.delivery, plugin_locators(plugin), clock=reactor  # type: ignore[attr-defined]
+            top.spool, top.delivery, plugin_locators(plugin), clock=reactor
         )
-        top.control_factory = control_factory  # type: ignore[attr-defined]
+        top.control_factory = control_factory
         control_service = strports.service(
             control_endpoint(control), control_factory, reactor=reactor
         )
         control_service.setName("control")
         control_service.setServiceParent(top)
 
-    open_relay = is_open_relay(plugin)
-    for i, endpoint in enumerate(smtp):
-        listener = strports.service(endpoint, factory, reactor=reactor)
-        listener.setName(f"smtp-{i}")
-        listener.setServiceParent(top)
-        if open_relay and listens_publicly(endpoint):
+
+def _warn_open_relay(plugin: Any, smtp: Sequence[str]) -> None:
+    if not is_open_relay(plugin):
+        return
+    for endpoint in smtp:
+        if listens_publicly(endpoint):
             log.warn(
                 "OPEN RELAY: SMTP endpoint {endpoint!r} accepts connections from "
                 "other hosts and the callbacks are the stock relay.simple.Simple, "
@@ -442,4 +526,68 @@ def makeService(
                 endpoint=endpoint,
                 open_relay=True,
             )
-    return top
+
+
+def _receivers(
+    top: Any,
+    count: int,
+    setup: dict[str, Any],
+    disk: Any,
+    spool_service: SpoolService,
+    reactor: Any,
+    **settings: Any,
+) -> None:
+    """
+    Add the receiver pool to C{top}: the master's side of
+    C{--receivers}.  What receivers commit goes to the scheduler and the
+    event stream as for mail received here (see
+    L{relay.delivery.NotifyingSpool}).
+    """
+    from relay.entry import ACTIVE
+    from relay.receiver import ReceiverPool, receiver_settings
+
+    def spooled(entries: list[Any]) -> None:
+        delivery = top.delivery
+        if delivery is None:
+            return
+        for entry in entries:
+            delivery.events.emit("spooled", entry.id)
+        try:
+            delivery.notify(entries)
+        except Exception:
+            delivery.log.failure("Cannot schedule new entries")
+
+    def quarantined(entries: list[Any], reason: str) -> None:
+        delivery = top.delivery
+        if delivery is None:
+            return
+        for entry in entries:
+            delivery.events.emit("quarantined", entry.id, reason=reason)
+
+    def rescan() -> None:
+        # A receiver that died may have committed entries it could not
+        # tell us about: schedule what the scheduler does not know of.
+        delivery = top.delivery
+        if delivery is None or not delivery.running:
+            return
+
+        def found(entries: list[Any]) -> None:
+            known = set(delivery.timers) | set(delivery.jobs) | set(delivery.due)
+            delivery.notify([e for e in entries if e.id not in known])
+
+        d = disk.entries(ACTIVE)
+        d.addCallbacks(found, lambda f: log.failure("Rescanning the active queue failed", f))
+
+    pool = ReceiverPool(
+        count=count,
+        listeners=setup["listeners"],
+        settings=receiver_settings(callbacks=setup["callbacks"], **settings),
+        reactor=reactor,
+        on_spooled=spooled,
+        on_quarantined=quarantined,
+        on_restart=rescan,
+        wait_for=lambda: spool_service.recovered,
+        grace=settings["grace"],
+    )
+    pool.setServiceParent(top)
+    top.receivers = pool

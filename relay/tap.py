@@ -55,6 +55,19 @@ def _positive(kind: type, name: str):  # type: ignore[no-untyped-def]
     return coerce
 
 
+def _non_negative_int(name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = -1
+        if number < 0:
+            raise usage.UsageError(f"--{name} must be 0 or a positive integer, not {value!r}")
+        return number
+
+    return coerce
+
+
 class Options(usage.Options, strcred.AuthOptionMixin):
     """
     The options of C{twistd relay}.
@@ -99,6 +112,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["relay-tls", None, "may", "TLS when relaying: none, may, encrypt or verify."],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
          _positive(float, "idle-timeout")],
+        ["receivers", None, 0,
+         "Receive SMTP in this many separate processes (0: in this one). The main process "
+         "then keeps the spool, delivery and control; --smtp must be tcp:, tcp6: or haproxy:.",
+         _non_negative_int("receivers")],
     ]
 
     compData = usage.Completions(
@@ -114,6 +131,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         usage.Options.__init__(self)
         self["smtp"] = []
+        self["auth-descriptions"] = []
 
     def opt_smtp(self, endpoint: str) -> None:
         """
@@ -190,6 +208,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             except Exception as e:
                 raise usage.UsageError(f"--tls-cert/--tls-key: cannot load: {e}") from None
 
+        if self["receivers"]:
+            from relay.receiver import parse_listener
+
+            for endpoint in self["smtp"]:
+                try:
+                    parse_listener(endpoint)
+                except ValueError as e:
+                    raise usage.UsageError(f"--smtp with --receivers: {e}") from None
+
         checkers = self.get("credCheckers") or []
         self["checker"] = _bytes_users(checkers[0]) if checkers else None
 
@@ -198,6 +225,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             strcred.AuthOptionMixin.opt_auth(self, description)
         except usage.UsageError as e:
             raise usage.UsageError(f"--auth {description!r}: {e}") from None
+        # Receiver processes make their own checker from the description.
+        self["auth-descriptions"].append(description)
 
     opt_auth.__doc__ = strcred.AuthOptionMixin.opt_auth.__doc__
 
@@ -231,7 +260,8 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
         spool=options["spool"],
         quarantine=options["quarantine"],
         control=options["control"],
-        callbacks=options["callbacks"],
+        # Receivers import the plugin by its name.
+        callbacks=options["callbacks-name"] if options["receivers"] else options["callbacks"],
         smarthost=options["smarthost"],
         retry_intervals=options["retry-intervals"],
         max_message_size=options["max-message-size"],
@@ -248,4 +278,6 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
         auth_requires_tls=not options["allow-auth-without-tls"],
         bounce=not options["no-bounce"],
         metrics=options["metrics"],
+        receivers=options["receivers"],
+        auth=tuple(options["auth-descriptions"]),
     )

@@ -13,9 +13,12 @@ from typing import Any
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import succeed
+from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import service as relay_service
@@ -247,3 +250,137 @@ class MakeServiceTests(SynchronousTestCase):
         services = list(service.IServiceCollection(namespace["application"]))
         self.assertEqual(len(services), 1)
         self.assertIsInstance(services[0], MultiService)
+
+
+class ReceiversServiceTests(SynchronousTestCase):
+    """
+    L{relay_service.makeService} with C{receivers}: the master's tree.
+    """
+
+    setUp = MakeServiceTests.setUp
+    _restore = MakeServiceTests._restore
+    make = MakeServiceTests.make
+
+    def test_tree(self) -> None:
+        from relay.receiver import ReceiverPool
+
+        top = self.make(
+            smtp=["tcp:0:interface=127.0.0.1", "haproxy:tcp6:0:interface=\\:\\:1"],
+            receivers=3,
+            callbacks=f"{__name__}.Policy",
+            auth=["memory:alice:secret"],
+            max_sessions=10,
+            smarthost="mx.example.com:25",
+            retry_intervals=[60],
+        )
+        names = [s.name for s in top]
+        self.assertEqual(names, ["threadpool", "spool", "receivers", "control"])
+        pool = top.receivers
+        self.assertIsInstance(pool, ReceiverPool)
+        self.assertIsNone(getattr(top, "factory", None))
+        self.assertEqual(pool.count, 3)
+        self.assertEqual([x.haproxy for x in pool.listeners], [False, True])
+        settings = pool.settings
+        self.assertEqual(settings["callbacks"], f"{__name__}.Policy")
+        self.assertEqual(settings["auth"], ["memory:alice:secret"])
+        self.assertEqual(settings["max_sessions"], 4)  # 10 shared by 3, rounded up
+        self.assertEqual(settings["hostname"], "relay.test")
+        self.assertEqual(settings["smarthost"], "mx.example.com:25")
+        self.assertEqual(settings["retry_intervals"], [60])
+        self.assertEqual(settings["spool"], os.path.join(self.base, "spool"))
+        self.assertEqual(settings["quarantine"], os.path.join(self.base, "quarantine"))
+        # The master's own plugin (for its RPCs) is configured as before,
+        # with a checker made from the description.
+        self.assertIsInstance(top.callbacks, Policy)
+        self.assertIsNotNone(top.callbacks.configured.checker)
+        self.assertEqual(self.reactor.tcpServers, [])
+
+    def test_start_stop(self) -> None:
+        top = self.make(smtp=["tcp:0:interface=127.0.0.1"], receivers=1)
+        spawned: list[Any] = []
+        top.receivers.spawn = lambda protocol, *args, **kw: spawned.append(protocol)
+        top.privilegedStartService()
+        top.startService()
+        try:
+            self.assertEqual(top.spool.calls, ["lock", "recover"])
+            # After recovery, the receiver is started; nothing listens here.
+            self.assertEqual(len(spawned), 1)
+            self.assertEqual(self.reactor.tcpServers, [])
+            self.assertEqual(len(top.receivers.sockets), 1)
+        finally:
+            spawned[0].processEnded(Failure(ProcessDone(0)))
+            self.successResultOf(top.stopService())
+        self.assertEqual(top.receivers.sockets, [])
+
+    def test_refusals(self) -> None:
+        for kwargs, text in (
+            (dict(smtp=["unix:/tmp/relay.sock"]), "only tcp:, tcp6: and haproxy:"),
+            (dict(callbacks=Policy()), "dotted name"),
+            (dict(checker=object()), "strcred descriptions"),
+            (dict(tls_context_factory=object()), "tls_cert and tls_key"),
+        ):
+            with self.assertRaises(ValueError, msg=kwargs) as raised:
+                self.make(receivers=2, **kwargs)
+            self.assertIn(text, str(raised.exception))
+        self.assertRaises(ValueError, self.make, receivers=-1)
+
+    def test_receivers_news(self) -> None:
+        """
+        Entries that receivers spooled or quarantined reach the event
+        stream and the scheduler like locally received ones; a restart
+        rescans the active queue for entries the scheduler does not know.
+        """
+        from relay.events import EventBus
+
+        top = self.make(smtp=["tcp:0:interface=127.0.0.1"], receivers=1)
+        pool = top.receivers
+
+        class Scheduler:
+            running = True
+            timers = {"known-0": None}
+            jobs: dict[str, Any] = {}
+            due: list[str] = []
+
+            def __init__(self) -> None:
+                self.events = EventBus(Clock())
+                self.notified: list[Any] = []
+
+            def notify(self, entries: Any) -> None:
+                self.notified.append([e.id for e in entries])
+
+        scheduler = Scheduler()
+        top.delivery = scheduler
+        seen: list[Any] = []
+        scheduler.events.subscribe(lambda e: seen.append((e.kind, e.entry_id, e.fields)))
+        a, b = Entry("a-0"), Entry("b-0")
+        pool.on_spooled([a, b])
+        pool.on_quarantined([Entry("q-0")], "spam")
+        self.assertEqual(
+            seen,
+            [("spooled", "a-0", {}), ("spooled", "b-0", {}), ("quarantined", "q-0", {"reason": "spam"})],
+        )
+        self.assertEqual(scheduler.notified, [["a-0", "b-0"]])
+
+        top.spool.entries = lambda queue: succeed([Entry("known-0"), Entry("new-0")])
+        pool.on_restart()
+        self.assertEqual(scheduler.notified[-1], ["new-0"])
+
+    def test_metrics_count_receivers(self) -> None:
+        top = self.make(
+            smtp=["tcp:0:interface=127.0.0.1"], receivers=2, metrics="tcp:0:interface=127.0.0.1"
+        )
+        pool = top.receivers
+        pool.on_rejected()
+        value = top.metrics.registry.get_sample_value("relay_messages_total", {"outcome": "rejected"})
+        self.assertEqual(value, 1.0)
+
+        class Process:
+            sessions = 2
+
+        pool.processes = {1: Process(), 2: Process()}
+        self.assertEqual(top.metrics.registry.get_sample_value("relay_sessions"), 4.0)
+
+
+class Entry:
+    def __init__(self, entry_id: str) -> None:
+        self.id = entry_id

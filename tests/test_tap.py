@@ -179,3 +179,32 @@ class BadOptionsTests(SynchronousTestCase):
 
     def test_auth(self) -> None:
         self.assertBad("auth", "--auth", "nosuchchecker:x")
+
+
+class ReceiversOptionTests(SynchronousTestCase):
+    def test_default(self) -> None:
+        self.assertEqual(parse()["receivers"], 0)
+
+    def test_count(self) -> None:
+        options = parse("--receivers", "2", "--smtp", "tcp:2525:interface=127.0.0.1",
+                        "--smtp", "haproxy:tcp6:2526")  # fmt: skip
+        self.assertEqual(options["receivers"], 2)
+
+    def test_bad_counts(self) -> None:
+        for bad in ("-1", "x", "1.5", ""):
+            with self.assertRaises(usage.UsageError) as raised:
+                parse("--receivers", bad)
+            self.assertIn("--receivers", str(raised.exception))
+
+    def test_endpoint_receivers_cannot_share(self) -> None:
+        with self.assertRaises(usage.UsageError) as raised:
+            parse("--receivers", "1", "--smtp", "unix:/tmp/relay.sock")
+        self.assertIn("--smtp with --receivers", str(raised.exception))
+        self.assertIn("only tcp:, tcp6: and haproxy:", str(raised.exception))
+        # Without receivers the same endpoint is fine.
+        self.assertEqual(parse("--smtp", "unix:/tmp/relay.sock")["smtp"], ["unix:/tmp/relay.sock"])
+
+    def test_auth_descriptions_kept(self) -> None:
+        options = parse("--auth", "memory:alice:secret")
+        self.assertEqual(options["auth-descriptions"], ["memory:alice:secret"])
+        self.assertEqual(parse()["auth-descriptions"], [])

@@ -1,0 +1,663 @@
+"""
+Tests for L{relay.receiver}: C{--receivers N}, the master's receiver pool,
+the master<->receiver messages, a receiver's own side, and the real
+C{twistd relay --receivers 2}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger, eventAsJSON
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from relay.address import EmailAddress, Sender
+from relay.entry import ACTIVE, QUARANTINE
+from relay.envelope import Envelope, EnvelopeWithNextHop
+from relay.message import Message
+from relay.receiver import (
+    CHANNEL_FD,
+    FIRST_LISTENER_FD,
+    Listener,
+    Receiver,
+    ReceiverPool,
+    ReportingSpool,
+    callbacks_name,
+    parse_listener,
+    receiver_settings,
+)
+from relay.simple import Simple
+from relay.spool import entry_for, entry_to_json
+from tests import test_integration
+from tests.test_integration import ROOT, SinkCallbacks, TwistdRelayTests, free_port
+
+
+class Policy(Simple):
+    """A plugin importable by name."""
+
+    configured: Any = None
+
+    def configure(self, defaults: Any) -> None:
+        super().configure(defaults)
+        self.configured = defaults
+
+
+def make_entry(entry_id: str = "e1", queue: str = ACTIVE, reason: str | None = None) -> Any:
+    envelope = Envelope(
+        id=entry_id,
+        sender=Sender(EmailAddress.parse("alice@example.com")),
+        sender_args=(),
+        recipients=(EmailAddress.parse("bob@example.net"),),
+        message=Message(headers=(), size=5, data=b"hello"),
+    )
+    hop = EnvelopeWithNextHop(envelope, next_hop_choices=("mx.example.net:25",), retry_intervals=(60,))
+    return entry_for(f"{entry_id}-0", queue, hop, 1000.0, reason=reason, received_from="c [::1]")
+
+
+class ListenerTests(SynchronousTestCase):
+    def test_tcp(self) -> None:
+        listener = parse_listener("tcp:2525:interface=127.0.0.1:backlog=100")
+        self.assertEqual(
+            (listener.family, listener.host, listener.port, listener.backlog, listener.haproxy),
+            (socket.AF_INET, "127.0.0.1", 2525, 100, False),
+        )
+
+    def test_defaults(self) -> None:
+        self.assertEqual(parse_listener("tcp:25").host, "0.0.0.0")
+        self.assertEqual(parse_listener("tcp:25").backlog, 50)
+        six = parse_listener("tcp6:port=2525")
+        self.assertEqual((six.family, six.host, six.port), (socket.AF_INET6, "::", 2525))
+
+    def test_haproxy(self) -> None:
+        listener = parse_listener("haproxy:tcp6:2525:interface=\\:\\:1")
+        self.assertEqual(
+            (listener.family, listener.host, listener.port, listener.haproxy),
+            (socket.AF_INET6, "::1", 2525, True),
+        )
+
+    def test_refused(self) -> None:
+        for endpoint in (
+            "unix:/tmp/relay.sock",
+            "ssl:465",
+            "haproxy:unix:/tmp/x",
+            "tcp:notaport",
+            "tcp:25:interface=127.0.0.1:reuse=1",
+            "tcp:2525:interface=\\:\\:1",
+        ):
+            with self.assertRaises(ValueError, msg=endpoint) as raised:
+                parse_listener(endpoint)
+            self.assertIn(repr(endpoint), str(raised.exception))
+
+    def test_json_round_trip(self) -> None:
+        for endpoint in ("tcp:0:interface=127.0.0.1", "haproxy:tcp6:25:interface=\\:\\:1"):
+            listener = parse_listener(endpoint)
+            data = json.loads(json.dumps(listener.to_json()))
+            self.assertEqual(Listener.from_json(data), listener)
+
+
+class CallbacksNameTests(SynchronousTestCase):
+    def test_names(self) -> None:
+        self.assertEqual(callbacks_name("some.module.Policy"), "some.module.Policy")
+        self.assertEqual(callbacks_name(Policy), f"{__name__}.Policy")
+
+    def test_unnamed(self) -> None:
+        class Local(Simple):
+            pass
+
+        for callbacks in (Policy(), Local):
+            with self.assertRaises(ValueError) as raised:
+                callbacks_name(callbacks)
+            self.assertIn("dotted name", str(raised.exception))
+
+
+class FakeProcessTransport:
+    """
+    The parts of an L{IProcessTransport} the pool uses.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written = b""
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class PoolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spawned: list[tuple[Any, ...]] = []
+        self.spooled: list[Any] = []
+        self.quarantined: list[Any] = []
+        self.rejected: list[None] = []
+        self.restarted: list[None] = []
+        self.logged: list[dict[str, Any]] = []
+        self.settings = receiver_settings(spool="/s", hostname="relay.test", grace=7.0)
+
+    def spawn(self, protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> Any:
+        transport = FakeProcessTransport(100 + len(self.spawned))
+        self.spawned.append((protocol, executable, argv, env, childFDs))
+        protocol.makeConnection(transport)
+        return transport
+
+    def make(self, count: int = 2, wait_for: Any = None) -> ReceiverPool:
+        pool = ReceiverPool(
+            count=count,
+            listeners=[parse_listener("tcp:0:interface=127.0.0.1")],
+            settings=self.settings,
+            reactor=self.clock,
+            on_spooled=self.spooled.append,
+            on_quarantined=lambda entries, reason: self.quarantined.append((entries, reason)),
+            on_rejected=lambda: self.rejected.append(None),
+            on_restart=lambda: self.restarted.append(None),
+            wait_for=wait_for,
+            spawn=self.spawn,
+            executable="/usr/bin/python-for-test",
+            publisher=self.logged.append,
+            grace=7.0,
+        )
+        self.addCleanup(pool._close_sockets)
+        return pool
+
+    def test_needs_a_receiver(self) -> None:
+        self.assertRaises(ValueError, ReceiverPool, count=0, listeners=[], settings={}, reactor=self.clock)
+
+    def test_starts_receivers_with_sockets_and_settings(self) -> None:
+        pool = self.make()
+        pool.privilegedStartService()
+        pool.startService()
+        self.assertEqual(len(self.spawned), 2)
+        sock = pool.sockets[0]
+        port = sock.getsockname()[1]
+        self.assertNotEqual(port, 0)
+        for number, (protocol, executable, argv, env, fds) in enumerate(self.spawned, 1):
+            self.assertEqual(executable, "/usr/bin/python-for-test")
+            self.assertEqual(argv, [executable, "-m", "relay.receiver", str(number)])
+            self.assertEqual(
+                fds, {0: "w", 1: "r", 2: "r", CHANNEL_FD: "r", FIRST_LISTENER_FD: sock.fileno()}
+            )
+            self.assertIn(ROOT, env["PYTHONPATH"].split(os.pathsep))
+            line = protocol.transport.written
+            self.assertTrue(line.endswith(b"\n"))
+            self.assertEqual(line.count(b"\n"), 1)
+            settings = json.loads(line)
+            self.assertEqual(settings["number"], number)
+            self.assertEqual(settings["hostname"], "relay.test")
+            self.assertEqual(settings["grace"], 7.0)
+            self.assertEqual(settings["path"], [p for p in sys.path if isinstance(p, str)])
+            [listener] = settings["listeners"]
+            self.assertEqual(Listener.from_json(listener).port, 0)
+        # The socket listens: a client connects (it waits in the backlog).
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+
+    def test_waits_for_recovery(self) -> None:
+        recovered: Deferred[None] = Deferred()
+        pool = self.make(wait_for=lambda: recovered)
+        pool.startService()
+        self.assertEqual(self.spawned, [])
+        recovered.callback(None)
+        self.assertEqual(len(self.spawned), 2)
+
+    def started(self, count: int = 2) -> ReceiverPool:
+        pool = self.make(count)
+        pool.startService()
+        return pool
+
+    def test_messages(self) -> None:
+        pool = self.started()
+        first = self.spawned[0][0]
+        entry = make_entry("a")
+        quarantined = make_entry("q", QUARANTINE, reason="virus")
+        lines = b"".join(
+            json.dumps(m).encode("utf-8") + b"\n"
+            for m in (
+                {"t": "spooled", "entries": [entry_to_json(entry)]},
+                {"t": "quarantined", "reason": "virus", "entries": [entry_to_json(quarantined)]},
+                {"t": "rejected"},
+                {"t": "sessions", "n": 3},
+            )
+        )
+        # Split anywhere: lines are reassembled.
+        for i in range(0, len(lines), 7):
+            first.childDataReceived(CHANNEL_FD, lines[i : i + 7])
+        self.assertEqual(self.spooled, [[entry]])
+        self.assertEqual(self.quarantined, [([quarantined], "virus")])
+        self.assertEqual(self.rejected, [None])
+        self.assertEqual(pool.sessions(), 3)
+        self.spawned[1][0].childDataReceived(CHANNEL_FD, b'{"t": "sessions", "n": 2}\n')
+        self.assertEqual(pool.sessions(), 5)
+
+    def test_bad_message_logged(self) -> None:
+        pool = self.started(1)
+        errors: list[Any] = []
+        pool.log = Logger(observer=errors.append)
+        self.spawned[0][0].childDataReceived(CHANNEL_FD, b'not json\n{"t": "nonsense"}\n')
+        self.assertEqual([e["receiver"] for e in errors], [1, 1])
+        self.assertTrue(all(e["log_failure"] is not None for e in errors))
+        self.assertEqual(self.spooled, [])
+
+    def test_log_events_forwarded(self) -> None:
+        self.started()
+        events: list[dict[str, Any]] = []
+        Logger(namespace="relay.server", observer=events.append).warn("queued {id}", id="x1")
+        line = json.dumps({"t": "log", "event": eventAsJSON(events[0])}).encode("utf-8") + b"\n"
+        self.spawned[1][0].childDataReceived(CHANNEL_FD, line)
+        [event] = self.logged
+        self.assertEqual(event["receiver"], 2)
+        self.assertEqual(event["id"], "x1")
+        self.assertEqual(event["log_namespace"], "relay.server")
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(event["log_system"], "receiver-2 relay.server#warn")
+
+    def test_output_logged(self) -> None:
+        pool = self.started(1)
+        events: list[dict[str, Any]] = []
+        pool.log = Logger(observer=events.append)
+        protocol = self.spawned[0][0]
+        protocol.childDataReceived(2, b"Traceback (most recent\ncall last)")
+        protocol.childConnectionLost(2)
+        protocol.childDataReceived(1, b"printed\n")
+        self.assertEqual(
+            [(e["log_level"].name, e["line"], e["receiver"]) for e in events],
+            [("warn", "Traceback (most recent", 1), ("warn", "call last)", 1), ("info", "printed", 1)],
+        )
+
+    def test_restart_with_backoff(self) -> None:
+        pool = self.started(1)
+        for expected in (1.0, 2.0, 4.0):
+            protocol = self.spawned[-1][0]
+            protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+            self.assertNotIn(1, pool.processes)
+            self.clock.advance(expected - 0.5)
+            self.assertIs(self.spawned[-1][0], protocol)
+            self.clock.advance(0.5)
+            self.assertIsNot(self.spawned[-1][0], protocol)
+            self.assertIn(1, pool.processes)
+        self.assertEqual(len(self.restarted), 3)
+        # One that ran for a while is restarted after the shortest delay.
+        self.clock.advance(3600)
+        protocol = self.spawned[-1][0]
+        protocol.processEnded(Failure(ProcessDone(0)))
+        self.clock.advance(1.0)
+        self.assertIsNot(self.spawned[-1][0], protocol)
+
+    def test_stop(self) -> None:
+        pool = self.started()
+        socket_fd = pool.sockets[0]
+        d = pool.stopService()
+        transports = [s[0].transport for s in self.spawned]
+        self.assertEqual([t.signals for t in transports], [["TERM"], ["TERM"]])
+        self.assertNoResult(d)
+        self.spawned[0][0].processEnded(Failure(ProcessDone(0)))
+        self.assertNoResult(d)
+        self.spawned[1][0].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(d)
+        self.assertEqual(pool.sockets, [])
+        self.assertEqual(socket_fd.fileno(), -1)
+        # Not restarted, and nothing left to kill.
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawned), 2)
+        self.assertEqual([t.signals for t in transports], [["TERM"], ["TERM"]])
+
+    def test_stop_kills_after_grace(self) -> None:
+        pool = self.started(1)
+        d = pool.stopService()
+        transport = self.spawned[0][0].transport
+        self.clock.advance(7.0 + 4.9)
+        self.assertEqual(transport.signals, ["TERM"])
+        self.clock.advance(0.1)
+        self.assertEqual(transport.signals, ["TERM", "KILL"])
+        self.spawned[0][0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(d)
+
+    def test_stop_cancels_restart(self) -> None:
+        pool = self.started(1)
+        self.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.successResultOf(pool.stopService())
+        self.clock.advance(100)
+        self.assertEqual(len(self.spawned), 1)
+
+
+class FakeSpool:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def enqueue(self, envelopes: Any, received_from: Any = None) -> Deferred[Any]:
+        self.calls.append(("enqueue", received_from))
+        return succeed([make_entry("a"), make_entry("b")])
+
+    def quarantine(self, envelopes: Any, reason: str, received_from: Any = None) -> Deferred[Any]:
+        self.calls.append(("quarantine", reason, received_from))
+        return succeed([make_entry("q", QUARANTINE, reason)])
+
+    def receive(self, message_id: str) -> str:
+        return f"writer {message_id}"
+
+    def discard(self, message: Any) -> str:
+        return f"discarded {message}"
+
+    def entries(self, queue: str) -> str:
+        return f"entries of {queue}"
+
+
+class ReportingSpoolTests(SynchronousTestCase):
+    def test_reports_commits(self) -> None:
+        sent: list[dict[str, Any]] = []
+        spool = ReportingSpool(FakeSpool(), sent.append)
+        entries = self.successResultOf(spool.enqueue([], received_from="h [1.2.3.4]"))
+        self.assertEqual([e.id for e in entries], ["a-0", "b-0"])
+        self.assertEqual(sent, [{"t": "spooled", "entries": [entry_to_json(e) for e in entries]}])
+        # What the master reads back is the same entries.
+        from relay.spool import entry_from_json
+
+        self.assertEqual([entry_from_json(e) for e in sent[0]["entries"]], entries)
+        del sent[:]
+        [q] = self.successResultOf(spool.quarantine([], "spam", received_from="h"))
+        self.assertEqual(sent, [{"t": "quarantined", "reason": "spam", "entries": [entry_to_json(q)]}])
+
+    def test_passes_the_rest(self) -> None:
+        spool = ReportingSpool(FakeSpool(), lambda m: None)
+        self.assertEqual(spool.receive("m1"), "writer m1")
+        self.assertEqual(spool.discard("x"), "discarded x")
+        self.assertEqual(spool.entries("active"), "entries of active")
+
+    def test_send_failure_does_not_fail_the_commit(self) -> None:
+        def broken(message: Any) -> None:
+            raise OSError("pipe closed")
+
+        spool = ReportingSpool(FakeSpool(), broken)
+        self.assertEqual(len(self.successResultOf(spool.enqueue([]))), 2)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+def synchronous(f: Any, *args: Any, **kw: Any) -> Deferred[Any]:
+    return defer.maybeDeferred(f, *args, **kw)
+
+
+class ReceiverTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.sent: list[dict[str, Any]] = []
+        base = os.path.abspath(self.mktemp())
+        self.settings = receiver_settings(
+            number=2,
+            listeners=[
+                parse_listener("tcp:2525:interface=127.0.0.1").to_json(),
+                parse_listener("haproxy:tcp6:2526").to_json(),
+            ],
+            spool=os.path.join(base, "spool"),
+            quarantine=os.path.join(base, "quarantine"),
+            callbacks=f"{__name__}.Policy",
+            hostname="relay.test",
+            smarthost="mx.example.net:25",
+            retry_intervals=[60, 120],
+            max_message_size=1000,
+            max_recipients=3,
+            max_sessions=4,
+            idle_timeout=9.0,
+            reject_bare_lf=True,
+            auth_requires_tls=False,
+            tls_cert=None,
+            tls_key=None,
+            auth=["memory:alice:secret"],
+            grace=5.0,
+        )
+
+    def make(self) -> Receiver:
+        fds = []
+        for _ in range(2):
+            s = socket.socket()
+            self.addCleanup(s.close)
+            fds.append(os.dup(s.fileno()))
+        return Receiver(self.settings, self.reactor, self.sent.append, fds, run_in_thread=synchronous)
+
+    def test_configured_like_the_master(self) -> None:
+        receiver = self.make()
+        factory = receiver.build()
+        plugin = factory.callbacks
+        self.assertIsInstance(plugin, Policy)
+        defaults = plugin.configured
+        self.assertEqual(defaults.hostname, "relay.test")
+        self.assertEqual(tuple(defaults.next_hop_choices), ("mx.example.net:25",))
+        self.assertEqual(tuple(defaults.retry_intervals), (60, 120))
+        self.assertIs(defaults.clock, self.reactor)
+        from twisted.cred.credentials import UsernamePassword
+
+        d = defaults.checker.requestAvatarId(UsernamePassword(b"alice", b"secret"))
+        self.assertEqual(self.successResultOf(d), b"alice")
+        self.assertEqual(factory.hostname, "relay.test")
+        self.assertEqual(factory.max_message_size, 1000)
+        self.assertEqual(factory.max_recipients, 3)
+        self.assertEqual(factory.max_sessions, 4)
+        self.assertEqual(factory.idle_timeout, 9.0)
+        self.assertTrue(factory.reject_bare_lf)
+        self.assertFalse(factory.auth_requires_tls)
+        self.assertIsNone(factory.tls_context_factory)
+        self.assertIsInstance(factory.spool, ReportingSpool)
+        self.assertEqual(factory.spool.path, self.settings["spool"])
+        factory.on_rejected()
+        self.assertEqual(self.sent, [{"t": "rejected"}])
+
+    def test_adopts_sockets(self) -> None:
+        from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+
+        receiver = self.make()
+        fds = list(receiver.fds)
+        receiver.start()
+        [(fd1, family1, f1), (fd2, family2, f2)] = self.reactor.adoptedPorts
+        self.assertEqual((fd1, family1), (fds[0], socket.AF_INET))
+        self.assertEqual((fd2, family2), (fds[1], socket.AF_INET6))
+        self.assertIs(f1, receiver.factory)
+        self.assertIsInstance(f2, HAProxyWrappingFactory)
+        self.assertIs(f2.wrappedFactory, receiver.factory)
+        # The port has a duplicate: ours is closed.
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+        self.assertEqual(self.sent, [{"t": "listening"}])
+
+    def test_reports_sessions_when_changed(self) -> None:
+        receiver = self.make()
+        receiver.start()
+        del self.sent[:]
+        receiver.factory.sessions = 2
+        self.reactor.advance(1.0)
+        self.reactor.advance(1.0)
+        receiver.factory.sessions = 0
+        self.reactor.advance(1.0)
+        self.assertEqual(self.sent, [{"t": "sessions", "n": 2}, {"t": "sessions", "n": 0}])
+
+    def test_stop_waits_for_sessions(self) -> None:
+        receiver = self.make()
+        receiver.start()
+        stopped: list[int] = []
+        for i, port in enumerate(receiver.ports):
+            port.stopListening = lambda i=i: stopped.append(i)  # type: ignore[method-assign]
+        receiver.factory.sessions = 1
+        d = receiver.stop()
+        self.assertEqual(stopped, [0, 1])
+        self.reactor.advance(3.0)
+        self.assertNoResult(d)
+        receiver.factory.sessions = 0
+        self.reactor.advance(0.1)
+        self.successResultOf(d)
+        self.assertIs(receiver.stop(), d)
+
+    def test_stop_after_grace(self) -> None:
+        receiver = self.make()
+        receiver.start()
+        receiver.factory.sessions = 1
+        d = receiver.stop()
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        self.successResultOf(d)
+
+
+class ReceiversTwistdTests(TestCase):
+    """
+    The real C{twistd relay --receivers 2}, with the helpers of
+    L{tests.test_integration}.
+    """
+
+    timeout = 4 * test_integration.TIMEOUT
+    setUp = TwistdRelayTests.setUp
+    stop = TwistdRelayTests.stop
+    poll = TwistdRelayTests.poll
+    output = TwistdRelayTests.output
+    wait_listening = TwistdRelayTests.wait_listening
+
+    def start_twistd(self, port: int, smarthost: str) -> tuple[subprocess.Popen[bytes], str]:
+        output = os.path.join(self.base, "relay.out")
+        argv = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile", os.path.join(self.base, "relay.pid"),
+            "relay",
+            "--receivers", "2",
+            "--smtp", f"tcp:{port}:interface=127.0.0.1",
+            "--spool", self.spool,
+            "--quarantine", self.quarantine,
+            "--control", "unix:" + os.path.join(self.base, "relay.sock"),
+            "--hostname", "relay.test",
+            "--smarthost", smarthost,
+            "--retry-intervals", "1m",
+        ]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        with open(output, "wb") as out:
+            process = subprocess.Popen(
+                argv, cwd=self.base, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.addCleanup(self.stop, process)
+        return process, output
+
+    def receiver_pids(self, text: str) -> dict[int, int]:
+        import re
+
+        found = re.findall(r"Receiver (\d+) started \(pid (\d+)\)", text)
+        return {int(n): int(pid) for n, pid in found}
+
+    @inlineCallbacks
+    def test_receives_and_delivers(self) -> Any:
+        """
+        Two receivers accept mail over several connections; the master
+        delivers every message to the smarthost and stops cleanly, its
+        receivers with it.
+        """
+        from relay.server import SMTPServerFactory
+        from relay.testing import MemorySpool
+
+        sink = SinkCallbacks()
+        factory = SMTPServerFactory(
+            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
+        )
+        listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listener.stopListening)
+        sink_port = listener.getHost().port
+
+        port = free_port()
+        process, output = self.start_twistd(port, f"127.0.0.1:{sink_port}")
+        pids = yield self.poll(
+            lambda: len(self.receiver_pids(self.output(output))) == 2
+            and self.receiver_pids(self.output(output)),
+            "two receivers",
+        )
+        for pid in pids.values():
+            self.addCleanup(_kill_if_alive, pid)
+        yield self.wait_listening(process, output, port)
+
+        count = 8
+        bodies = [
+            test_integration.MESSAGE.replace(b"integration\r\n", f"number {i}\r\n".encode())
+            for i in range(count)
+        ]
+        results = yield defer.gatherResults(
+            [deferToThread(test_integration.send_message, port, body) for body in bodies]
+        )
+        self.assertEqual(results, [{}] * count)
+        yield self.poll(lambda: len(sink.envelopes) == count, f"{count} messages at the sink")
+        subjects = sorted(
+            line
+            for envelope in sink.envelopes
+            for line in envelope.message.data.split(b"\r\n")
+            if line.startswith(b"Subject: ")
+        )
+        self.assertEqual(subjects, sorted(f"Subject: number {i}".encode() for i in range(count)))
+        yield self.poll(
+            lambda: not test_integration.files_under(os.path.join(self.spool, "active")),
+            "the spool's active queue to empty",
+        )
+        text = self.output(output)
+        self.assertIn("receiver-", text)  # receivers' log lines reach the master's log
+        self.assertNotIn("Traceback", text)
+
+        process.send_signal(signal.SIGTERM)
+        yield self.poll(lambda: process.poll() is not None, "twistd to stop")
+        # twistd ends itself with the signal that stopped it.
+        self.assertEqual(process.returncode, -signal.SIGTERM, self.output(output))
+        for pid in pids.values():
+            self.assertFalse(_alive(pid), f"receiver pid {pid} still runs")
+        self.assertIn("Receiver 1 stopped", self.output(output))
+        self.assertIn("Receiver 2 stopped", self.output(output))
+
+    @inlineCallbacks
+    def test_refuses_unix_endpoint(self) -> Any:
+        """
+        With receivers, an endpoint type they cannot share is a usage
+        error, before anything starts.
+        """
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", "from twisted.scripts.twistd import run; run()", "--nodaemon",
+             "--pidfile", "", "relay", "--receivers", "1",
+             "--smtp", "unix:" + os.path.join(self.base, "s.sock"), "--spool", self.spool],
+            env=env, path=self.base,
+        )  # fmt: skip
+        self.assertNotEqual(code, 0)
+        self.assertIn(b"only tcp:, tcp6: and haproxy:", out + err)
+        self.assertFalse(os.path.exists(self.spool))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is not running any more.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_if_alive(pid: int) -> None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            ours = b"relay.receiver" in f.read()
+    except OSError:
+        return
+    if ours and _alive(pid):
+        os.kill(pid, signal.SIGKILL)
