@@ -16,8 +16,6 @@ import os
 import re
 import smtplib
 import socket
-import subprocess
-import sys
 import urllib.request
 from typing import Any
 
@@ -31,7 +29,6 @@ from relay.server import SMTPServerFactory, SMTPServerProtocol
 from relay.testing import MemorySpool
 from tests import test_integration as integration
 from tests.test_integration import (
-    ROOT,
     TIMEOUT,
     SinkCallbacks,
     files_under,
@@ -157,27 +154,9 @@ class HostileLiveTests(TestCase):
         @return: a L{Deferred} firing with (process, port).
         """
         port = free_port()
-        output = os.path.join(self.base, "relay.out")
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile", os.path.join(self.base, "relay.pid"),
-            "relay",
-            "--smtp", f"tcp:{port}:interface=127.0.0.1{listen}",
-            "--spool", self.spool,
-            "--quarantine", self.quarantine,
-            "--control", "unix:" + os.path.join(self.base, "relay.sock"),
-            "--hostname", "relay.test",
-            "--smarthost", smarthost,
-            *extra,
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        with open(output, "wb") as out:
-            process = subprocess.Popen(
-                argv, cwd=self.base, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.addCleanup(self.stop, process)
+        process, output = integration.TwistdRelayTests.start_twistd(
+            self, "relay", port, smarthost, extra=extra, listen=listen
+        )
         self.relay_output = output
         yield self.wait_listening(process, output, port)
         return process, port

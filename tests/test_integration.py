@@ -12,7 +12,7 @@ import smtplib
 import socket
 import subprocess
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -91,24 +91,30 @@ class TwistdRelayTests(TestCase):
         self.quarantine = os.path.join(self.base, "quarantine")
 
     def start_twistd(
-        self, name: str, port: int, smarthost: str = "127.0.0.1:9"
+        self,
+        name: str,
+        port: int,
+        smarthost: str = "127.0.0.1:9",
+        extra: Sequence[str] = ("--retry-intervals", "1m"),
+        listen: str = "",
     ) -> tuple[subprocess.Popen[bytes], str]:
         """
-        Start C{twistd -n relay} on C{port} with this test's spool; it is
-        killed at cleanup whatever happens.
+        Start C{twistd -n relay} on C{port} (C{listen} appended to its
+        endpoint string) with this test's spool and the C{extra} options;
+        it is killed at cleanup whatever happens.
         """
         output = os.path.join(self.base, f"{name}.out")
         argv = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "--nodaemon", "--pidfile", os.path.join(self.base, f"{name}.pid"),
             "relay",
-            "--smtp", f"tcp:{port}:interface=127.0.0.1",
+            "--smtp", f"tcp:{port}:interface=127.0.0.1{listen}",
             "--spool", self.spool,
             "--quarantine", self.quarantine,
             "--control", "unix:" + os.path.join(self.base, f"{name}.sock"),
             "--hostname", "relay.test",
             "--smarthost", smarthost,
-            "--retry-intervals", "1m",
+            *extra,
         ]  # fmt: skip
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))

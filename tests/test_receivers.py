@@ -525,29 +525,9 @@ class ReceiversTwistdTests(TestCase):
     wait_listening = TwistdRelayTests.wait_listening
 
     def start_twistd(self, port: int, smarthost: str) -> tuple[subprocess.Popen[bytes], str]:
-        output = os.path.join(self.base, "relay.out")
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile", os.path.join(self.base, "relay.pid"),
-            "relay",
-            "--receivers", "2",
-            "--smtp", f"tcp:{port}:interface=127.0.0.1",
-            "--spool", self.spool,
-            "--quarantine", self.quarantine,
-            "--control", "unix:" + os.path.join(self.base, "relay.sock"),
-            "--hostname", "relay.test",
-            "--smarthost", smarthost,
-            "--retry-intervals", "1m",
-        ]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-        with open(output, "wb") as out:
-            process = subprocess.Popen(
-                argv, cwd=self.base, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self.addCleanup(self.stop, process)
-        return process, output
+        return TwistdRelayTests.start_twistd(
+            self, "relay", port, smarthost, extra=("--receivers", "2", "--retry-intervals", "1m")
+        )
 
     def receiver_pids(self, text: str) -> dict[int, int]:
         import re
