@@ -21,9 +21,7 @@ stopped at cleanup and each wait is bounded.
 
 from __future__ import annotations
 
-import datetime
 import glob
-import ipaddress
 import os
 import pwd
 import shlex
@@ -64,42 +62,16 @@ def make_certificate(directory: str) -> tuple[str, str]:
     Write a self-signed certificate for C{localhost} and C{127.0.0.1} and
     its key as PEM files in C{directory}; return their paths.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
+    from tests.test_client import san_certificate
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    pem = san_certificate()
+    split = pem.index(b"-----BEGIN", pem.index(b"-----END CERTIFICATE-----"))
     cert_path = os.path.join(directory, "cert.pem")
     key_path = os.path.join(directory, "key.pem")
     with open(cert_path, "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+        f.write(pem[:split])
     with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
+        f.write(pem[split:])
     os.chmod(key_path, 0o600)
     return cert_path, key_path
 
