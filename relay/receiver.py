@@ -620,7 +620,11 @@ class Receiver:
             from relay.service import load_tls_context
 
             tls = load_tls_context(s["tls_cert"], s["tls_key"])
-        disk = DiskSpool(s["spool"], self.run_in_thread, self.reactor, quarantine_path=s["quarantine"])
+        # receivers never deliver: no memory of what they wrote
+        disk = DiskSpool(
+            s["spool"], self.run_in_thread, self.reactor, quarantine_path=s["quarantine"],
+            remember=False,
+        )  # fmt: skip
         factory = SMTPServerFactory(
             callbacks=plugin,
             spool=ReportingSpool(disk, self.send),

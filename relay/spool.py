@@ -676,6 +676,9 @@ class DiskSpool:
     @param use_syncfs: make a commit batch durable with one C{syncfs(2)}
         per filesystem (C{True}) or with an fsync of each file and
         directory (C{False}); C{None} uses syncfs where there is one.
+    @param remember: keep the entries (and small messages) this spool
+        writes in memory for delivering them (see L{RECENT_BYTES}); a
+        process that only receives has no use for that.
     """
 
     def __init__(
@@ -687,8 +690,10 @@ class DiskSpool:
         spill_threshold: int = SPILL_THRESHOLD,
         fs: FileSystem | None = None,
         use_syncfs: bool | None = None,
+        remember: bool = True,
     ) -> None:
         self.path = os.path.abspath(path)
+        self.remember = remember
         self._run = run_in_thread
         self.clock = clock
         self.fs = fs if fs is not None else FileSystem()
@@ -1186,8 +1191,9 @@ class DiskSpool:
             self._recent_bytes -= message.size
 
     def _committed(self, entries: list[SpoolEntry], envelopes: list[EnvelopeWithNextHop]) -> list[SpoolEntry]:
-        for entry, e in zip(entries, envelopes, strict=True):
-            self._remember(entry, e.envelope.message)
+        if self.remember:
+            for entry, e in zip(entries, envelopes, strict=True):
+                self._remember(entry, e.envelope.message)
         return entries
 
     def _changed(self, entry_id: str, d: Deferred[Any]) -> Deferred[Any]:

@@ -678,6 +678,21 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         runner.run_all()
         self.failureResultOf(d, KeyError)
 
+    def test_remember_off(self) -> None:
+        """
+        A spool made with C{remember=False} (a receiving process) keeps
+        nothing of what it wrote: C{get} reads the disk.
+        """
+        runner = ManualRunner()
+        s = self.spool_with(FaultyFileSystem(), runner, remember=False)
+        d = s.enqueue([make_envelope()])
+        runner.run_all()
+        [entry] = self.successResultOf(d)
+        d = s.get(entry.id)
+        self.assertEqual(len(runner.calls), 1)
+        runner.run_all()
+        self.assertEqual(self.successResultOf(d), entry)
+
     def test_message_read_into_memory_when_small(self) -> None:
         """
         C{message} of a stored entry holds a small message in memory (so
