@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay import eager
 from relay.argument import Argument, find
 from relay.envelope import Envelope
 from relay.reply import Reply, ReplyError
@@ -196,7 +197,7 @@ class SMTPClientProtocol(Protocol):
         if self.closed:
             return
         assert self.transport is not None
-        self.transport.write(data)
+        eager.write(self.transport, data)
 
     def send(self, *commands: str) -> None:
         """

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay import eager
 from relay.address import AddressError, EmailAddress, Sender
 from relay.argument import (
     Argument,
@@ -236,7 +237,7 @@ class SMTPServerProtocol(protocol.Protocol):
     def _reply(self, reply: Reply) -> None:
         if self._closed:
             return
-        self.transport.write(reply.to_bytes())
+        eager.write(self.transport, reply.to_bytes())
         if reply.code in PROTOCOL_ERRORS:
             self._protocol_errors += 1
             if self._protocol_errors >= MAX_PROTOCOL_ERRORS:
