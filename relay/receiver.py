@@ -24,7 +24,8 @@ Child file descriptors::
 Receiver-to-master messages on fd 3: one JSON object per line (UTF-8,
 C{"\\n"} ends it), its C{"t"} saying what it is::
 
-    {"t": "spooled", "entries": [entry_to_json(entry), ...]}
+    {"t": "spooled", "entries": [entry_to_json(entry), ...],
+     "messages": [base64 of the message, or null, per entry]}
     {"t": "quarantined", "reason": "...", "entries": [...]}
     {"t": "rejected"}                        (a policy rejection: metrics)
     {"t": "sessions", "n": 3}                (open sessions, when changed)
@@ -34,7 +35,9 @@ C{"\\n"} ends it), its C{"t"} saying what it is::
 C{spooled} and C{quarantined} are written once the entries are committed
 (fsynced, renamed into place), before the client gets its reply; the master
 emits the same events as for mail it received itself and hands new active
-entries to the scheduler.  A message lost with a dying receiver costs only
+entries to the scheduler.  A message that was held in memory (up to
+L{HANDOVER_BYTES}) travels along, so that the master delivers it without
+reading back the file the receiver just wrote.  A message lost with a dying receiver costs only
 latency: the entry is on disk and the master rescans the active queue
 when it restarts the receiver.
 
@@ -45,6 +48,7 @@ master, in the same process group, decides).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -62,6 +66,8 @@ FIRST_LISTENER_FD = 4
 MAX_LINE = 64 * 1024 * 1024
 DEFAULT_GRACE = 30.0
 SESSIONS_INTERVAL = 1.0
+# Messages up to this size travel to the master with their entries.
+HANDOVER_BYTES = 64 * 1024
 RESTART_BACKOFF = (1.0, 60.0)
 STABLE_AFTER = 60.0
 SUPPORTED = ("tcp", "tcp6")
@@ -257,6 +263,9 @@ class ReceiverPool(Service):
     @param on_quarantined: called with quarantined entries and the reason.
     @param on_rejected: called when a receiver's policy rejected a message.
     @param on_restart: called when a receiver that died is restarted.
+    @param remember: called with each entry a receiver spooled and its
+        L{Message} when that came along (else C{None}), before
+        C{on_spooled}: the master's spool keeps them for delivery.
     @param wait_for: a callable answering a Deferred to wait for before
         starting receivers (the spool's recovery).
     @param spawn: C{reactor.spawnProcess}'s signature; the reactor's by
@@ -276,6 +285,7 @@ class ReceiverPool(Service):
         on_quarantined: Callable[[list[Any], str], Any] = lambda entries, reason: None,
         on_rejected: Callable[[], Any] = lambda: None,
         on_restart: Callable[[], Any] = lambda: None,
+        remember: Callable[[Any, Any], Any] | None = None,
         wait_for: Callable[[], Any] | None = None,
         spawn: Callable[..., Any] | None = None,
         executable: str = sys.executable,
@@ -293,6 +303,7 @@ class ReceiverPool(Service):
         self.on_quarantined = on_quarantined
         self.on_rejected = on_rejected
         self.on_restart = on_restart
+        self.remember = remember
         self.wait_for = wait_for
         self.spawn = spawn
         self.executable = executable
@@ -384,7 +395,16 @@ class ReceiverPool(Service):
             if kind == "log":
                 self._log_event(process, data["event"])
             elif kind == "spooled":
-                self.on_spooled([entry_from_json(e) for e in data["entries"]])
+                entries = [entry_from_json(e) for e in data["entries"]]
+                if self.remember is not None:
+                    from relay.message import Message
+
+                    bodies = data.get("messages") or [None] * len(entries)
+                    for entry, body in zip(entries, bodies, strict=True):
+                        self.remember(
+                            entry, Message.from_bytes(base64.b64decode(body)) if body else None
+                        )
+                self.on_spooled(entries)
             elif kind == "quarantined":
                 self.on_quarantined(
                     [entry_from_json(e) for e in data["entries"]], str(data["reason"])
@@ -532,8 +552,22 @@ class ReportingSpool:
         return entries
 
     def enqueue(self, envelopes: Any, received_from: str | None = None) -> Any:
+        envelopes = list(envelopes)
         d = self._spool.enqueue(envelopes, received_from=received_from)
-        return d.addCallback(lambda entries: self._report("spooled", entries))
+
+        def report(entries: Any) -> Any:
+            # Small messages go along (base64), so that the master delivers
+            # them without reading back what was just written.
+            bodies: list[str | None] = []
+            for e in envelopes:
+                data = e.envelope.message.data
+                if data is not None and len(data) <= HANDOVER_BYTES:
+                    bodies.append(base64.b64encode(data).decode("ascii"))
+                else:
+                    bodies.append(None)
+            return self._report("spooled", entries, messages=bodies)
+
+        return d.addCallback(report)
 
     def quarantine(self, envelopes: Any, reason: str, received_from: str | None = None) -> Any:
         d = self._spool.quarantine(envelopes, reason, received_from=received_from)

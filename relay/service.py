@@ -586,6 +586,7 @@ def _receivers(
         on_spooled=spooled,
         on_quarantined=quarantined,
         on_restart=rescan,
+        remember=getattr(disk, "remember", None),
         wait_for=lambda: spool_service.recovered,
         grace=settings["grace"],
     )

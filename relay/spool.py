@@ -693,7 +693,7 @@ class DiskSpool:
         remember: bool = True,
     ) -> None:
         self.path = os.path.abspath(path)
-        self.remember = remember
+        self.remember_entries = remember
         self._run = run_in_thread
         self.clock = clock
         self.fs = fs if fs is not None else FileSystem()
@@ -1185,13 +1185,22 @@ class DiskSpool:
         while len(self._recent) > RECENT_ENTRIES:
             self._forget(next(iter(self._recent)))
 
+    def remember(self, entry: SpoolEntry, message: Message | None) -> None:
+        """
+        Hold C{entry} (and C{message}, when it is in memory and small
+        enough) as if this spool had just written it: another process
+        (a receiver) did, and handed both over.
+        """
+        if self.remember_entries:
+            self._remember(entry, message)
+
     def _forget(self, entry_id: str) -> None:
         _, message = self._recent.pop(entry_id, (None, None))
         if message is not None:
             self._recent_bytes -= message.size
 
     def _committed(self, entries: list[SpoolEntry], envelopes: list[EnvelopeWithNextHop]) -> list[SpoolEntry]:
-        if self.remember:
+        if self.remember_entries:
             for entry, e in zip(entries, envelopes, strict=True):
                 self._remember(entry, e.envelope.message)
         return entries

@@ -245,6 +245,31 @@ class PoolTests(SynchronousTestCase):
         self.spawned[1][0].childDataReceived(CHANNEL_FD, b'{"t": "sessions", "n": 2}\n')
         self.assertEqual(pool.sessions(), 5)
 
+    def test_messages_handed_over(self) -> None:
+        """
+        Messages that came along with C{spooled} reach C{remember} with
+        their entries, before C{on_spooled}; an entry without one gets
+        C{None}.
+        """
+        pool = self.started(1)
+        remembered: list[tuple[str, bytes | None, int]] = []
+        pool.remember = lambda entry, message: remembered.append(
+            (entry.id, message.data if message is not None else None, len(self.spooled))
+        )
+        a, b = make_entry("a"), make_entry("b")
+        line = json.dumps(
+            {
+                "t": "spooled",
+                "entries": [entry_to_json(a), entry_to_json(b)],
+                "messages": ["U3ViamVjdDogaGkNCg0KaGVsbG8NCg==", None],
+            }
+        ).encode("utf-8")
+        self.spawned[0][0].childDataReceived(CHANNEL_FD, line + b"\n")
+        self.assertEqual(
+            remembered, [("a-0", b"Subject: hi\r\n\r\nhello\r\n", 0), ("b-0", None, 0)]
+        )
+        self.assertEqual(self.spooled, [[a, b]])
+
     def test_bad_message_logged(self) -> None:
         pool = self.started(1)
         errors: list[Any] = []
@@ -362,9 +387,24 @@ class ReportingSpoolTests(SynchronousTestCase):
     def test_reports_commits(self) -> None:
         sent: list[dict[str, Any]] = []
         spool = ReportingSpool(FakeSpool(), sent.append)
-        entries = self.successResultOf(spool.enqueue([], received_from="h [1.2.3.4]"))
+        from relay.message import Message
+        from tests.test_spool import make_envelope
+
+        small = make_envelope("a", Message.from_bytes(b"Subject: hi\r\n\r\nhello\r\n"))
+        spilled = make_envelope("b", Message((), 10, path="/nonexistent/b.eml"))
+        entries = self.successResultOf(spool.enqueue([small, spilled], received_from="h [1.2.3.4]"))
         self.assertEqual([e.id for e in entries], ["a-0", "b-0"])
-        self.assertEqual(sent, [{"t": "spooled", "entries": [entry_to_json(e) for e in entries]}])
+        self.assertEqual(
+            sent,
+            [
+                {
+                    "t": "spooled",
+                    "entries": [entry_to_json(e) for e in entries],
+                    # the message in memory goes along, the spilled one not
+                    "messages": ["U3ViamVjdDogaGkNCg0KaGVsbG8NCg==", None],
+                }
+            ],
+        )
         # What the master reads back is the same entries.
         from relay.spool import entry_from_json
 

@@ -678,6 +678,25 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         runner.run_all()
         self.failureResultOf(d, KeyError)
 
+    def test_remember_handed_over(self) -> None:
+        """
+        An entry another process wrote, handed over with its message by
+        C{remember}, is answered from memory; with C{remember=False} it is
+        not kept.
+        """
+        runner = ManualRunner()
+        s = self.spool_with(FaultyFileSystem(), runner)
+        writer = self.make_spool()
+        [entry] = self.successResultOf(writer.enqueue([make_envelope()]))
+        s.remember(entry, Message.from_bytes(DATA))
+        self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
+        self.assertEqual(read_bytes(self.successResultOf(s.message(entry.id))), DATA)
+        self.assertEqual(runner.calls, [])
+        off = self.spool_with(FaultyFileSystem(), runner, remember=False)
+        off.remember(entry, Message.from_bytes(DATA))
+        off.get(entry.id)
+        self.assertEqual(len(runner.calls), 1)
+
     def test_remember_off(self) -> None:
         """
         A spool made with C{remember=False} (a receiving process) keeps
