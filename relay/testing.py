@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from typing import Container, Iterable, Sequence
+from typing import Any, Callable, Container, Iterable, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -281,3 +281,27 @@ class FaultyFileSystem(FileSystem):
     def copy(self, src: str, dst: str) -> None:
         self.step("copy", dst)
         super().copy(src, dst)
+
+
+class QueuedRunner:
+    """
+    A C{run_in_thread} for a spool under test: calls wait until the test
+    runs them (L{run_one}, L{run_all}), so that several commits pile up
+    into one batch, or a test can look between the steps.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((d, f, args, kw))
+        return d
+
+    def run_one(self) -> None:
+        d, f, args, kw = self.calls.pop(0)
+        defer.maybeDeferred(f, *args, **kw).chainDeferred(d)
+
+    def run_all(self) -> None:
+        while self.calls:
+            self.run_one()

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from relay import EmailAddress, Envelope, EnvelopeWithNextHop, Message, Sender
 from relay.entry import ACTIVE, QUARANTINE
 from relay.spool import DiskSpool, FileSystem
-from relay.testing import FaultyFileSystem
+from relay.testing import FaultyFileSystem, QueuedRunner
 
 MESSAGE = b"Subject: crash\r\nMessage-ID: <c@example.com>\r\n\r\n" + b"body line\r\n" * 50
 
@@ -125,26 +125,6 @@ class CrashingFileSystem(FaultyFileSystem):
         super().rename(src, dst)
         self._name_changed(src)
         self._name_changed(dst)
-
-
-class QueuedRunner:
-    """
-    A C{run_in_thread} that holds calls until L{run_all}, so that several
-    commits pile up into one batch.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def run_all(self) -> None:
-        while self.calls:
-            d, f, args = self.calls.pop(0)
-            defer.maybeDeferred(f, *args).chainDeferred(d)
 
 
 def synchronous(f: Any, *args: Any, **kw: Any) -> Any:

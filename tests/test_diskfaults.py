@@ -24,7 +24,7 @@ from relay.results import Send
 from relay.server import SMTPServerFactory
 from relay.simple import Simple
 from relay.spool import DiskSpool, FileSystem
-from relay.testing import FaultyFileSystem
+from relay.testing import FaultyFileSystem, QueuedRunner
 from tests.transcript import Harness, run_transcript
 
 BODY = "Subject: faults\r\n\r\n" + "line of the body\r\n" * 20
@@ -87,26 +87,6 @@ class Relaying(Simple):
 
 def synchronous(f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
     return defer.maybeDeferred(f, *args, **kw)
-
-
-class QueuedRunner:
-    """
-    A C{run_in_thread} that holds calls until L{run_all}, so that the
-    commits of several sessions pile up into one batch.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
-
-    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def run_all(self) -> None:
-        while self.calls:
-            d, f, args = self.calls.pop(0)
-            defer.maybeDeferred(f, *args).chainDeferred(d)
 
 
 class DiskFaultTests(SynchronousTestCase):
@@ -212,11 +192,11 @@ class DiskFaultTests(SynchronousTestCase):
             run_transcript(self, harness, SESSION_START + ONE_MESSAGE)
         for harness in harnesses:
             harness.send(BODY + ".\r\n")
-        [(d, f, args)] = runner.calls
+        [(d, f, args, kw)] = runner.calls
         self.assertEqual(len(args[0]), 1)  # the first commit, alone
         runner.calls = []
         defer.maybeDeferred(f, *args).chainDeferred(d)
-        [(_, _, args)] = runner.calls
+        [(_, _, args, _)] = runner.calls
         self.assertEqual(len(args[0]), 3)  # the next three, together
         fail(fs)
         runner.run_all()

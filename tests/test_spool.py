@@ -27,6 +27,7 @@ from relay.interfaces import IMessageWriter, ISpool
 from relay.message import Message
 from relay.spool import DiskSpool, FileSystem, SpoolLocked, entry_from_json, entry_to_json
 from relay.testing import FaultyFileSystem, MemorySpool
+from relay.testing import QueuedRunner as ManualRunner
 
 DATA = b"Subject: hello\r\nFrom: s@example.org\r\n\r\nbody\r\n"
 
@@ -67,28 +68,6 @@ def synchronous(f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
     A C{run_in_thread} that runs C{f} at once, for tests.
     """
     return defer.maybeDeferred(f, *args, **kw)
-
-
-class ManualRunner:
-    """
-    A C{run_in_thread} that queues calls until the test runs them.
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
-
-    def __call__(self, f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.calls.append((d, f, args, kw))
-        return d
-
-    def run_one(self) -> None:
-        d, f, args, kw = self.calls.pop(0)
-        defer.maybeDeferred(f, *args, **kw).chainDeferred(d)
-
-    def run_all(self) -> None:
-        while self.calls:
-            self.run_one()
 
 
 class SpoolContractMixin:
