@@ -199,6 +199,26 @@ class DeliveryScheduler(Service):
             self._make_due(entry_id)
         self._pump()
 
+    def spooled(self, entries: Iterable[SpoolEntry]) -> None:
+        """
+        News of newly spooled entries (received here or by a receiver):
+        an event each, and they are scheduled at once.
+        """
+        entries = list(entries)
+        for entry in entries:
+            self.events.emit("spooled", entry.id)
+        try:
+            self.notify(entries)
+        except Exception:
+            self.log.failure("Cannot schedule new entries")
+
+    def quarantined(self, entries: Iterable[SpoolEntry], reason: str) -> None:
+        """
+        News of newly quarantined entries: an event each.
+        """
+        for entry in entries:
+            self.events.emit("quarantined", getattr(entry, "id", None), reason=reason)
+
     def set_max_send_jobs(self, n: int) -> None:
         """
         Change the number of simultaneous deliveries.
@@ -426,30 +446,18 @@ class NotifyingSpool:
         d: Deferred[Any] = self._spool.enqueue(envelopes, received_from=received_from)
 
         def enqueued(entries: Any) -> Any:
-            for entry in entries:
-                self._scheduler.events.emit("spooled", entry.id)
-            try:
-                self._scheduler.notify(entries)
-            except Exception:
-                self._scheduler.log.failure("Cannot schedule new entries")
+            self._scheduler.spooled(entries)
             return entries
 
         d.addCallback(enqueued)
         return d
 
-    def receive(self, message_id: str) -> Any:
-        return self._spool.receive(message_id)
-
-    def discard(self, message: Any) -> Any:
-        return self._spool.discard(message)
-
     def quarantine(self, envelopes: Any, reason: str, received_from: str | None = None) -> Any:
         d = self._spool.quarantine(envelopes, reason, received_from=received_from)
 
         def quarantined(result: Any) -> Any:
-            for entry in result if isinstance(result, (list, tuple)) else ():
-                entry_id = getattr(entry, "id", None)
-                self._scheduler.events.emit("quarantined", entry_id, reason=reason)
+            if isinstance(result, (list, tuple)):
+                self._scheduler.quarantined(result, reason)
             return result
 
         if hasattr(d, "addCallback"):

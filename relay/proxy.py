@@ -44,6 +44,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
 
     _connected_wrapped = False
     _buffer = b""
+    _seen = 0  # header bytes so far
     _timeout: Any = None
     _proxyInfo: _info.ProxyInfo | None
 
@@ -90,7 +91,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
                 self._refuse("not a PROXY header")
                 return
             data, self._buffer = head, b""
-        self._seen = getattr(self, "_seen", 0) + len(data)
+        self._seen += len(data)
         try:
             info, remaining = self._parser.feed(data)
         except (InvalidProxyHeader, ValueError) as e:

@@ -536,12 +536,6 @@ class ReportingSpool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._spool, name)
 
-    def receive(self, message_id: str) -> Any:
-        return self._spool.receive(message_id)
-
-    def discard(self, message: Any) -> Any:
-        return self._spool.discard(message)
-
     def _report(self, kind: str, entries: Any, **fields: Any) -> Any:
         from relay.spool import entry_to_json
 

@@ -547,22 +547,12 @@ def _receivers(
     from relay.receiver import ReceiverPool, receiver_settings
 
     def spooled(entries: list[Any]) -> None:
-        delivery = top.delivery
-        if delivery is None:
-            return
-        for entry in entries:
-            delivery.events.emit("spooled", entry.id)
-        try:
-            delivery.notify(entries)
-        except Exception:
-            delivery.log.failure("Cannot schedule new entries")
+        if top.delivery is not None:
+            top.delivery.spooled(entries)
 
     def quarantined(entries: list[Any], reason: str) -> None:
-        delivery = top.delivery
-        if delivery is None:
-            return
-        for entry in entries:
-            delivery.events.emit("quarantined", entry.id, reason=reason)
+        if top.delivery is not None:
+            top.delivery.quarantined(entries, reason)
 
     def rescan() -> None:
         # A receiver that died may have committed entries it could not
@@ -586,7 +576,7 @@ def _receivers(
         on_spooled=spooled,
         on_quarantined=quarantined,
         on_restart=rescan,
-        remember=getattr(disk, "remember", None),
+        remember=disk.remember,
         wait_for=lambda: spool_service.recovered,
         grace=settings["grace"],
     )

@@ -135,10 +135,12 @@ class TwistdRelayTests(TestCase):
         )
 
     @inlineCallbacks
-    def poll(self, condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    def poll(
+        self, condition: Callable[[], Any], what: str | Callable[[], str], timeout: float = TIMEOUT
+    ) -> Any:
         """
         Check C{condition} every L{POLL} seconds until it is true, failing
-        after C{timeout} seconds.
+        after C{timeout} seconds with C{what} (or what it returns).
         """
         for _ in range(int(timeout / POLL)):
             result = condition()
@@ -147,8 +149,26 @@ class TwistdRelayTests(TestCase):
             yield deferLater(reactor, POLL, lambda: None)
         result = condition()
         if not result:
-            self.fail(f"timed out after {timeout}s waiting for {what}")
+            self.fail(
+                f"timed out after {timeout}s waiting for {what() if callable(what) else what}"
+            )
         return result
+
+    def start_sink(self) -> tuple[SinkCallbacks, int]:
+        """
+        Listen on loopback with relay's own server and a policy that keeps
+        every message; return the policy and the port.
+        """
+        from relay.server import SMTPServerFactory
+        from relay.testing import MemorySpool
+
+        sink = SinkCallbacks()
+        factory = SMTPServerFactory(
+            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
+        )
+        listener: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
+        self.addCleanup(listener.stopListening)
+        return sink, listener.getHost().port
 
     def output(self, path: str) -> str:
         with open(path, "rb") as f:
@@ -213,17 +233,7 @@ class TwistdRelayTests(TestCase):
         real SMTP server on loopback) with the bytes intact, dot lines and
         bare LF included, and its spool is empty afterwards.
         """
-        from relay.server import SMTPServerFactory
-        from relay.testing import MemorySpool
-
-        sink = SinkCallbacks()
-        factory = SMTPServerFactory(
-            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
-        )
-        listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(listener.stopListening)
-        sink_port = listener.getHost().port
-
+        sink, sink_port = self.start_sink()
         port = free_port()
         process, output = self.start_twistd("first", port, smarthost=f"127.0.0.1:{sink_port}")
         yield self.wait_listening(process, output, port)

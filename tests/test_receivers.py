@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -42,7 +42,7 @@ from relay.receiver import (
 from relay.simple import Simple
 from relay.spool import entry_for, entry_to_json
 from tests import test_integration
-from tests.test_integration import ROOT, SinkCallbacks, TwistdRelayTests, free_port
+from tests.test_integration import ROOT, TwistdRelayTests, free_port
 
 
 class Policy(Simple):
@@ -563,6 +563,7 @@ class ReceiversTwistdTests(TestCase):
     poll = TwistdRelayTests.poll
     output = TwistdRelayTests.output
     wait_listening = TwistdRelayTests.wait_listening
+    start_sink = TwistdRelayTests.start_sink
 
     def start_twistd(self, port: int, smarthost: str) -> tuple[subprocess.Popen[bytes], str]:
         return TwistdRelayTests.start_twistd(
@@ -582,17 +583,7 @@ class ReceiversTwistdTests(TestCase):
         delivers every message to the smarthost and stops cleanly, its
         receivers with it.
         """
-        from relay.server import SMTPServerFactory
-        from relay.testing import MemorySpool
-
-        sink = SinkCallbacks()
-        factory = SMTPServerFactory(
-            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
-        )
-        listener = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(listener.stopListening)
-        sink_port = listener.getHost().port
-
+        sink, sink_port = self.start_sink()
         port = free_port()
         process, output = self.start_twistd(port, f"127.0.0.1:{sink_port}")
         pids = yield self.poll(

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import service as relay_service
+from relay.delivery import DeliveryScheduler
 from relay.simple import Simple
 from relay.tap import Options
 from relay.tap import makeService as tapMakeService
@@ -59,6 +60,9 @@ class FakeDiskSpool:
     def recover(self) -> Any:
         self.calls.append("recover")
         return succeed(None)
+
+    def remember(self, entry: Any, message: Any) -> None:
+        self.calls.append("remember")
 
 
 class Policy(Simple):
@@ -347,6 +351,10 @@ class ReceiversServiceTests(SynchronousTestCase):
 
             def notify(self, entries: Any) -> None:
                 self.notified.append([e.id for e in entries])
+
+            # The news the master passes on, as the real scheduler takes it.
+            spooled = DeliveryScheduler.spooled
+            quarantined = DeliveryScheduler.quarantined
 
         scheduler = Scheduler()
         top.delivery = scheduler

@@ -30,19 +30,18 @@ import signal
 import smtplib
 import sys
 import tempfile
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from twisted.internet import error, protocol, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.test_integration import (
-    POLL,
     ROOT,
     TIMEOUT,
     SinkCallbacks,
+    TwistdRelayTests,
     files_under,
     free_port,
     listening,
@@ -126,25 +125,7 @@ class InteropCase(TestCase):
 
     # -- waiting ------------------------------------------------------------
 
-    @inlineCallbacks
-    def poll(
-        self, condition: Callable[[], Any], what: str | Callable[[], str], timeout: float = TIMEOUT
-    ) -> Any:
-        """
-        Check C{condition} every L{POLL} seconds until it is true, failing
-        after C{timeout} seconds with C{what} (or what it returns).
-        """
-        for _ in range(int(timeout / POLL)):
-            result = condition()
-            if result:
-                return result
-            yield deferLater(reactor, POLL, lambda: None)
-        result = condition()
-        if not result:
-            self.fail(
-                f"timed out after {timeout}s waiting for {what() if callable(what) else what}"
-            )
-        return result
+    poll = TwistdRelayTests.poll
 
     # -- processes ------------------------------------------------------------
 
@@ -226,21 +207,7 @@ class InteropCase(TestCase):
 
     # -- the sink --------------------------------------------------------------
 
-    def start_sink(self) -> tuple[SinkCallbacks, int]:
-        """
-        Listen on loopback with relay's own server and a policy that keeps
-        every message; return the policy and the port.
-        """
-        from relay.server import SMTPServerFactory
-        from relay.testing import MemorySpool
-
-        sink = SinkCallbacks()
-        factory = SMTPServerFactory(
-            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
-        )
-        listener: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
-        self.addCleanup(listener.stopListening)
-        return sink, listener.getHost().port
+    start_sink = TwistdRelayTests.start_sink
 
     # -- relay ----------------------------------------------------------------
 
