@@ -42,7 +42,7 @@ from relay.receiver import (
 from relay.simple import Simple
 from relay.spool import entry_for, entry_to_json
 from tests import test_integration
-from tests.test_integration import ROOT, TwistdRelayTests, free_port
+from tests.test_integration import ROOT, free_port
 
 
 class Policy(Simple):
@@ -558,15 +558,15 @@ class ReceiversTwistdTests(TestCase):
     """
 
     timeout = 4 * test_integration.TIMEOUT
-    setUp = TwistdRelayTests.setUp
-    stop = TwistdRelayTests.stop
-    poll = TwistdRelayTests.poll
-    output = TwistdRelayTests.output
-    wait_listening = TwistdRelayTests.wait_listening
-    start_sink = TwistdRelayTests.start_sink
+    setUp = test_integration.TwistdRelayTests.setUp
+    stop = test_integration.TwistdRelayTests.stop
+    poll = test_integration.TwistdRelayTests.poll
+    output = test_integration.TwistdRelayTests.output
+    wait_listening = test_integration.TwistdRelayTests.wait_listening
+    start_sink = test_integration.TwistdRelayTests.start_sink
 
     def start_twistd(self, port: int, smarthost: str) -> tuple[subprocess.Popen[bytes], str]:
-        return TwistdRelayTests.start_twistd(
+        return test_integration.TwistdRelayTests.start_twistd(
             self, "relay", port, smarthost, extra=("--receivers", "2", "--retry-intervals", "1m")
         )
 

@@ -37,11 +37,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from tests import test_integration as integration
 from tests.test_integration import (
     ROOT,
     TIMEOUT,
     SinkCallbacks,
-    TwistdRelayTests,
     files_under,
     free_port,
     listening,
@@ -125,7 +125,7 @@ class InteropCase(TestCase):
 
     # -- waiting ------------------------------------------------------------
 
-    poll = TwistdRelayTests.poll
+    poll = integration.TwistdRelayTests.poll
 
     # -- processes ------------------------------------------------------------
 
@@ -207,7 +207,7 @@ class InteropCase(TestCase):
 
     # -- the sink --------------------------------------------------------------
 
-    start_sink = TwistdRelayTests.start_sink
+    start_sink = integration.TwistdRelayTests.start_sink
 
     # -- relay ----------------------------------------------------------------
 
