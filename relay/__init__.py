@@ -4,6 +4,9 @@ relay: a durable SMTP mail relay on Twisted.
 The plugin API: subclass L{Simple} and return the result types below.
 """
 
+#: The version of relay (the package metadata reads it from here).
+__version__ = "0.2.0"
+
 from relay.address import NULL_SENDER, EmailAddress, Sender
 from relay.argument import Argument
 from relay.envelope import Envelope, EnvelopeWithNextHop

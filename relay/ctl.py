@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence, TextIO
 
 from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
 from relay.retry import parse_retry_intervals
-from relay.spool import entry_from_json, entry_to_json
+from relay.spool import CONTROL_SOCKET, control_in_spool, entry_from_json, entry_to_json
 
-DEFAULT_CONTROL = "unix:./spool/control.sock"
 DEFAULT_SPOOL = "./spool"
+DEFAULT_CONTROL = control_in_spool(DEFAULT_SPOOL)
 LAST_ERROR_WIDTH = 40
 
 OK = 0
@@ -70,6 +70,7 @@ def read_entries(
         appended to it; such files are left out.
     """
     directory = queue_dir(spool_dir, queue, quarantine_dir)
+    check_spool_directory(spool_dir)
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -90,6 +91,19 @@ def read_entries(
                 errors.append((path, str(e)))
     entries.sort(key=lambda e: (e.created_at, e.id))
     return entries
+
+
+def check_spool_directory(spool_dir: str) -> None:
+    """
+    Check that C{spool_dir} is a relay's spool, so that a wrong directory
+    is an error rather than an empty queue.
+
+    @raise OperationFailed: naming the directory and what is wrong.
+    """
+    if not os.path.isdir(spool_dir):
+        raise OperationFailed(f"no spool at {spool_dir}: no such directory")
+    if not os.path.isdir(os.path.join(spool_dir, ACTIVE)):
+        raise OperationFailed(f"{spool_dir} is not a relay spool (it has no {ACTIVE}/ directory)")
 
 
 def count_entries(spool_dir: str, quarantine_dir: str | None = None) -> dict[str, int]:
@@ -282,7 +296,7 @@ def _remote(options: argparse.Namespace, name: str, **kwargs: Any) -> dict[str, 
 
     command = getattr(rpc, name)
     try:
-        return _call(options.control or DEFAULT_CONTROL, command, **kwargs)
+        return _call(control_of(options), command, **kwargs)
     except OperationFailed:
         raise
     except Exception as e:  # an AMP error raised as its local class
@@ -308,17 +322,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from relay import __version__
+
     parser = _Parser(prog="relayctl", description="Manage the relay's spool.")
+    parser.add_argument("--version", action="version", version=f"relayctl (relay) {__version__}")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
         "--control",
         metavar="ENDPOINT",
-        help=f"the relay's AMP control endpoint (default {DEFAULT_CONTROL})",
+        help=f"the relay's AMP control endpoint (default: the socket in the spool, "
+        f"{DEFAULT_CONTROL})",
     )
     where.add_argument(
         "--spool",
         metavar="DIR",
-        help="read status and count straight from this spool directory",
+        help=f"the relay's spool (default {DEFAULT_SPOOL}): its control socket, or for "
+        "status and count the directory itself when no relay runs on it",
     )
     parser.add_argument(
         "--quarantine",
@@ -374,8 +393,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     @raise UsageError: if it makes no sense.
     """
     options = build_parser().parse_args(list(argv))
-    if options.spool is not None and options.command not in ("status", "count"):
-        raise UsageError("relayctl: error: --spool only works with status and count")
     if options.command == "send":
         chosen = sum(1 for x in (options.all, options.frozen, bool(options.ids)) if x)
         if chosen != 1:
@@ -391,24 +408,48 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return options
 
 
-def _control_socket_missing(control: str) -> bool:
-    if not control.startswith("unix:"):
-        return False
-    path = control[len("unix:") :].split(":", 1)[0]
-    if path.startswith("path="):
-        path = path[len("path=") :]
-    return not os.path.exists(path)
+def control_of(options: argparse.Namespace) -> str:
+    """
+    The control endpoint to talk to: C{--control}, else the socket in the
+    spool (C{--spool}, or the default one).
+    """
+    if options.control is not None:
+        return str(options.control)
+    return control_in_spool(options.spool if options.spool is not None else DEFAULT_SPOOL)
+
+
+def _no_relay_on(spool: str) -> bool:
+    """
+    Does no relay answer on the control socket in C{spool}?  True when the
+    socket is missing or refuses connections (left behind by a relay that
+    was killed).
+    """
+    import socket
+
+    path = os.path.join(spool, CONTROL_SOCKET)
+    if not os.path.exists(path):
+        return True
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False  # let the real call say what is wrong
+    finally:
+        probe.close()
+    return False
 
 
 def _local_spool(options: argparse.Namespace) -> tuple[str, str | None] | None:
     """
-    C{(spool dir, quarantine dir)} when status and count read from disk.
+    C{(spool dir, quarantine dir)} when status and count read from disk:
+    no C{--control} was given and no relay answers in the spool.
     """
-    if options.spool is not None:
-        spool = options.spool
-    elif options.control is None and _control_socket_missing(DEFAULT_CONTROL):
-        spool = DEFAULT_SPOOL
-    else:
+    if options.control is not None:
+        return None
+    spool = options.spool if options.spool is not None else DEFAULT_SPOOL
+    if not _no_relay_on(spool):
         return None
     quarantine = options.quarantine
     if quarantine is None and os.path.normpath(spool) == os.path.normpath(DEFAULT_SPOOL):
@@ -506,7 +547,7 @@ def _rpc(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except (KeyError, ValueError) as e:
             return usage(f"argument {name!r}: bad value {value!r} ({e!r})")
     try:
-        result = _call(options.control or DEFAULT_CONTROL, command, **kwargs)
+        result = _call(control_of(options), command, **kwargs)
     except OperationFailed:
         raise
     except Exception as e:  # an AMP error raised as its local class
@@ -539,7 +580,7 @@ def _events(options: argparse.Namespace, out: TextIO) -> int:
     from relay import rpc
     from relay.events import format_event
 
-    control = options.control or DEFAULT_CONTROL
+    control = control_of(options)
     outcome: dict[str, str] = {}
 
     class Follower(amp.AMP):

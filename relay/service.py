@@ -23,16 +23,84 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python import reflect
 from twisted.python.threadpool import ThreadPool
 
 from relay.proxy import server_endpoint
-from relay.simple import Defaults, Simple, as_callbacks
+from relay.simple import CallbacksError, Defaults, Simple, as_callbacks, load_callbacks
+from relay.spool import control_in_spool, quote_endpoint_value
 
 log = Logger()
 
 DEFAULT_SMTP = ("tcp:8025:interface=127.0.0.1",)
-DEFAULT_CONTROL = "unix:./spool/control.sock"
+
+
+class StartupError(Exception):
+    """
+    The relay cannot start as configured.  The message is one line for
+    the operator that names the option or path and the cause.
+    """
+
+
+def _looks_like_spool(names: Sequence[str]) -> bool:
+    return "lock" in names or "active" in names
+
+
+def _looks_like_quarantine(names: Sequence[str]) -> bool:
+    return all(name.endswith((".json", ".eml", ".tmp")) for name in names)
+
+
+def prepare_directories(spool: str, quarantine: str) -> None:
+    """
+    Create the spool and quarantine directories (mode 0700) when missing,
+    and check that those that exist are ours and writable: a relay started
+    on the wrong directory must not make it its own (recovery empties a
+    spool's C{tmp/}).  Blocking: for start-up, before the reactor runs.
+
+    @raise StartupError: naming the option, the path and the cause.
+    """
+    if os.path.abspath(spool) == os.path.abspath(quarantine):
+        raise StartupError(f"--quarantine {quarantine}: must not be the spool directory")
+    _prepare_directory("--spool", spool, "spool", _looks_like_spool)
+    _prepare_directory("--quarantine", quarantine, "quarantine", _looks_like_quarantine)
+
+
+def _prepare_directory(
+    option: str, path: str, what: str, looks_right: Callable[[Sequence[str]], bool]
+) -> None:
+    try:
+        names = [name for name in os.listdir(path) if not name.startswith(".")]
+    except FileNotFoundError:
+        try:
+            os.makedirs(path, mode=0o700)
+        except OSError as e:
+            raise StartupError(f"{option} {path}: cannot create it: {e.strerror}") from None
+        names = []
+    except NotADirectoryError as e:
+        if os.path.exists(path):
+            raise StartupError(f"{option} {path}: not a directory") from None
+        raise StartupError(f"{option} {path}: cannot create it: {e.strerror}") from None
+    except OSError as e:
+        raise StartupError(f"{option} {path}: cannot read it: {e.strerror}") from None
+    if names and not looks_right(names):
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise StartupError(
+            f"{option} {path}: not a relay {what} (it holds {shown}); "
+            "give a new or empty directory"
+        )
+    try:
+        _write_probe(path)
+    except OSError as e:
+        raise StartupError(f"{option} {path}: not writable: {e.strerror}") from None
+
+
+def _write_probe(directory: str) -> None:
+    """
+    Create and remove a file in C{directory}: C{os.access} says yes to
+    root even on a read-only filesystem, so try it.
+    """
+    probe = os.path.join(directory, f".write-check-{os.getpid()}")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    os.unlink(probe)
 
 
 def load_tls_context(cert: str, key: str) -> Any:
@@ -109,17 +177,15 @@ def control_endpoint(endpoint: str) -> str:
         if len(os.fsencode(relative)) < len(os.fsencode(path)):
             path = relative
     return ":".join(
-        ["unix", _escape(path)]
-        + [f"{k}={_escape(str(v))}" for k, v in kwargs.items()]
-        + [_escape(str(a)) for a in args[2:]]
+        ["unix", quote_endpoint_value(path)]
+        + [f"{k}={quote_endpoint_value(str(v))}" for k, v in kwargs.items()]
+        + [quote_endpoint_value(str(a)) for a in args[2:]]
     )
 
 
 _UNIX_PATH_MAX = 107
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
 def is_open_relay(callbacks: object) -> bool:
@@ -176,13 +242,18 @@ class SpoolService(Service):
         Service.privilegedStartService(self)
 
     def _lock(self) -> None:
+        """
+        Take the spool's lock, or end the process with one log line that
+        says who holds it (C{twistd relay} checks this before it starts;
+        this is for a relay that started meanwhile, and for C{.tac} files).
+        """
         if self.locked:
             return
         try:
             self.spool.lock()
         except Exception as e:
             log.critical("Cannot start: {error}", error=e)
-            raise
+            raise SystemExit(1) from None
         self.locked = True
 
     def startService(self) -> None:
@@ -225,9 +296,30 @@ class SpoolService(Service):
 
 
 def _resolve_callbacks(callbacks: Any) -> Any:
+    """
+    The plugin: C{callbacks} loaded by its dotted name if it is one, and
+    made a full L{IServerCallbacks} provider.
+
+    @raise CallbacksError: when it cannot be loaded or made.
+    """
     if isinstance(callbacks, str):
-        callbacks = reflect.namedAny(callbacks)
+        callbacks = load_callbacks(callbacks)
     return as_callbacks(callbacks)
+
+
+def _configure(plugin: Any, defaults: Defaults) -> None:
+    """
+    Give the plugin the relay's settings, when it takes them.
+
+    @raise CallbacksError: when its C{configure} raises.
+    """
+    configure = getattr(plugin, "configure", None)
+    if not callable(configure):
+        return
+    try:
+        configure(defaults)
+    except Exception as e:
+        raise CallbacksError(f"{plugin!r}.configure raised: {type(e).__name__}: {e}") from e
 
 
 def _delivery(
@@ -290,7 +382,7 @@ def makeService(
     smtp: Sequence[str] = DEFAULT_SMTP,
     spool: str = "spool",
     quarantine: str = "quarantine",
-    control: str = DEFAULT_CONTROL,
+    control: str | None = None,
     callbacks: Any = "relay.simple.Simple",
     smarthost: str | None = None,
     retry_intervals: Sequence[float] = (),
@@ -377,18 +469,19 @@ def makeService(
     from relay.server import SMTPServerFactory
     from relay.spool import DiskSpool
 
+    if control is None:
+        control = control_in_spool(spool)
     plugin = _resolve_callbacks(callbacks)
-    configure = getattr(plugin, "configure", None)
-    if callable(configure):
-        configure(
-            Defaults(
-                hostname=hostname,
-                next_hop_choices=(smarthost,) if smarthost else (),
-                retry_intervals=tuple(retry_intervals),
-                checker=checker,
-                clock=reactor,
-            )
-        )
+    _configure(
+        plugin,
+        Defaults(
+            hostname=hostname,
+            next_hop_choices=(smarthost,) if smarthost else (),
+            retry_intervals=tuple(retry_intervals),
+            checker=checker,
+            clock=reactor,
+        ),
+    )
 
     top = MultiService()
     top.setName("relay")

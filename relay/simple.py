@@ -4,6 +4,7 @@ L{Simple}: the default policy, and the base class a plugin overrides.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -157,16 +158,76 @@ class _Partial(Simple):
         return f"<Simple completing {self._provider!r}>"
 
 
+class CallbacksError(Exception):
+    """
+    The plugin named by C{--callbacks} cannot be loaded or made; the
+    message says why in one line, for the operator.
+    """
+
+
+def load_callbacks(name: str) -> object:
+    """
+    Import the object a dotted name (C{package.module.Class}) names.
+
+    Unlike L{twisted.python.reflect.namedAny}, the error says which of the
+    usual mistakes it is: no such module, no such attribute in the module,
+    or the module failing while it is imported (a missing dependency of the
+    plugin, a syntax error).
+
+    @raise CallbacksError: with that message.
+    """
+    parts = name.split(".")
+    if len(parts) < 2 or not all(part.isidentifier() for part in parts):
+        raise CallbacksError(f"{name!r} is not a dotted name such as mypackage.MyPolicy")
+    missing: set[str] = set()
+    for end in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:end])
+        try:
+            obj: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # Only a missing module of this name (or of a package above it)
+            # means "try a shorter prefix"; any other missing module was
+            # imported by the plugin's own code.
+            if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
+                missing.add(e.name)
+                continue
+            raise CallbacksError(f"module {module_name!r} raised during import: {_describe(e)}") from e
+        except Exception as e:
+            raise CallbacksError(f"module {module_name!r} raised during import: {_describe(e)}") from e
+        for depth, part in enumerate(parts[end:]):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                owner = ".".join(parts[: end + depth])
+                if depth == 0 and f"{owner}.{part}" in missing:
+                    raise CallbacksError(f"no module named {owner + '.' + part!r}") from None
+                raise CallbacksError(f"module {owner!r} has no attribute {part!r}") from None
+        return obj
+    raise CallbacksError(f"no module named {min(missing, key=len)!r}")
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 def as_callbacks(provider: object) -> IServerCallbacks:
     """
     Make an L{IServerCallbacks} provider of C{provider}: itself if it
     provides the interface, an instance if it is a class, else an adapter
     that takes the callbacks it has and L{Simple}'s for the others.
+
+    @raise CallbacksError: if a class raises while it is instantiated, or
+        if C{provider} has none of the callbacks.
     """
     if inspect.isclass(provider):
-        provider = provider()
+        cls: type = provider
+        try:
+            provider = cls()
+        except Exception as e:
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            raise CallbacksError(f"{name} raised during construction: {_describe(e)}") from e
     if IServerCallbacks.providedBy(provider):
         return provider  # type: ignore[return-value]
     if not any(callable(getattr(provider, name, None)) for name in _CALLBACKS):
-        raise TypeError(f"{provider!r} provides none of the IServerCallbacks callbacks")
+        raise CallbacksError(f"{provider!r} provides none of the IServerCallbacks callbacks")
     return _Partial(provider)  # type: ignore[return-value]

@@ -106,6 +106,8 @@ HIGH_WATER = 1024 * 1024
 RECENT_ENTRIES = 4096
 RECENT_BYTES = 32 * 1024 * 1024
 DIR_MODE = 0o700
+#: the control socket's name in the spool directory
+CONTROL_SOCKET = "control.sock"
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
@@ -120,6 +122,57 @@ class SpoolLocked(Exception):
         super().__init__(f"spool {path} is in use by another relay{who}")
         self.path = path
         self.pid = pid
+
+
+def quote_endpoint_value(text: str) -> str:
+    """
+    C{text} quoted for a Twisted endpoint description (C{\\}, C{:} and
+    C{=} escaped with a backslash).
+    """
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def control_in_spool(spool: str) -> str:
+    """
+    The default control endpoint: a unix socket inside the spool, so that
+    each spool has its own and C{relayctl --spool DIR} finds it
+    (C{unix:./spool/control.sock} for the default spool).
+    """
+    path = os.path.join(spool, CONTROL_SOCKET)
+    if not os.path.isabs(path) and not path.startswith(("./", "../")):
+        path = "./" + path
+    return "unix:" + quote_endpoint_value(path)
+
+
+def _take_lock(path: str) -> IO[str]:
+    """
+    Open and C{flock} the lock file of the spool at C{path}.
+
+    @raise SpoolLocked: naming the holder's pid, if another process has it.
+    """
+    f = open(os.path.join(path, "lock"), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        text = f.read().strip()
+        f.close()
+        raise SpoolLocked(os.path.abspath(path), int(text) if text.isdigit() else None) from None
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def check_unlocked(path: str) -> None:
+    """
+    Check that no relay holds the spool at C{path} (taking and releasing
+    its lock), so that C{twistd relay} can say so before it starts; the
+    relay itself takes the lock with L{DiskSpool.lock}.  Blocking.
+
+    @raise SpoolLocked: if another process holds it.
+    """
+    _take_lock(path).close()
 
 
 # -- metadata ----------------------------------------------------------------
@@ -745,17 +798,7 @@ class DiskSpool:
         if self._lock_file is not None:
             return
         os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
-        f = open(os.path.join(self.path, "lock"), "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            text = f.read().strip()
-            f.close()
-            raise SpoolLocked(self.path, int(text) if text.isdigit() else None) from None
-        except BaseException:
-            f.close()
-            raise
+        f = _take_lock(self.path)
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -4,24 +4,54 @@ The C{twistd relay} command line: L{Options} and L{makeService}.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
+import sys
 from typing import Any
 
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
-from twisted.python import reflect, usage
+from twisted.python import usage
 
 from relay.retry import parse_interval, parse_retry_intervals
+from relay.simple import CallbacksError, load_callbacks
+from relay.spool import control_in_spool
 
 DEFAULT_SMTP = "tcp:8025:interface=127.0.0.1"
 RELAY_TLS_MODES = ("none", "may", "encrypt", "verify")
 __all__ = ["Options", "makeService", "parse_interval", "parse_retry_intervals", "parse_smarthost"]
 
+# A DNS host name (RFC 1123 labels; "_" is tolerated, as resolvers do).
+_LABEL = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+
+
+def _check_host(host: str, bracketed: bool) -> None:
+    """
+    @raise ValueError: unless C{host} is a host name or an IPv4 address,
+        or (C{bracketed}) an IPv6 or IPv4 address.
+    """
+    if bracketed:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"not an IP address in brackets: [{host}]") from None
+        return
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"not a host name, IPv4 address or bracketed IPv6 address: {host!r}"
+        )
+
+
 def parse_smarthost(text: str) -> str:
     """
     Normalise C{HOST[:PORT]} (IPv6 as C{[::1]:25}) to C{host:port}, the
     port defaulting to 25: the form the relay client's L{parse_hop} reads.
+
+    @raise ValueError: if C{text} is not a host name, an IPv4 address or a
+        bracketed IPv6 address, with an optional port.
     """
     from relay.client import parse_hop
 
@@ -33,6 +63,7 @@ def parse_smarthost(text: str) -> str:
     if text.startswith("[") and text.endswith("]"):
         text += ":25"
     host, port = parse_hop(text)
+    _check_host(host, bracketed=text.startswith("["))
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -91,7 +122,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     optParameters = [
         ["spool", None, "spool", "The spool directory."],
         ["quarantine", None, "quarantine", "The quarantine directory."],
-        ["control", None, "unix:./spool/control.sock", "The AMP control endpoint."],
+        ["control", None, None,
+         "The AMP control endpoint (default: unix:<spool>/control.sock; '' for none)."],
         ["metrics", None, None,
          "Serve Prometheus metrics at /metrics on this endpoint, e.g. tcp:9025:interface=127.0.0.1."],
         ["callbacks", None, "relay.simple.Simple",
@@ -133,6 +165,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["smtp"] = []
         self["auth-descriptions"] = []
 
+    def parseOptions(self, options: Any = None) -> None:
+        """
+        Parse the options.  Under C{twistd} (which sets C{parent}) a
+        mistake ends the process with one line naming it, instead of
+        twistd's whole usage text followed by the error.
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            hint = " (twistd relay --help lists them)" if "not recognized" in str(e) else ""
+            raise SystemExit(f"twistd relay: {e}{hint}") from None
+
     def opt_smtp(self, endpoint: str) -> None:
         """
         Listen for SMTP on this Twisted endpoint (repeatable; default
@@ -153,11 +199,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["smtp"] = [DEFAULT_SMTP]
 
         name = self["callbacks"]
+        # As twistd -y users expect, a plugin module in the current
+        # directory is found (after the installed packages, so that a stray
+        # file there cannot shadow the standard library).
+        here = os.getcwd()
+        if here not in sys.path:
+            sys.path.append(here)
         try:
-            self["callbacks"] = reflect.namedAny(name)
-        except Exception as e:
-            raise usage.UsageError(f"--callbacks: cannot load {name!r}: {e}") from None
+            self["callbacks"] = load_callbacks(name)
+        except CallbacksError as e:
+            raise usage.UsageError(f"--callbacks {name}: {e}") from None
         self["callbacks-name"] = name
+
+        if self["control"] is None:
+            self["control"] = control_in_spool(self["spool"])
 
         if self["metrics"] is not None:
             from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
@@ -251,8 +306,25 @@ def _bytes_users(checker: Any) -> Any:
 
 def makeService(options: Options):  # type: ignore[no-untyped-def]
     """
-    Make the relay's service from parsed L{Options}.
+    Make the relay's service from parsed L{Options}.  Whatever stops it
+    from starting (the spool directory, its lock, the plugin failing to
+    start) ends the process here, before twistd starts logging or goes to
+    the background, with one line naming the problem.
     """
+    from relay.service import StartupError, prepare_directories
+    from relay.spool import SpoolLocked, check_unlocked
+
+    try:
+        prepare_directories(options["spool"], options["quarantine"])
+        check_unlocked(options["spool"])
+        return _make(options)
+    except CallbacksError as e:
+        raise SystemExit(f"twistd relay: --callbacks {options['callbacks-name']}: {e}") from None
+    except (StartupError, SpoolLocked) as e:
+        raise SystemExit(f"twistd relay: {e}") from None
+
+
+def _make(options: Options):  # type: ignore[no-untyped-def]
     from relay.service import makeService as _makeService
 
     return _makeService(

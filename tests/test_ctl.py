@@ -250,7 +250,6 @@ class ParseTests(SynchronousTestCase):
             ("status", "--format", "xml"),
             ("status", "--queue", "nowhere"),
             ("--control", "unix:x", "--spool", "y", "count"),
-            ("--spool", "y", "freeze", "id1"),
         ]:
             self.assertUsage(*argv)
 
@@ -293,6 +292,20 @@ class RemoteTests(SynchronousTestCase):
             return self.response
 
         self.patch(ctl, "_call", fake)
+
+    def test_control_socket_in_spool(self) -> None:
+        """
+        Without C{--control}, commands talk to the control socket inside
+        the spool: C{--spool DIR}'s, else the default spool's.
+        """
+        self.response = {"done": ["id1"]}
+        run_main("--spool", "/var/spool/relay", "freeze", "id1")
+        run_main("freeze", "id1")
+        run_main("--control", "tcp:127.0.0.1:9999", "freeze", "id1")
+        self.assertEqual(
+            [control for control, _, _ in self.calls],
+            ["unix:/var/spool/relay/control.sock", "unix:./spool/control.sock", "tcp:127.0.0.1:9999"],
+        )
 
     def test_commands(self) -> None:
         """
@@ -401,7 +414,39 @@ class DiskTests(SynchronousTestCase):
         frozen = ctl.read_entries(self.path, "frozen", self.quarantine)
         self.assertEqual([(e.id, e.queue) for e in frozen], [(self.b.id, FROZEN)])
         self.assertEqual(ctl.read_entries(self.path, "removed", self.quarantine), [])
-        self.assertEqual(ctl.read_entries(self.mktemp(), "active"), [])
+
+    def test_not_a_spool(self) -> None:
+        """
+        C{status} and C{count} on a directory that is missing or is not a
+        spool fail (exit 1) and say why, rather than show an empty queue.
+        """
+        missing = self.mktemp()
+        other = self.mktemp()
+        os.makedirs(os.path.join(other, "photos"))
+        for command in ("status", "count"):
+            code, out, err = run_main("--spool", missing, command)
+            self.assertEqual((code, out), (ctl.FAILED, ""))
+            self.assertEqual(err, f"relayctl {command}: no spool at {missing}: no such directory\n")
+            code, out, err = run_main("--spool", other, command)
+            self.assertEqual((code, out), (ctl.FAILED, ""))
+            self.assertEqual(
+                err, f"relayctl {command}: {other} is not a relay spool (it has no active/ directory)\n"
+            )
+
+    def test_stale_socket_reads_disk(self) -> None:
+        """
+        A control socket left behind by a relay that was killed (nothing
+        listens on it) does not stop C{status} and C{count} from reading
+        the spool directory.
+        """
+        import socket
+
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(stale.close)
+        stale.bind(os.path.join(self.path, "control.sock"))  # bound, never listening
+        self.patch(ctl, "_call", lambda *a, **kw: self.fail("no relay to call"))
+        code, out, err = run_main("--spool", self.path, "--quarantine", self.quarantine, "count")
+        self.assertEqual((code, out), (0, "active: 1\nfrozen: 1\nremoved: 0\nquarantine: 1\n"))
 
     def test_count(self) -> None:
         """

@@ -53,6 +53,11 @@ class FakeDiskSpool:
             raise FakeSpoolLocked(f"spool {self.path} is locked by another relay")
         self.held.add(self.path)
 
+    @classmethod
+    def check_unlocked(cls, path: str) -> None:
+        if path in cls.held:
+            raise FakeSpoolLocked(f"spool {path} is locked by another relay")
+
     def unlock(self) -> None:
         self.calls.append("unlock")
         self.held.discard(self.path)
@@ -80,6 +85,7 @@ class MakeServiceTests(SynchronousTestCase):
         spool = types.ModuleType("relay.spool")
         spool.DiskSpool = FakeDiskSpool  # type: ignore[attr-defined]
         spool.SpoolLocked = FakeSpoolLocked  # type: ignore[attr-defined]
+        spool.check_unlocked = FakeDiskSpool.check_unlocked  # type: ignore[attr-defined]
         for name, module in (("relay.server", server), ("relay.spool", spool)):
             self.addCleanup(self._restore, name, sys.modules.get(name))
             sys.modules[name] = module
@@ -140,7 +146,8 @@ class MakeServiceTests(SynchronousTestCase):
         listening = len(self.reactor.tcpServers)
         second = self.make()
         with capturedLogs() as events:
-            self.assertRaises(FakeSpoolLocked, second.privilegedStartService)
+            raised = self.assertRaises(SystemExit, second.privilegedStartService)
+        self.assertEqual(raised.code, 1)
         self.assertEqual(len(self.reactor.tcpServers), listening)
         self.assertTrue(
             any("locked by another relay" in str(e.get("error")) for e in events), events

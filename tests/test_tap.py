@@ -4,7 +4,9 @@ Tests for L{relay.tap}: the C{twistd relay} options.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.python import usage
@@ -12,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relay.simple import Simple
 from relay.tap import Options, parse_retry_intervals, parse_smarthost
+from relay.tap import makeService as tapMakeService
 
 
 class Policy(Simple):
@@ -208,3 +211,266 @@ class ReceiversOptionTests(SynchronousTestCase):
         options = parse("--auth", "memory:alice:secret")
         self.assertEqual(options["auth-descriptions"], ["memory:alice:secret"])
         self.assertEqual(parse()["auth-descriptions"], [])
+
+
+class StartupErrorTests(SynchronousTestCase):
+    """
+    Every mistake that stops C{twistd relay} from starting ends it with one
+    line naming the option or path and the cause, and a non-zero exit.
+    """
+
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+
+    def exit_line(self, *argv: str) -> str:
+        """
+        Parse C{argv} as twistd does (with a parent) and build the service;
+        the line C{SystemExit} carries (which Python prints, exit code 1).
+        """
+        argv = ("--spool", os.path.join(self.base, "spool"),
+                "--quarantine", os.path.join(self.base, "quarantine"), *argv)  # fmt: skip
+        options = Options()
+        options.parent = usage.Options()  # as twistd's ServerOptions
+        with self.assertRaises(SystemExit) as raised:
+            options.parseOptions(list(argv))
+            tapMakeService(options)
+        code = raised.exception.code
+        self.assertIsInstance(code, str)
+        assert isinstance(code, str)
+        self.assertNotIn("\n", code)
+        return code
+
+    def module(self, name: str, source: str) -> str:
+        """
+        Write module C{name} where imports find it, for this test only.
+        """
+        directory = os.path.join(self.base, "modules")
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"{name}.py"), "w") as f:
+            f.write(source)
+        sys.path.insert(0, directory)
+        self.addCleanup(sys.path.remove, directory)
+        self.addCleanup(sys.modules.pop, name, None)
+        return name
+
+    def test_unknown_option(self) -> None:
+        """
+        A misspelt option: one line, not twistd's usage text.
+        """
+        self.assertEqual(
+            self.exit_line("--smarthots", "x"),
+            "twistd relay: option --smarthots not recognized (twistd relay --help lists them)",
+        )
+
+    def test_bad_value(self) -> None:
+        """
+        A bad option value names the option.
+        """
+        self.assertEqual(
+            self.exit_line("--max-sessions", "lots"),
+            "twistd relay: --max-sessions must be a positive integer, not 'lots'",
+        )
+
+    def test_options_without_twistd(self) -> None:
+        """
+        Parsed outside twistd (no parent), a mistake stays a L{usage.UsageError}
+        for the caller.
+        """
+        self.assertRaises(usage.UsageError, parse, "--smarthots", "x")
+
+    def test_callbacks_no_module(self) -> None:
+        """
+        C{--callbacks} naming a module that does not exist says so.
+        """
+        self.assertEqual(
+            self.exit_line("--callbacks", "nosuchmodule_xyz.Policy"),
+            "twistd relay: --callbacks nosuchmodule_xyz.Policy: no module named 'nosuchmodule_xyz'",
+        )
+        self.assertEqual(
+            self.exit_line("--callbacks", "relay.nosuchmodule.Policy"),
+            "twistd relay: --callbacks relay.nosuchmodule.Policy: "
+            "no module named 'relay.nosuchmodule'",
+        )
+
+    def test_callbacks_no_attribute(self) -> None:
+        """
+        C{--callbacks} naming an attribute the module lacks says which.
+        """
+        self.assertEqual(
+            self.exit_line("--callbacks", "relay.simple.NoSuchPolicy"),
+            "twistd relay: --callbacks relay.simple.NoSuchPolicy: "
+            "module 'relay.simple' has no attribute 'NoSuchPolicy'",
+        )
+
+    def test_callbacks_raise_during_import(self) -> None:
+        """
+        A plugin module that raises while imported, or imports a module
+        that is not installed, is told apart from a missing plugin module.
+        """
+        self.module("plugin_raises", "raise RuntimeError('no database')\n")
+        self.assertEqual(
+            self.exit_line("--callbacks", "plugin_raises.Policy"),
+            "twistd relay: --callbacks plugin_raises.Policy: module 'plugin_raises' raised "
+            "during import: RuntimeError: no database",
+        )
+        self.module("plugin_needs", "import nosuchdependency_xyz\n")
+        self.assertEqual(
+            self.exit_line("--callbacks", "plugin_needs.Policy"),
+            "twistd relay: --callbacks plugin_needs.Policy: module 'plugin_needs' raised "
+            "during import: ModuleNotFoundError: No module named 'nosuchdependency_xyz'",
+        )
+
+    def test_callbacks_raise_during_construction(self) -> None:
+        """
+        A plugin class whose construction or C{configure} raises is named,
+        with the error.
+        """
+        self.module(
+            "plugin_builds",
+            "from relay import Simple\n"
+            "class Broken(Simple):\n"
+            "    def __init__(self):\n"
+            "        raise ValueError('no API key')\n"
+            "class Unconfigurable(Simple):\n"
+            "    def configure(self, defaults):\n"
+            "        raise KeyError('hostname')\n"
+            "    def __repr__(self):\n"
+            "        return '<Unconfigurable>'\n",
+        )
+        self.assertEqual(
+            self.exit_line("--callbacks", "plugin_builds.Broken"),
+            "twistd relay: --callbacks plugin_builds.Broken: plugin_builds.Broken raised "
+            "during construction: ValueError: no API key",
+        )
+        self.assertEqual(
+            self.exit_line("--callbacks", "plugin_builds.Unconfigurable"),
+            "twistd relay: --callbacks plugin_builds.Unconfigurable: <Unconfigurable>.configure "
+            "raised: KeyError: 'hostname'",
+        )
+
+    def test_plugin_in_current_directory(self) -> None:
+        """
+        A plugin module in the current directory is found, as twistd -y
+        users expect, after the installed packages.
+        """
+        here = os.path.join(self.base, "here")
+        os.makedirs(here)
+        with open(os.path.join(here, "cwd_policy.py"), "w") as f:
+            f.write("from relay import Simple\nclass Policy(Simple):\n    pass\n")
+        self.addCleanup(os.chdir, os.getcwd())
+        self.addCleanup(sys.modules.pop, "cwd_policy", None)
+        saved = list(sys.path)
+        self.addCleanup(sys.path.__setitem__, slice(None), saved)
+        os.chdir(here)
+        options = parse("--callbacks", "cwd_policy.Policy")
+        self.assertEqual(options["callbacks"].__module__, "cwd_policy")
+        self.assertEqual(sys.path[-1], here)
+
+    def test_smarthost_not_a_host(self) -> None:
+        """
+        C{--smarthost} takes a host name, an IPv4 address or a bracketed
+        IPv6 address, with an optional port, and nothing else.
+        """
+        self.assertEqual(
+            self.exit_line("--smarthost", "::::"),
+            "twistd relay: --smarthost: not an IP address in brackets: [::::]",
+        )
+        self.assertEqual(
+            self.exit_line("--smarthost", "a b"),
+            "twistd relay: --smarthost: not a host name, IPv4 address or bracketed IPv6 "
+            "address: 'a b'",
+        )
+        for bad in ("-mx.example.com", "mx..example.com", "mx.example.com:25:25", "[mx]:25"):
+            self.assertRaises(usage.UsageError, parse, "--smarthost", bad)
+        self.assertEqual(parse("--smarthost", "192.0.2.1")["smarthost"], "192.0.2.1:25")
+        self.assertEqual(parse("--smarthost", "mx_1.example.com.")["smarthost"], "mx_1.example.com.:25")
+
+    def test_spool_created_private(self) -> None:
+        """
+        A missing spool directory is created with mode 0700 (parents too).
+        """
+        from relay.service import prepare_directories
+
+        spool = os.path.join(self.base, "var", "spool", "relay")
+        prepare_directories(spool, os.path.join(self.base, "q"))
+        self.assertEqual(os.stat(spool).st_mode & 0o777, 0o700)
+        self.assertEqual(os.listdir(spool), [])
+
+    def test_spool_not_a_directory(self) -> None:
+        """
+        A spool path that is a file, or under a file, is refused.
+        """
+        path = os.path.join(self.base, "file")
+        with open(path, "w") as f:
+            f.write("x")
+        self.assertEqual(
+            self.exit_line("--spool", path), f"twistd relay: --spool {path}: not a directory"
+        )
+        self.assertEqual(
+            self.exit_line("--spool", os.path.join(path, "spool")),
+            f"twistd relay: --spool {path}/spool: cannot create it: Not a directory",
+        )
+
+    def test_wrong_directory(self) -> None:
+        """
+        A directory that holds other things than a spool (or a quarantine)
+        is refused, and nothing in it is touched.
+        """
+        home = os.path.join(self.base, "home")
+        os.makedirs(os.path.join(home, "tmp"))
+        with open(os.path.join(home, "tmp", "notes.txt"), "w") as f:
+            f.write("mine")
+        self.assertEqual(
+            self.exit_line("--spool", home),
+            f"twistd relay: --spool {home}: not a relay spool (it holds tmp); "
+            "give a new or empty directory",
+        )
+        self.assertEqual(os.listdir(home), ["tmp"])
+        self.assertEqual(os.listdir(os.path.join(home, "tmp")), ["notes.txt"])
+        self.assertEqual(
+            self.exit_line("--quarantine", home),
+            f"twistd relay: --quarantine {home}: not a relay quarantine (it holds tmp); "
+            "give a new or empty directory",
+        )
+        spool = os.path.join(self.base, "spool")
+        self.assertEqual(
+            self.exit_line("--quarantine", spool),
+            f"twistd relay: --quarantine {spool}: must not be the spool directory",
+        )
+
+    def test_spool_not_writable(self) -> None:
+        """
+        A spool that cannot be written to (read-only filesystem, wrong
+        owner) is reported with the system's reason.
+        """
+        import errno
+
+        from relay import service
+
+        def refuse(directory: str) -> None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), directory)
+
+        self.patch(service, "_write_probe", refuse)
+        spool = os.path.join(self.base, "spool")
+        self.assertEqual(
+            self.exit_line(), f"twistd relay: --spool {spool}: not writable: Read-only file system"
+        )
+
+    def test_spool_in_use(self) -> None:
+        """
+        A spool held by another relay names the holder's pid, and its
+        entries are not touched.
+        """
+        from twisted.internet.task import Clock
+
+        from relay.spool import DiskSpool
+
+        spool = os.path.join(self.base, "spool")
+        holder = DiskSpool(spool, lambda f, *a: f(*a), Clock())
+        holder.lock()
+        self.addCleanup(holder.unlock)
+        self.assertEqual(
+            self.exit_line(),
+            f"twistd relay: spool {spool} is in use by another relay (pid {os.getpid()})",
+        )

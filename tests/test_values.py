@@ -35,7 +35,7 @@ from relay import (
 from relay.address import AddressError
 from relay.argument import Argument, ArgumentError, parse_mail_parameters, parse_rcpt_parameters
 from relay.reply import ReplyError
-from relay.simple import Defaults
+from relay.simple import CallbacksError, Defaults
 
 LOG = Logger()
 
@@ -293,7 +293,7 @@ class SimpleTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IServerCallbacks, callbacks))
         self.assertEqual(callbacks.process_recipient(LOG, None, None, [], None), Deny())
         self.assertEqual(callbacks.process_sender(LOG, None, None, []), Continue())
-        self.assertRaises(TypeError, as_callbacks, object())
+        self.assertRaises(CallbacksError, as_callbacks, object())
 
     def test_greeting(self):
         """
