@@ -17,8 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/twistd -n relay $(ARGS)
 
+# The project's suite, and the example plugin's tests (examples/test_*.py,
+# written with relay.testing as a plugin author would).
 test: $(STAMP)
-	$(BIN)/trial $(TRIAL_ARGS) tests
+	$(BIN)/trial $(TRIAL_ARGS) tests examples
 
 # The crash suite (SIGKILL at random moments, disk full) and the interop suite
 # (real Postfix and swaks on loopback) are trial modules that `make test`
