@@ -17,8 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/twistd -n relay $(ARGS)
 
+# The project's suite, and the example plugin's tests (examples/test_*.py,
+# written with relay.testing as a plugin author would).
 test: $(STAMP)
-	$(BIN)/trial $(TRIAL_ARGS) tests
+	$(BIN)/trial $(TRIAL_ARGS) tests examples
 
 # The packaging check: the wheel `pip wheel` builds, installed into a fresh
 # virtualenv outside the checkout and run from outside it (twistd relay,

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any, Sequence
 
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -46,14 +48,15 @@ class Defaults:
         the delivery side looks up each recipient domain's MX.
     @ivar retry_intervals: the default retry schedule (empty: the relay's).
     @ivar checker: the L{ICredentialsChecker} for AUTH, or C{None}.
-    @ivar clock: an C{IReactorTime} for the greeting's date.
+    @ivar clock: the relay's clock, for the greeting's date (C{None}: the
+        system time).
     """
 
     hostname: str = "localhost"
     next_hop_choices: Sequence[str] = ()
     retry_intervals: Sequence[float] = ()
-    checker: Any = None
-    clock: Any = field(default=None)
+    checker: ICredentialsChecker | None = None
+    clock: IReactorTime | None = field(default=None)
 
 
 @implementer(IServerCallbacks)
@@ -227,7 +230,7 @@ def as_callbacks(provider: object) -> IServerCallbacks:
             name = f"{cls.__module__}.{cls.__qualname__}"
             raise CallbacksError(f"{name} raised during construction: {_describe(e)}") from e
     if IServerCallbacks.providedBy(provider):
-        return provider  # type: ignore[return-value]
+        return provider
     if not any(callable(getattr(provider, name, None)) for name in _CALLBACKS):
         raise CallbacksError(f"{provider!r} provides none of the IServerCallbacks callbacks")
-    return _Partial(provider)  # type: ignore[return-value]
+    return _Partial(provider)

@@ -24,8 +24,7 @@ from relay.results import Send
 from relay.server import SMTPServerFactory
 from relay.simple import Simple
 from relay.spool import DiskSpool, FileSystem
-from relay.testing import FaultyFileSystem, QueuedRunner
-from tests.transcript import Harness, run_transcript
+from relay.testing import FaultyFileSystem, QueuedRunner, ServerHarness
 
 BODY = "Subject: faults\r\n\r\n" + "line of the body\r\n" * 20
 
@@ -134,10 +133,10 @@ class DiskFaultTests(SynchronousTestCase):
                 case = (use_syncfs, step, pattern, errno.errorcode[code])
                 spool, fs, factory = self.make(use_syncfs, spill_threshold=64 if spill else 256 * 1024)
                 fs.fail(step, code, pattern)
-                harness = Harness(None, factory=factory)
-                run_transcript(self, harness, SESSION_START + ONE_MESSAGE)
+                harness = ServerHarness(factory=factory)
+                harness.play(SESSION_START + ONE_MESSAGE)
                 harness.send(BODY + ".\r\n")
-                run_transcript(self, harness, f"< {reply}")
+                harness.play(f"< {reply}")
                 self.assertFalse(harness.closed, case)
                 self.assertIn(step, [name for name, _ in fs.steps], case)
                 # the server logged the failure with its traceback
@@ -145,9 +144,9 @@ class DiskFaultTests(SynchronousTestCase):
                 self.assertEqual(logged.value.errno, code, case)
                 self.assertNoFiles(case)
                 fs.heal()
-                run_transcript(self, harness, ONE_MESSAGE)
+                harness.play(ONE_MESSAGE)
                 harness.send(BODY + ".\r\n")
-                run_transcript(self, harness, "< re:250 2\\.0\\.0 Ok: queued as \\S+")
+                harness.play("< re:250 2\\.0\\.0 Ok: queued as \\S+")
                 [entry] = self.successResultOf(spool.entries(ACTIVE))
                 self.assertEqual(self.files(ACTIVE), [entry.id + ".json"], case)
                 self.assertEqual(self.files("messages"), [entry.id + ".eml"], case)
@@ -187,9 +186,9 @@ class DiskFaultTests(SynchronousTestCase):
         """
         runner = QueuedRunner()
         spool, fs, factory = self.make(True, run=runner)
-        harnesses = [Harness(None, factory=factory) for _ in range(4)]
+        harnesses = [ServerHarness(factory=factory) for _ in range(4)]
         for harness in harnesses:
-            run_transcript(self, harness, SESSION_START + ONE_MESSAGE)
+            harness.play(SESSION_START + ONE_MESSAGE)
         for harness in harnesses:
             harness.send(BODY + ".\r\n")
         [(d, f, args, kw)] = runner.calls

@@ -19,9 +19,8 @@ from relay.reply import Reply
 from relay.results import Accept, Continue, Reject
 from relay.server import MAX_LINE, MAX_PENDING_INPUT, MAX_PROTOCOL_ERRORS, SMTPServerFactory
 from relay.stuffing import DotStuffer
-from relay.testing import MemorySpool
+from relay.testing import MemorySpool, ServerHarness
 from tests.test_server import MAIL_TXN, Recorder, ServerTestCase, b64
-from tests.transcript import Harness
 
 # Sequences that some MTA somewhere took for the end of data (SMTP
 # smuggling, CVE-2023-51764/51765/51766): none of them ends the data here.
@@ -53,7 +52,7 @@ class SmugglingTests(ServerTestCase):
     RFC 5321 section 4.1.1.4: only CRLF "." CRLF ends the data.
     """
 
-    def smuggle(self, seq: bytes, writes: list[bytes] | None = None, **kw: Any) -> Harness:
+    def smuggle(self, seq: bytes, writes: list[bytes] | None = None, **kw: Any) -> ServerHarness:
         h = self.harness(**kw)
         self.transcript(h, MAIL_TXN)
         body = b"Subject: x\r\n\r\nbody" + seq + SMUGGLED + b"Smuggled\r\n.\r\nNOOP\r\n"
@@ -212,7 +211,7 @@ class PipeliningTests(ServerTestCase):
         no later callback is called and the session count goes back to 0.
         """
         pending: Deferred[Any] = Deferred()
-        h = self.harness(Recorder(session_connect=lambda s: pending))
+        h = self.harness(Recorder(session_connect=lambda log, s: pending))
         h.send(b"EHLO early\r\nMAIL FROM:<a@b.example>\r\nQUIT\r\n")
         self.assertEqual(h.lines(), [])
         pending.callback(Accept("test ESMTP"))
@@ -221,7 +220,7 @@ class PipeliningTests(ServerTestCase):
         )
         self.assertTrue(h.closed)
         self.assertEqual(self.callbacks.names(), ["session_connect"])
-        h.protocol.connectionLost(None)  # type: ignore[arg-type]
+        h.disconnect()
         self.assertEqual(h.factory.sessions, 0)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
@@ -231,7 +230,7 @@ class PipeliningTests(ServerTestCase):
         buffer behind.
         """
         pending: Deferred[Any] = Deferred()
-        h = self.harness(Recorder(session_connect=lambda s: pending))
+        h = self.harness(Recorder(session_connect=lambda log, s: pending))
         for _ in range(160):
             h.send(b"x" * 65536)
         self.assertEqual(h.protocol._buffer, b"")
@@ -427,7 +426,7 @@ class SlowClientTests(ServerTestCase):
             self.assertLess(sent, 1000)
         self.assertEqual(sent, 120)
         self.assertEqual(h.lines(), ["421 4.4.2 localhost Error: timeout exceeded"])
-        h.protocol.connectionLost(None)  # type: ignore[arg-type]
+        h.disconnect()
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
     def test_slow_data(self) -> None:
@@ -457,7 +456,7 @@ class DroppedConnectionTests(ServerTestCase):
         clock = Clock()
         pending: list[Deferred[Any]] = []
 
-        def slow(session: Any, sender: Any, args: Any, recipient: Any) -> Any:
+        def slow(log: Any, session: Any, sender: Any, args: Any, recipient: Any) -> Any:
             if recipient.local_part != "slow":
                 return Continue()
             d: Deferred[Any] = Deferred()
@@ -479,13 +478,13 @@ class DroppedConnectionTests(ServerTestCase):
         ]
         harnesses = []
         for i in range(1000):
-            h = Harness(callbacks, factory=factory, clock=clock)
+            h = ServerHarness(factory=factory)
             h.send(stages[i % len(stages)])
             harnesses.append(h)
         self.assertEqual(factory.sessions, 1000)
         for h in harnesses:
             h.output()
-            h.protocol.connectionLost(None)  # type: ignore[arg-type]
+            h.disconnect()
         self.assertEqual(factory.sessions, 0)
         self.assertEqual(clock.getDelayedCalls(), [])
         per_stage = len(range(0, 1000, len(stages)))
@@ -506,21 +505,21 @@ class DroppedConnectionTests(ServerTestCase):
         h = self.harness()
         self.transcript(h, MAIL_TXN)
         h.send(b"Subject: x\r\n\r\nhalf a mess")
-        h.protocol.connectionLost(None)  # type: ignore[arg-type]
+        h.disconnect()
         self.assertTrue(h.spool.writers[0].aborted)
         self.assertEqual(self.entries(h), [])
         self.assertEqual(h.factory.sessions, 0)
 
 
 class AuthBruteForceTests(ServerTestCase):
-    def auth_harness(self, **kw: Any) -> Harness:
+    def auth_harness(self, **kw: Any) -> ServerHarness:
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), auth_requires_tls=False, **kw
         )
         self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7)
         return h
 
-    def attempt(self, h: Harness, password: str) -> None:
+    def attempt(self, h: ServerHarness, password: str) -> None:
         h.send(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + password)}\r\n")
 
     def test_defaults(self) -> None:
@@ -587,7 +586,7 @@ class AuthBruteForceTests(ServerTestCase):
         h = self.auth_harness()
         for _ in range(3):
             self.attempt(h, "guess")
-        h.protocol.connectionLost(None)  # type: ignore[arg-type]
+        h.disconnect()
         self.assertEqual(h.clock.getDelayedCalls(), [])
         self.assertEqual(h.factory.sessions, 0)
         self.assertEqual(self.flushLoggedErrors(), [])

@@ -22,9 +22,9 @@ from relay.argument import Argument, ArgumentError, parse_mail_parameters, parse
 from relay.reply import Reply, ReplyError
 from relay.results import Continue
 from relay.stuffing import DotStuffer
+from relay.testing import ServerHarness
 from tests.test_server import MAIL_TXN, Recorder
 from tests.test_stuffing import normalize, split
-from tests.transcript import Harness, run_transcript
 
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 _DOMAIN = st.lists(_LABEL, min_size=1, max_size=4).map(".".join) | st.sampled_from(
@@ -213,9 +213,9 @@ class CommandParserProperties(SynchronousTestCase):
         well-formed SMTP replies.
         """
         callbacks = Recorder(session_helo=Continue(advertise_auth=True))
-        h = Harness(callbacks, tls_context_factory=object(), auth_requires_tls=False)
+        h = ServerHarness(callbacks, tls_context_factory=object(), auth_requires_tls=False)
         try:
-            run_transcript(self, h, _STATES[state])
+            h.play(_STATES[state])
             for chunk in split(data, cuts):
                 h.send(chunk)
                 h.clock.advance(1)
@@ -223,7 +223,7 @@ class CommandParserProperties(SynchronousTestCase):
             self.assertNotIn(451, [r.code for r in replies])
             self.assertEqual(self.flushLoggedErrors(), [])
         finally:
-            h.protocol.connectionLost(None)  # type: ignore[arg-type]
+            h.disconnect()
         self.assertEqual(h.factory.sessions, 0)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
@@ -252,9 +252,9 @@ class ParameterThroughServerProperties(SynchronousTestCase):
         552 or 555, or (RCPT after a refused MAIL) a 503: never a local
         error, never a logged failure.
         """
-        h = Harness(Recorder())
+        h = ServerHarness(Recorder())
         try:
-            run_transcript(self, h, MAIL_TXN.split("> MAIL")[0])
+            h.play(MAIL_TXN.split("> MAIL")[0])
             h.send(f"MAIL FROM:<a@b.example> {mail}\r\nRCPT TO:<c@d.example> {rcpt}\r\n".encode())
             codes = [r.code for r in replies_of(h.output())]
             self.assertEqual(len(codes), 2, (mail, rcpt))
@@ -262,7 +262,7 @@ class ParameterThroughServerProperties(SynchronousTestCase):
             self.assertIn(codes[1], (250, 501, 503, 555), rcpt)
             self.assertEqual(self.flushLoggedErrors(), [])
         finally:
-            h.protocol.connectionLost(None)  # type: ignore[arg-type]
+            h.disconnect()
 
 
 class ReplyParserProperties(SynchronousTestCase):
@@ -301,9 +301,9 @@ class ReceivedBodyProperties(SynchronousTestCase):
         chunking, is exactly one message holding the CRLF-normalized body,
         and the command after it runs.
         """
-        h = Harness(Recorder())
+        h = ServerHarness(Recorder())
         try:
-            run_transcript(self, h, MAIL_TXN)
+            h.play(MAIL_TXN)
             stuffer = DotStuffer()
             wire = stuffer.encode(body) + stuffer.finish() + b"NOOP\r\n"
             for chunk in split(wire, cuts):
@@ -318,4 +318,4 @@ class ReceivedBodyProperties(SynchronousTestCase):
             self.assertTrue(received.startswith(b"Received: "))
             self.assertEqual(received.count(b"\r\n\t"), 3)
         finally:
-            h.protocol.connectionLost(None)  # type: ignore[arg-type]
+            h.disconnect()

@@ -10,88 +10,70 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 
-from relay.envelope import EnvelopeWithNextHop
-from relay.interfaces import IServerCallbacks
+from relay.envelope import Envelope, EnvelopeWithNextHop
 from relay.reply import Reply
 from relay.results import (
     Accept,
     Allow,
+    AuthResult,
+    ConnectResult,
     Consume,
     Continue,
     Deny,
     Disconnect,
+    EnvelopeResult,
+    HeloResult,
     Quarantine,
+    RecipientResult,
     Reject,
     Send,
+    SenderResult,
 )
 from relay.server import SMTPServerFactory
-from relay.testing import MemorySpool
-from tests.transcript import Harness, run_transcript
+from relay.session import Session
+from relay.testing import (
+    MemorySpool,
+    ProcessEnvelopeCall,
+    ProcessSenderCall,
+    RecordingCallbacks,
+    ServerHarness,
+    SessionConnectCall,
+    SessionHeloCall,
+)
 
 MESSAGE = "Subject: hi\r\nFrom: a@example.org\r\n\r\nhello\r\n.\r\n"
 
 
-@implementer(IServerCallbacks)
-class Recorder:
+class TestPolicy:
     """
-    Callbacks that record their calls.  Each result given to the
-    constructor is a value, or a callable that gets the callback's
-    arguments (without C{log}) and returns the result (possibly a Deferred
-    or a coroutine).
+    The plugin behind L{Recorder}: greets as C{test.example}, sends every
+    envelope to C{mx.example.com:25}, and knows one user (alice, secret);
+    L{Simple} answers the other callbacks.
     """
 
-    def __init__(self, **results: Any) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.logs: list[Any] = []
-        self.results = results
+    def session_connect(self, log: Logger, session: Session) -> ConnectResult:
+        return Accept("test.example ESMTP")
 
-    def _answer(self, name: str, default: Any, log: Any, *args: Any) -> Any:
-        self.calls.append((name, *args))
-        self.logs.append(log)
-        result = self.results.get(name, default)
-        if callable(result):
-            return result(*args)
-        return result
+    def process_envelope(self, log: Logger, session: Session, envelope: Envelope) -> EnvelopeResult:
+        return Send([EnvelopeWithNextHop(envelope, ["mx.example.com:25"])])
 
-    def session_connect(self, log: Any, session: Any) -> Any:
-        return self._answer("session_connect", Accept("test.example ESMTP"), log, session)
+    def check_authentication_credentials(
+        self, log: Logger, username: str, password: str
+    ) -> AuthResult:
+        return Allow() if (username, password) == ("alice", "secret") else Deny()
 
-    def session_helo(self, log: Any, session: Any, helo: str) -> Any:
-        return self._answer("session_helo", Continue(), log, session, helo)
 
-    def process_sender(self, log: Any, session: Any, sender: Any, args: Any) -> Any:
-        return self._answer("process_sender", Continue(), log, session, sender, args)
+class Recorder(RecordingCallbacks):
+    """
+    The kit's L{RecordingCallbacks} around L{TestPolicy}: each answer given
+    is a result, or a function of the callback's arguments (C{log} first).
+    """
 
-    def process_recipient(self, log: Any, session: Any, sender: Any, args: Any, rcpt: Any) -> Any:
-        return self._answer("process_recipient", Continue(), log, session, sender, args, rcpt)
-
-    def process_envelope(self, log: Any, session: Any, envelope: Any) -> Any:
-        return self._answer(
-            "process_envelope",
-            lambda s, e: Send([EnvelopeWithNextHop(e, ["mx.example.com:25"])]),
-            log,
-            session,
-            envelope,
-        )
-
-    def check_authentication_credentials(self, log: Any, username: str, password: str) -> Any:
-        return self._answer(
-            "check_authentication_credentials",
-            lambda u, p: Allow() if (u, p) == ("alice", "secret") else Deny(),
-            log,
-            username,
-            password,
-        )
-
-    def rpcs(self) -> list[Any]:
-        return []
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
+    def __init__(self, wrapped: object = None, **answers: Any) -> None:
+        super().__init__(wrapped if wrapped is not None else TestPolicy(), **answers)
 
 
 def boom(*args: Any) -> Any:
@@ -121,23 +103,19 @@ MAIL_TXN = """
 
 
 class ServerTestCase(SynchronousTestCase):
-    def harness(self, callbacks: Any = None, **kw: Any) -> Harness:
+    def harness(self, callbacks: Any = None, **kw: Any) -> ServerHarness:
         self.callbacks = callbacks if callbacks is not None else Recorder()
-        h = Harness(self.callbacks, **kw)
-        self.addCleanup(self._cleanup, h)
+        h = ServerHarness(self.callbacks, **kw)
+        self.addCleanup(h.disconnect)
         return h
 
-    def _cleanup(self, h: Harness) -> None:
-        if not h.protocol._closed or h.protocol._counted:
-            h.protocol.connectionLost(None)  # type: ignore[arg-type]
+    def transcript(self, h: ServerHarness, script: str, exhaustive: bool = True) -> None:
+        h.play(script, exhaustive=exhaustive)
 
-    def transcript(self, h: Harness, script: str, exhaustive: bool = True) -> None:
-        run_transcript(self, h, script, exhaustive)
-
-    def entries(self, h: Harness) -> list[Any]:
+    def entries(self, h: ServerHarness) -> list[Any]:
         return list(h.spool.entries_by_id.values())
 
-    def message_data(self, h: Harness) -> list[bytes]:
+    def message_data(self, h: ServerHarness) -> list[bytes]:
         return [m.data for m in h.spool.messages_by_id.values()]
 
 
@@ -149,7 +127,8 @@ class ConnectTests(ServerTestCase):
         h = self.harness()
         self.transcript(h, "< 220 test.example ESMTP")
         self.assertEqual(self.callbacks.names(), ["session_connect"])
-        session = self.callbacks.calls[0][1]
+        [connect] = self.callbacks.calls_to(SessionConnectCall)
+        session = connect.session
         self.assertEqual(session.remote_host, "198.51.100.7")
         self.assertEqual(len(session.id), 10)
 
@@ -158,11 +137,11 @@ class ConnectTests(ServerTestCase):
         session_connect may return a Deferred or a coroutine.
         """
         d: Deferred[Any] = Deferred()
-        h = self.harness(Recorder(session_connect=lambda s: d))
+        h = self.harness(Recorder(session_connect=lambda log, s: d))
         self.assertEqual(h.lines(), [])
         d.callback(Accept("late"))
         self.transcript(h, "< 220 late")
-        h = self.harness(Recorder(session_connect=lambda s: async_value(Accept("coro"))))
+        h = self.harness(Recorder(session_connect=lambda log, s: async_value(Accept("coro"))))
         self.transcript(h, "< 220 coro")
 
     def test_disconnect(self) -> None:
@@ -190,23 +169,18 @@ class ConnectTests(ServerTestCase):
         Over max_sessions a client gets 421 too many connections; once a
         session ends there is room again.
         """
-        callbacks = Recorder()
-        factory = SMTPServerFactory(
-            callbacks=callbacks, spool=MemorySpool(), clock=Harness(callbacks).clock, max_sessions=1
-        )
-        factory.sessions = 0
-        h1 = Harness(callbacks, factory=factory)
+        h1 = self.harness(max_sessions=1)
         self.transcript(h1, "< 220 ")
-        h2 = Harness(callbacks, factory=factory)
+        h2 = ServerHarness(factory=h1.factory)
         self.transcript(h2, "< 421 4.7.0 localhost Error: too many connections")
         self.assertTrue(h2.closed)
-        h2.protocol.connectionLost(None)  # type: ignore[arg-type]
-        self.assertEqual(factory.sessions, 1)
-        h1.protocol.connectionLost(None)  # type: ignore[arg-type]
-        self.assertEqual(factory.sessions, 0)
-        h3 = Harness(callbacks, factory=factory)
+        h2.disconnect()
+        self.assertEqual(h1.factory.sessions, 1)
+        h1.disconnect()
+        self.assertEqual(h1.factory.sessions, 0)
+        h3 = ServerHarness(factory=h1.factory)
         self.transcript(h3, "< 220 ")
-        h3.protocol.connectionLost(None)  # type: ignore[arg-type]
+        h3.disconnect()
 
 
 class HeloTests(ServerTestCase):
@@ -278,7 +252,7 @@ class HeloTests(ServerTestCase):
         h = self.harness(Recorder(session_helo=Disconnect(Reply(554, "5.7.1 bye"))))
         self.transcript(h, "< 220\n> EHLO c\n< 554 5.7.1 bye")
         self.assertTrue(h.closed)
-        h = self.harness(Recorder(session_helo=lambda s, n: async_value(Disconnect())))
+        h = self.harness(Recorder(session_helo=lambda log, s, n: async_value(Disconnect())))
         self.transcript(h, "< 220\n> EHLO c\n< 421")
         self.assertTrue(h.closed)
 
@@ -407,12 +381,12 @@ class MailTests(ServerTestCase):
             < 250 2.1.0 Ok
             """,
         )
-        sender_calls = [c for c in self.callbacks.calls if c[0] == "process_sender"]
-        self.assertEqual(str(sender_calls[0][2]), "rené@b.c")
+        sender_calls = self.callbacks.calls_to(ProcessSenderCall)
+        self.assertEqual(str(sender_calls[0].sender), "rené@b.c")
         self.assertEqual(
-            [str(a) for a in sender_calls[0][3]], ["SMTPUTF8", "SIZE=100", "BODY=8BITMIME"]
+            [str(a) for a in sender_calls[0].sender_args], ["SMTPUTF8", "SIZE=100", "BODY=8BITMIME"]
         )
-        self.assertTrue(sender_calls[1][2].is_null)
+        self.assertTrue(sender_calls[1].sender.is_null)
 
     def test_sender_reject(self) -> None:
         """
@@ -479,7 +453,7 @@ class RcptTests(ServerTestCase):
         A rejected recipient is left out and recorded; the envelope goes on.
         """
 
-        def policy(session: Any, sender: Any, args: Any, rcpt: Any) -> Any:
+        def policy(log: Any, session: Any, sender: Any, args: Any, rcpt: Any) -> Any:
             if rcpt.domain == "bad.example":
                 return Reject(Reply(550, "5.7.1 relaying denied"))
             return Continue()
@@ -503,7 +477,7 @@ class RcptTests(ServerTestCase):
         )
         h.send(MESSAGE)
         self.transcript(h, "< 250 2.0.0 Ok: queued as")
-        envelope = self.callbacks.calls[-1][2]
+        envelope = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope
         self.assertEqual([str(r) for r in envelope.recipients], ["y@good.example"])
         self.assertEqual([str(r) for r in envelope.rejected_recipients], ["x@bad.example"])
 
@@ -572,7 +546,7 @@ class DataTests(ServerTestCase):
         h = self.harness()
         self.transcript(h, MAIL_TXN)
         h.send(MESSAGE)
-        envelope = self.callbacks.calls[-1][2]
+        envelope = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope
         self.transcript(h, f"< 250 2.0.0 Ok: queued as {envelope.id}")
         [entry] = self.entries(h)
         self.assertEqual(entry.envelope_id, envelope.id)
@@ -603,7 +577,7 @@ class DataTests(ServerTestCase):
         Reject(reply) answers the reply and discards the message.
         """
         h = self.harness(
-            Recorder(process_envelope=lambda s, e: async_value(Reject(Reply(554, "5.7.1 spam"))))
+            Recorder(process_envelope=lambda log, s, e: async_value(Reject(Reply(554, "5.7.1 spam"))))
         )
         self.transcript(h, MAIL_TXN)
         h.send(MESSAGE)
@@ -617,7 +591,7 @@ class DataTests(ServerTestCase):
         """
         h = self.harness(
             Recorder(
-                process_envelope=lambda s, e: Quarantine(
+                process_envelope=lambda log, s, e: Quarantine(
                     [EnvelopeWithNextHop(e)], Reply(250, "2.0.0 held"), "looks odd"
                 )
             )
@@ -749,7 +723,7 @@ class DataTests(ServerTestCase):
             self.assertEqual(len(self.entries(h)), 1, seq)
             [data] = self.message_data(h)
             self.assertIn(b"MAIL FROM:<evil@x.y>", data)
-            self.assertEqual([c[0] for c in self.callbacks.calls].count("process_sender"), 1, seq)
+            self.assertEqual(self.callbacks.names().count("process_sender"), 1, seq)
 
     def test_long_body_line(self) -> None:
         """
@@ -801,8 +775,8 @@ class DataTests(ServerTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
 
-        def log_it(session: Any, envelope: Any) -> Any:
-            self.callbacks.logs[-1].info("plugin says hi")
+        def log_it(log: Logger, session: Any, envelope: Any) -> Any:
+            log.info("plugin says hi")
             return Consume()
 
         h = self.harness(Recorder(process_envelope=log_it))
@@ -810,7 +784,7 @@ class DataTests(ServerTestCase):
         h.send(MESSAGE)
         self.transcript(h, "< 250")
         [event] = [e for e in events if e.get("log_format", "").endswith("plugin says hi")]
-        envelope = self.callbacks.calls[-1][2]
+        envelope = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope
         self.assertEqual(
             formatEvent(event),
             f"[session_id={h.protocol.session.id} envelope_id={envelope.id}] plugin says hi",
@@ -944,7 +918,7 @@ class TimeoutTests(ServerTestCase):
         h = self.harness()
         self.transcript(h, "< 220")
         h.send("NO")
-        h.protocol.connectionLost(None)  # type: ignore[arg-type]
+        h.disconnect()
         self.assertEqual(h.clock.getDelayedCalls(), [])
         self.assertEqual(h.factory.sessions, 0)
 
@@ -954,7 +928,7 @@ def b64(text: str) -> str:
 
 
 class AuthTests(ServerTestCase):
-    def auth_harness(self, **results: Any) -> Harness:
+    def auth_harness(self, **results: Any) -> ServerHarness:
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True), **results), auth_requires_tls=False
         )
@@ -1002,7 +976,7 @@ class AuthTests(ServerTestCase):
         """
         check_authentication_credentials may be a coroutine; a failure gives 454.
         """
-        h = self.auth_harness(check_authentication_credentials=lambda u, p: async_value(Allow()))
+        h = self.auth_harness(check_authentication_credentials=lambda log, u, p: async_value(Allow()))
         self.transcript(h, f"> AUTH PLAIN {b64(chr(0) + 'x' + chr(0) + 'y')}\n< 235")
         h = self.auth_harness(check_authentication_credentials=boom)
         self.transcript(
@@ -1076,7 +1050,7 @@ class StartTLSTests(ServerTestCase):
         h.send("STARTTLS\r\nEHLO injected\r\nMAIL FROM:<evil@x.y>\r\n")
         self.transcript(h, "< 220 2.0.0 Ready to start TLS")
         self.assertIs(h.transport.tls_context, ctx)
-        self.assertNotIn("injected", [c[2] for c in self.callbacks.calls if c[0] == "session_helo"])
+        self.assertNotIn("injected", [c.helo for c in self.callbacks.calls_to(SessionHeloCall)])
         self.assertNotIn("process_sender", self.callbacks.names())
         session = h.protocol.session
         self.assertIsNone(session.helo)
@@ -1191,43 +1165,57 @@ class RealTLSTests(TestCase):
             [data] = [m.data for m in spool.messages_by_id.values()]
             self.assertIn(b"with ESMTPS", data)
             self.assertIn(b"TLSv1.", data)
-            session = callbacks.calls[-1][1]
+            session = callbacks.calls_to(ProcessEnvelopeCall)[-1].session
             self.assertIsNotNone(session.tls)
             self.assertNotEqual(session.tls.cipher, "unknown")
 
         return done.addCallback(check)
 
 
-class AsyncRecorder(Recorder):
+class AsyncPolicy(TestPolicy):
     """
-    The same callbacks written as C{async def}.
+    L{TestPolicy} with every callback written as C{async def}.
     """
 
-    async def session_connect(self, log: Any, session: Any) -> Any:  # type: ignore[override]
-        return Recorder.session_connect(self, log, session)
+    async def session_connect(self, log: Logger, session: Session) -> ConnectResult:  # type: ignore[override]
+        return TestPolicy.session_connect(self, log, session)
 
-    async def session_helo(self, log: Any, session: Any, helo: str) -> Any:  # type: ignore[override]
-        return Recorder.session_helo(self, log, session, helo)
+    async def session_helo(self, log: Logger, session: Session, helo: str) -> HeloResult:
+        return Continue()
 
-    async def process_sender(self, log: Any, session: Any, sender: Any, args: Any) -> Any:  # type: ignore[override]
-        return Recorder.process_sender(self, log, session, sender, args)
+    async def process_sender(self, log: Logger, session: Session, sender: Any, args: Any) -> SenderResult:
+        return Continue()
 
     async def process_recipient(
-        self, log: Any, session: Any, sender: Any, args: Any, rcpt: Any
-    ) -> Any:  # type: ignore[override]
-        return Recorder.process_recipient(self, log, session, sender, args, rcpt)
+        self, log: Logger, session: Session, sender: Any, args: Any, rcpt: Any
+    ) -> RecipientResult:
+        return Continue()
 
-    async def process_envelope(self, log: Any, session: Any, envelope: Any) -> Any:  # type: ignore[override]
-        return Recorder.process_envelope(self, log, session, envelope)
+    async def process_envelope(self, log: Logger, session: Session, envelope: Envelope) -> EnvelopeResult:  # type: ignore[override]
+        return TestPolicy.process_envelope(self, log, session, envelope)
 
 
-class DeferredRecorder(Recorder):
+class DeferredPolicy(TestPolicy):
     """
-    The same callbacks returning (already fired) Deferreds.
+    L{TestPolicy} with every callback returning an (already fired) Deferred.
     """
 
-    def _answer(self, name: str, default: Any, log: Any, *args: Any) -> Any:
-        return defer.maybeDeferred(Recorder._answer, self, name, default, log, *args)
+    def session_connect(self, log: Logger, session: Session) -> Deferred[ConnectResult]:  # type: ignore[override]
+        return defer.succeed(TestPolicy.session_connect(self, log, session))
+
+    def session_helo(self, log: Logger, session: Session, helo: str) -> Deferred[HeloResult]:
+        return defer.succeed(Continue())
+
+    def process_sender(self, log: Logger, session: Session, sender: Any, args: Any) -> Deferred[SenderResult]:
+        return defer.succeed(Continue())
+
+    def process_recipient(
+        self, log: Logger, session: Session, sender: Any, args: Any, rcpt: Any
+    ) -> Deferred[RecipientResult]:
+        return defer.succeed(Continue())
+
+    def process_envelope(self, log: Logger, session: Session, envelope: Envelope) -> Deferred[EnvelopeResult]:  # type: ignore[override]
+        return defer.succeed(TestPolicy.process_envelope(self, log, session, envelope))
 
 
 class VariantTests(ServerTestCase):
@@ -1236,8 +1224,8 @@ class VariantTests(ServerTestCase):
         A whole transaction works with async def callbacks and with
         Deferred-returning callbacks.
         """
-        for cls in (AsyncRecorder, DeferredRecorder):
-            h = self.harness(cls())
+        for policy in (AsyncPolicy(), DeferredPolicy()):
+            h = self.harness(Recorder(policy))
             self.transcript(h, MAIL_TXN)
             h.send(MESSAGE)
             self.transcript(h, "< 250 2.0.0 Ok: queued")
@@ -1260,11 +1248,11 @@ class VariantTests(ServerTestCase):
         message is discarded, not spooled.
         """
         d: Deferred[Any] = Deferred()
-        h = self.harness(Recorder(process_envelope=lambda s, e: d))
+        h = self.harness(Recorder(process_envelope=lambda log, s, e: d))
         self.transcript(h, MAIL_TXN)
         h.send(MESSAGE)
-        h.protocol.connectionLost(None)  # type: ignore[arg-type]
-        envelope = self.callbacks.calls[-1][2]
+        h.disconnect()
+        envelope = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope
         d.callback(Send([EnvelopeWithNextHop(envelope)]))
         self.assertEqual(self.entries(h), [])
         self.assertEqual(len(h.spool.discarded), 1)

@@ -1,8 +1,9 @@
 """
-Test doubles for relay: L{MemorySpool}, an L{ISpool} that keeps everything
-in memory and answers with already-fired L{Deferred}s, and
-L{FaultyFileSystem}, a disk under a L{relay.spool.DiskSpool} that fails
-chosen steps (ENOSPC, EIO, ...).
+Spool doubles: L{MemorySpool}, an L{ISpool} that keeps everything in
+memory and answers with already-fired L{Deferred}s; L{FaultyFileSystem}, a
+disk under a L{relay.spool.DiskSpool} that fails chosen steps (ENOSPC,
+EIO, ...); and L{QueuedRunner}, a thread runner whose calls wait for the
+test.
 """
 
 from __future__ import annotations

@@ -1,0 +1,4 @@
+"""
+Example plugins, and their tests written with relay.testing (`make test`
+runs them).
+"""

@@ -1,0 +1,81 @@
+"""
+The test kit of relay, for plugin authors and for relay's own tests.  It
+needs no test framework: failures are C{AssertionError}s, the rest are
+values to assert on, so trial, pytest and unittest all work.
+
+Run a plugin in the real server, over an in-memory connection:
+L{run_transcript} (one whole session) and L{ServerHarness} (a session a
+test drives step by step), which check L{TranscriptResult}s against
+C{< 250 ...} / C{> EHLO ...} transcripts.
+
+Call one callback by hand: L{call_callback} with a L{make_session} and a
+L{make_envelope}; record what the server asks a plugin with
+L{RecordingCallbacks}.
+
+Doubles of the spool: L{MemorySpool}, L{FaultyFileSystem},
+L{QueuedRunner}.
+"""
+
+from relay.testing.callbacks import (
+    Answer,
+    CallbackCall,
+    CheckAuthenticationCredentialsCall,
+    ProcessEnvelopeCall,
+    ProcessRecipientCall,
+    ProcessSenderCall,
+    RecordingCallbacks,
+    RpcsCall,
+    SessionConnectCall,
+    SessionHeloCall,
+    call_callback,
+    call_callback_deferred,
+    make_envelope,
+    make_session,
+)
+from relay.testing.spool import (
+    FaultyFileSystem,
+    MemoryMessageWriter,
+    MemorySpool,
+    QueuedRunner,
+    allocate_ids,
+)
+from relay.testing.transcript import (
+    LOCAL_ADDRESS,
+    REMOTE_ADDRESS,
+    ServerHarness,
+    ServerOptions,
+    TLSStringTransport,
+    TranscriptMismatch,
+    TranscriptResult,
+    run_transcript,
+)
+
+__all__ = [
+    "Answer",
+    "CallbackCall",
+    "CheckAuthenticationCredentialsCall",
+    "FaultyFileSystem",
+    "LOCAL_ADDRESS",
+    "MemoryMessageWriter",
+    "MemorySpool",
+    "ProcessEnvelopeCall",
+    "ProcessRecipientCall",
+    "ProcessSenderCall",
+    "QueuedRunner",
+    "REMOTE_ADDRESS",
+    "RecordingCallbacks",
+    "RpcsCall",
+    "ServerHarness",
+    "ServerOptions",
+    "SessionConnectCall",
+    "SessionHeloCall",
+    "TLSStringTransport",
+    "TranscriptMismatch",
+    "TranscriptResult",
+    "allocate_ids",
+    "call_callback",
+    "call_callback_deferred",
+    "make_envelope",
+    "make_session",
+    "run_transcript",
+]
