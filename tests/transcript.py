@@ -39,7 +39,8 @@ class TLSStringTransport(StringTransport):
 
 class Harness:
     """
-    One server session over a L{TLSStringTransport}.
+    One server session over a L{TLSStringTransport} (or the C{transport}
+    given).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class Harness:
         spool: Any = None,
         clock: Clock | None = None,
         factory: SMTPServerFactory | None = None,
+        transport: StringTransport | None = None,
         **factory_kwargs: Any,
     ) -> None:
         self.clock = clock if clock is not None else Clock()
@@ -59,7 +61,7 @@ class Harness:
         else:
             self.spool = factory.spool
         self.factory = factory
-        self.transport = TLSStringTransport(
+        self.transport = transport if transport is not None else TLSStringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.25", 25),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
         )
