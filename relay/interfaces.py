@@ -1,6 +1,7 @@
 """
 The interfaces of relay: what a plugin provides (L{IServerCallbacks}) and
-what the server and the delivery side rely on (L{ISpool}, L{IMessageWriter}).
+what the server and the delivery side rely on (L{ISpool}, L{IMessageWriter}),
+and what SIGHUP reloads (L{IReloadable}).
 """
 
 from __future__ import annotations
@@ -185,4 +186,24 @@ class ISpool(Interface):
         its message with it once no other entry shares it.
 
         @return: a L{Deferred} that fires when it is gone.
+        """
+
+
+class IReloadable(Interface):
+    """
+    Something read from files that SIGHUP reloads (L{relay.reload.ReloadService}):
+    the TLS certificate, and later a DKIM key file or a traffic-shaping file.
+    """
+
+    what = Attribute("What it is, for the log: e.g. C{'TLS certificate'}.")
+
+    def reload(run_in_thread):  # type: ignore[no-untyped-def]
+        """
+        Read the files again, in C{run_in_thread} (C{deferToThreadPool}'s
+        signature without the reactor and pool: the reactor thread must not
+        wait for the disk), and use what they hold from now on.
+
+        @return: a L{Deferred} firing with one line for the log saying what
+            is now in use, or failing (best with a L{relay.reload.ReloadError}
+            naming the file and the reason) while what was in use stays.
         """

@@ -4,8 +4,8 @@ cores").
 
 The main process (the I{master}) keeps the spool lock, recovery, the
 delivery scheduler, the control endpoint and the metrics.  It opens the
-listening sockets of every C{--smtp} endpoint (C{tcp:}, C{tcp6:}, either one
-behind C{haproxy:}) and starts N receivers with
+listening sockets of every C{--smtp} endpoint (C{tcp:}, C{tcp6:},
+C{implicit-tls:}, any of them behind C{haproxy:}) and starts N receivers with
 C{python -m relay.receiver NUMBER} (L{ReceiverPool}).  Each receiver
 (L{Receiver}) adopts the sockets, serves SMTP with the configured plugin
 and writes to the same spool directory (no lock, no recovery: the master
@@ -43,7 +43,10 @@ when it restarts the receiver.
 
 On SIGTERM a receiver stops listening, lets its open sessions finish for
 up to C{settings["grace"]} seconds, and exits.  SIGINT is ignored (the
-master, in the same process group, decides).
+master, in the same process group, decides).  SIGHUP, which the master
+passes on (L{ReceiverPool.reload}), makes it reload its TLS certificate
+(L{relay.reload.ReloadService}); an C{implicit-tls:} listener is served in
+TLS by the receiver itself, with the C{tls_cert} and C{tls_key} files.
 """
 
 from __future__ import annotations
@@ -58,8 +61,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from relay.interfaces import IReloadable
 
 CHANNEL_FD = 3
 FIRST_LISTENER_FD = 4
@@ -70,7 +77,8 @@ SESSIONS_INTERVAL = 1.0
 HANDOVER_BYTES = 64 * 1024
 RESTART_BACKOFF = (1.0, 60.0)
 STABLE_AFTER = 60.0
-SUPPORTED = ("tcp", "tcp6")
+IMPLICIT_TLS = "implicit-tls"  # relay.tls.IMPLICIT_TLS, without its colon
+SUPPORTED = ("tcp", "tcp6", IMPLICIT_TLS)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class Listener:
     port: int
     backlog: int = 50
     haproxy: bool = False
+    tls: bool = False  # implicit TLS, with the relay's certificate
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +103,7 @@ class Listener:
             "port": self.port,
             "backlog": self.backlog,
             "haproxy": self.haproxy,
+            "tls": self.tls,
         }
 
     @classmethod
@@ -101,14 +111,16 @@ class Listener:
         family = socket.AF_INET6 if data["family"] == "inet6" else socket.AF_INET
         return cls(
             data["endpoint"], family, data["host"], int(data["port"]),
-            int(data["backlog"]), bool(data["haproxy"]),
+            int(data["backlog"]), bool(data["haproxy"]), bool(data.get("tls", False)),
         )  # fmt: skip
 
 
 def parse_listener(endpoint: str) -> Listener:
     """
     The L{Listener} of an endpoint description: C{tcp:PORT}, C{tcp6:PORT}
-    (with C{interface=} and C{backlog=}), optionally behind C{haproxy:}.
+    or C{implicit-tls:PORT} (with C{interface=} and C{backlog=}; IPv6 for
+    C{implicit-tls:} when the interface is an IPv6 address), optionally
+    behind C{haproxy:}.
 
     @raise ValueError: for any other endpoint, with a message for the user.
     """
@@ -122,10 +134,15 @@ def parse_listener(endpoint: str) -> Listener:
     haproxy = bool(args) and args[0].lower() == "haproxy"
     if haproxy:
         args = args[1:]
+    if args and args[0].lower() == "ssl":
+        raise ValueError(
+            f"endpoint {endpoint!r}: receivers cannot serve ssl: endpoints; use "
+            f"{IMPLICIT_TLS}:PORT[:interface=...] with --tls-cert and --tls-key"
+        )
     if not args or args[0].lower() not in SUPPORTED:
         raise ValueError(
             f"endpoint {endpoint!r}: with receivers, only tcp:, tcp6: and haproxy: "
-            "over them are supported"
+            f"over them are supported (and {IMPLICIT_TLS}: for implicit TLS)"
         )
     kind = args[0].lower()
     port_text = kwargs.pop("port", args[1] if len(args) > 1 else None)
@@ -139,11 +156,13 @@ def parse_listener(endpoint: str) -> Listener:
         raise ValueError(f"endpoint {endpoint!r}: port and backlog must be numbers") from None
     if not 0 <= port <= 65535 or backlog < 1:
         raise ValueError(f"endpoint {endpoint!r}: bad port or backlog")
-    family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
     host = str(kwargs.get("interface", "::" if kind == "tcp6" else "0.0.0.0"))
+    tls = kind == IMPLICIT_TLS
+    # implicit-tls: listens as Twisted's tcp: does: IPv6 on an IPv6 interface.
+    family = socket.AF_INET6 if kind == "tcp6" or (tls and ":" in host) else socket.AF_INET
     if family == socket.AF_INET and ":" in host:
         raise ValueError(f"endpoint {endpoint!r}: an IPv6 interface needs tcp6:")
-    return Listener(endpoint, family, host, port, backlog, haproxy)
+    return Listener(endpoint, family, host, port, backlog, haproxy, tls)
 
 
 def open_listener(listener: Listener) -> socket.socket:
@@ -221,6 +240,9 @@ class ReceiverProcess(ProcessProtocol):
         self.started_at = 0.0
         self.sessions = 0
         self.ended: Any = None  # a Deferred while stopping
+        # A receiver gets SIGHUP once it serves (and so has its handler).
+        self.listening = False
+        self.reload_pending = False
         self._buffers: dict[int, bytes] = {}
 
     def connectionMade(self) -> None:
@@ -253,11 +275,12 @@ class ReceiverProcess(ProcessProtocol):
         self.pool.ended(self, reason)
 
 
+@implementer(IReloadable)
 class ReceiverPool(Service):
     """
     The master's service that runs C{count} receivers over the sockets of
     C{listeners}, restarting one that dies (after a backoff) and stopping
-    them with the relay.
+    them with the relay.  Its L{reload} passes SIGHUP on to them.
 
     @param on_spooled: called with the L{SpoolEntry}s a receiver enqueued.
     @param on_quarantined: called with quarantined entries and the reason.
@@ -384,6 +407,34 @@ class ReceiverPool(Service):
         """
         return sum(p.sessions for p in self.processes.values())
 
+    what = "receivers"
+
+    def reload(self, run_in_thread: Any) -> Deferred[str]:
+        """
+        L{IReloadable}: send SIGHUP to every receiver, which reloads its own
+        files and logs how it went.  One still starting gets it once it
+        says it is listening: it may have read the files before they
+        changed.
+        """
+        told: list[str] = []
+        later: list[str] = []
+        for number, process in sorted(self.processes.items()):
+            if process.listening:
+                self._signal(process, "HUP")
+                told.append(str(number))
+            else:
+                process.reload_pending = True
+                later.append(str(number))
+        if not told and not later:
+            return succeed("No receiver runs: each reads the files when it starts")
+        parts = []
+        if told:
+            parts.append(f"SIGHUP passed on to receivers {', '.join(told)}")
+        if later:
+            parts.append(f"receivers {', '.join(later)} get it once they are listening")
+        text = "; ".join(parts)
+        return succeed(text[0].upper() + text[1:])
+
     # -- from the receivers ------------------------------------------------
 
     def message(self, process: ReceiverProcess, line: bytes) -> None:
@@ -415,6 +466,10 @@ class ReceiverPool(Service):
                 process.sessions = int(data["n"])
             elif kind == "listening":
                 self.log.info("Receiver {receiver} is listening", receiver=process.number)
+                process.listening = True
+                if process.reload_pending:
+                    process.reload_pending = False
+                    self._signal(process, "HUP")
             else:
                 raise ValueError(f"unknown message {kind!r}")
         except Exception:
@@ -599,6 +654,8 @@ class Receiver:
         self.run_in_thread = run_in_thread
         self.ports: list[Any] = []
         self.factory: Any = None
+        # What SIGHUP reloads here (L{relay.reload.ReloadService}).
+        self.reloadables: list[Any] = []
         self._sessions_reported = 0
         self._sessions_loop: Any = None
         self.stopped: Any = None
@@ -645,9 +702,10 @@ class Receiver:
             )
         tls = None
         if s.get("tls_cert"):
-            from relay.service import load_tls_context
+            from relay.tls import ServerTLSContext
 
-            tls = load_tls_context(s["tls_cert"], s["tls_key"])
+            tls = ServerTLSContext.load(s["tls_cert"], s["tls_key"])
+            self.reloadables.append(tls)
         # receivers never deliver: no memory of what they wrote
         disk = DiskSpool(
             s["spool"], self.run_in_thread, self.reactor, quarantine_path=s["quarantine"],
@@ -681,10 +739,17 @@ class Receiver:
             self.pool.start()
         for listener, fd in zip(self.listeners, self.fds, strict=True):
             served: Any = factory
+            if listener.tls:
+                from relay.tls import implicit_tls_needs_certificate, tls_factory
+
+                if factory.tls_context_factory is None:
+                    raise ValueError(implicit_tls_needs_certificate(listener.endpoint))
+                served = tls_factory(factory.tls_context_factory, served)
             if listener.haproxy:
                 from relay.proxy import ProxyHeaderWrappingFactory
 
-                served = ProxyHeaderWrappingFactory(factory)
+                # The PROXY header comes first, then the TLS handshake.
+                served = ProxyHeaderWrappingFactory(served, clock=self.reactor)
             self.ports.append(self.reactor.adoptStreamPort(fd, listener.family, served))
             # The port has its own duplicate of the socket.
             os.close(fd)
@@ -810,6 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     master's end.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Until the reload service takes SIGHUP over: its default would end us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = _read_settings()
     for entry in reversed(settings.get("path", [])):
         if entry not in sys.path:
@@ -856,9 +923,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     fds = [FIRST_LISTENER_FD + i for i in range(len(settings["listeners"]))]
     receiver = Receiver(settings, reactor, channel.send, fds)
     exit_code = [0]
+    reloading: list[Any] = []
 
     def start() -> None:
+        from relay.reload import ReloadService
+
         try:
+            receiver.build()
+            # Before the master hears we listen (and may pass SIGHUP on).
+            run_in_thread = receiver.run_in_thread
+            assert run_in_thread is not None  # build() made it
+            service = ReloadService(receiver.reloadables, reactor, run_in_thread)
+            service.startService()
+            reloading.append(service)
             receiver.start()
         except Exception:
             # Not serving: exit, so that the master sees it (and retries
@@ -870,6 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.callWhenRunning(start)
 
     def shutdown() -> Any:
+        for service in reloading:
+            service.stopService()
         d = receiver.stop()
         d.addBoth(lambda _: channel.close())
         return d

@@ -18,7 +18,12 @@ from typing import Any, Callable, Coroutine
 
 from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    INegotiated,
+    IPushProducer,
+    ISSLTransport,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -68,6 +73,16 @@ _RCPT = re.compile(r"^TO: ?(<[^>]*>)(?: +(.*))?$", re.I | re.S)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _log = Logger(namespace="relay.server")
+
+
+def _is_tls(transport: Any) -> bool:
+    """
+    Is C{transport} TLS already?  Twisted's C{ssl:} transports provide
+    L{ISSLTransport}; a L{twisted.protocols.tls.TLSMemoryBIOProtocol} over
+    any transport (C{implicit-tls:}, or another TLS endpoint), only
+    L{INegotiated}.
+    """
+    return ISSLTransport.providedBy(transport) or INegotiated.providedBy(transport)
 
 
 class SessionLogger(Logger):
@@ -176,7 +191,7 @@ class _Transaction:
         self.rejected: list[EmailAddress] = []
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHandshakeListener)
 class SMTPServerProtocol(protocol.Protocol):
     """
     One ESMTP session.
@@ -187,6 +202,10 @@ class SMTPServerProtocol(protocol.Protocol):
     so that a client pipelining without reading cannot make us buffer
     replies without end.  (Reading goes on below that: a TLS layer pauses
     us during its handshake, which needs to read.)
+
+    On a TLS transport (an C{ssl:} or C{implicit-tls:} listener) the
+    session is encrypted from the start: as after STARTTLS, AUTH may be
+    offered and STARTTLS is not.
     """
 
     factory: SMTPServerFactory
@@ -219,6 +238,8 @@ class SMTPServerProtocol(protocol.Protocol):
         self._advertise_auth = False
         self._tls = False
         self._tls_info_checked = False
+        # TLS started, its handshake not done yet (see _close).
+        self._handshake_pending = False
         self.session: Session = Session(id=new_id()[:10])
         self.log: Logger = _log
         self._session_log: Logger = _log
@@ -272,7 +293,13 @@ class SMTPServerProtocol(protocol.Protocol):
             # A transport does not close while a producer is registered.
             self._producing = False
             self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        if self._handshake_pending:
+            # A client silent since it connected to an implicit-TLS port (or
+            # since STARTTLS) cannot be sent a reply, and a clean TLS close
+            # would wait for its handshake forever, holding the session.
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
 
     def _cancel_timers(self) -> None:
         for name in ("_idle_call", "_deadline_call"):
@@ -371,6 +398,10 @@ class SMTPServerProtocol(protocol.Protocol):
             id=self.session.id, local=self.transport.getHost(), remote=self.transport.getPeer()
         )
         self.log = self._session_log = self._make_log()
+        if _is_tls(self.transport):
+            self._tls = True
+            self._handshake_pending = True
+            self._update(tls=TLSInfo(version="TLS", cipher="unknown"))
         f = self.factory
         if f.sessions >= f.max_sessions:
             self.log.warn("too many connections from {remote}", remote=self.session.remote_host)
@@ -412,6 +443,9 @@ class SMTPServerProtocol(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        # Data in TLS comes only after the handshake, whether or not the
+        # transport says so through handshakeCompleted.
+        self._handshake_pending = False
         if self._tls and not self._tls_info_checked:
             self._check_tls_info()
         self._reset_idle()
@@ -921,11 +955,11 @@ class SMTPServerProtocol(protocol.Protocol):
 
     def smtp_STARTTLS(self, arg: str) -> None:
         f = self.factory
-        if f.tls_context_factory is None:
-            self._reply(Reply(454, "4.7.0 TLS not available"))
-            return
         if self._tls:
             self._reply(Reply(503, "5.5.1 TLS already active"))
+            return
+        if f.tls_context_factory is None:
+            self._reply(Reply(454, "4.7.0 TLS not available"))
             return
         if arg:
             self._reply(Reply(501, "5.5.4 Syntax: STARTTLS"))
@@ -944,6 +978,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         self._tls = True
         self._tls_info_checked = False
+        self._handshake_pending = True
         self._advertise_auth = False
         self._reset_transaction()
         self._update(
@@ -953,6 +988,11 @@ class SMTPServerProtocol(protocol.Protocol):
             advertised_extensions=(),
             tls=TLSInfo(version="TLS", cipher="unknown"),
         )
+
+    def handshakeCompleted(self) -> None:
+        # IHandshakeListener: the negotiated version and cipher are known.
+        self._handshake_pending = False
+        self._check_tls_info()
 
     def _check_tls_info(self) -> None:
         self._tls_info_checked = True

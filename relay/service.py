@@ -25,9 +25,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from relay.proxy import server_endpoint
 from relay.simple import CallbacksError, Defaults, Simple, as_callbacks, load_callbacks
 from relay.spool import control_in_spool, quote_endpoint_value
+from relay.tls import server_endpoint as tls_server_endpoint
 
 log = Logger()
 
@@ -105,17 +105,15 @@ def _write_probe(directory: str) -> None:
 
 def load_tls_context(cert: str, key: str) -> Any:
     """
-    Load a PEM certificate and private key into a TLS context factory for
-    STARTTLS.
-    """
-    from twisted.internet import ssl
+    Load a PEM certificate (followed by its intermediates) and private key
+    into the reloadable server TLS context, for STARTTLS and implicit TLS
+    (see L{relay.tls.ServerTLSContext}).
 
-    with open(cert, "rb") as f:
-        pem = f.read()
-    with open(key, "rb") as f:
-        pem_key = f.read()
-    certificate = ssl.PrivateCertificate.loadPEM(pem + b"\n" + pem_key)
-    return certificate.options()
+    @raise relay.tls.TLSFilesError: naming the file that cannot be used.
+    """
+    from relay.tls import ServerTLSContext
+
+    return ServerTLSContext.load(cert, key)
 
 
 def _is_loopback(host: str) -> bool:
@@ -144,7 +142,7 @@ def listens_publicly(endpoint: str) -> bool:
     kind = str(args[0]).lower()
     if kind in ("unix", "systemd"):
         return False
-    if kind not in ("tcp", "tcp6", "ssl", "le", "lets"):
+    if kind not in ("tcp", "tcp6", "ssl", "le", "lets", "implicit-tls"):
         # Unknown endpoint type: assume the worst only for network ones.
         return "interface" in kwargs and not _is_loopback(kwargs["interface"])
     interface = kwargs.get("interface")
@@ -413,14 +411,19 @@ def makeService(
 
     @param callbacks: the policy: a dotted name, a class, or an object
         providing (some of) L{IServerCallbacks}.
+    @param tls_cert: the PEM certificate file (the server's certificate,
+        then its intermediates) for STARTTLS and C{implicit-tls:PORT}
+        listeners, with the PEM private key file C{tls_key}; SIGHUP reloads
+        them.
     @param reactor: the reactor; the global one when C{None}.
     @param metrics: an endpoint description to serve Prometheus metrics on
         (at C{/metrics}), or C{None} for none.
     @param receivers: with 0, this process serves SMTP itself.  With N >= 1
-        it does not: it opens the C{smtp} sockets (C{tcp:}, C{tcp6:}, or
-        C{haproxy:} over one of them) and runs N receiving processes on
-        them (L{relay.receiver}), each with at most C{max_sessions / N}
-        sessions; the plugin must then be named by a dotted path.
+        it does not: it opens the C{smtp} sockets (C{tcp:}, C{tcp6:},
+        C{implicit-tls:}, or C{haproxy:} over one of them) and runs N
+        receiving processes on them (L{relay.receiver}), each with at most
+        C{max_sessions / N} sessions; the plugin must then be named by a
+        dotted path.
     @param auth: C{twisted.cred.strcred} descriptions of the AUTH checker
         (e.g. C{"memory:alice:secret"}), the form receivers need; the
         checker is made from the first one when C{checker} is C{None}.
@@ -439,6 +442,12 @@ def makeService(
         hostname = socket.getfqdn()
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key must be given together")
+    if tls_cert is None and tls_context_factory is None:
+        from relay.tls import implicit_tls_needs_certificate, plain_description
+
+        for endpoint in smtp:
+            if plain_description(endpoint) is not None:
+                raise ValueError(implicit_tls_needs_certificate(endpoint))
     receivers = int(receivers)
     if receivers < 0:
         raise ValueError("receivers must be 0 or more")
@@ -539,6 +548,7 @@ def makeService(
             grace=receiver_grace,
         )  # fmt: skip
         _metrics_and_control(top, plugin, disk, reactor, metrics, control, None)
+        _reload_on_sighup(top, [top.receivers], reactor, run_in_thread)  # type: ignore[attr-defined]
         _warn_open_relay(plugin, smtp)
         return top
 
@@ -558,11 +568,27 @@ def makeService(
     top.factory = factory  # type: ignore[attr-defined]
     _metrics_and_control(top, plugin, disk, reactor, metrics, control, factory)
     for i, endpoint in enumerate(smtp):
-        listener = StreamServerEndpointService(server_endpoint(reactor, endpoint), factory)
+        listener = StreamServerEndpointService(
+            tls_server_endpoint(reactor, endpoint, tls_context_factory), factory
+        )
         listener.setName(f"smtp-{i}")
         listener.setServiceParent(top)
+    _reload_on_sighup(top, [tls_context_factory], reactor, run_in_thread)
     _warn_open_relay(plugin, smtp)
     return top
+
+
+def _reload_on_sighup(top: Any, candidates: Sequence[Any], reactor: Any, run_in_thread: Any) -> None:
+    """
+    Add the service that reloads, on SIGHUP, those of C{candidates} that
+    are L{IReloadable}.  It runs even with nothing to reload, so that a
+    SIGHUP (C{systemctl reload}) never ends the relay.
+    """
+    from relay.interfaces import IReloadable
+    from relay.reload import ReloadService
+
+    reloadables = [c for c in candidates if IReloadable.providedBy(c)]
+    ReloadService(reloadables, reactor, run_in_thread).setServiceParent(top)
 
 
 def _metrics_and_control(

@@ -139,14 +139,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-send-jobs", None, 10, "Most simultaneous outgoing deliveries.",
          _positive(int, "max-send-jobs")],
         ["hostname", None, None, "The host name in the greeting (default: this host's FQDN)."],
-        ["tls-cert", None, None, "PEM certificate file (with --tls-key, enables STARTTLS)."],
+        ["tls-cert", None, None,
+         "PEM certificate file, the certificate followed by its intermediates (with --tls-key, "
+         "enables STARTTLS and implicit-tls: listeners; SIGHUP reloads both files)."],
         ["tls-key", None, None, "PEM private key file (with --tls-cert)."],
         ["relay-tls", None, "may", "TLS when relaying: none, may, encrypt or verify."],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
          _positive(float, "idle-timeout")],
         ["receivers", None, 0,
          "Receive SMTP in this many separate processes (0: in this one). The main process "
-         "then keeps the spool, delivery and control; --smtp must be tcp:, tcp6: or haproxy:.",
+         "then keeps the spool, delivery and control; --smtp must be tcp:, tcp6:, implicit-tls: "
+         "or haproxy:.",
          _non_negative_int("receivers")],
     ]
 
@@ -182,14 +185,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def opt_smtp(self, endpoint: str) -> None:
         """
         Listen for SMTP on this Twisted endpoint (repeatable; default
-        tcp:8025:interface=127.0.0.1).
+        tcp:8025:interface=127.0.0.1).  ssl: and implicit-tls:PORT (as
+        tcp:, with the --tls-cert certificate) are implicit TLS.
         """
         if not endpoint.strip():
             raise usage.UsageError("--smtp needs an endpoint description")
         from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
 
+        from relay.tls import plain_description
+
         try:
-            _parseServer(endpoint, None)
+            _parseServer(plain_description(endpoint) or endpoint, None)
         except Exception as e:
             raise usage.UsageError(f"--smtp: bad endpoint {endpoint!r}: {e}") from None
         self["smtp"].append(endpoint)
@@ -255,7 +261,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for option, path in (("tls-cert", cert), ("tls-key", key)):
             if path is not None and not os.path.isfile(path):
                 raise usage.UsageError(f"--{option}: no such file: {path!r}")
-        if cert is not None:
+        if cert is None:
+            from relay.tls import implicit_tls_needs_certificate, plain_description
+
+            for endpoint in self["smtp"]:
+                if plain_description(endpoint) is not None:
+                    raise usage.UsageError(implicit_tls_needs_certificate(endpoint))
+        else:
             from relay.service import load_tls_context
 
             try:

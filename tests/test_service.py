@@ -108,7 +108,7 @@ class MakeServiceTests(SynchronousTestCase):
         top = self.make(smtp=["tcp:2525:interface=127.0.0.1", "tcp:2526:interface=\\:\\:1"])
         self.assertIsInstance(top, MultiService)
         names = [s.name for s in top]
-        self.assertEqual(names, ["threadpool", "spool", "control", "smtp-0", "smtp-1"])
+        self.assertEqual(names, ["threadpool", "spool", "control", "smtp-0", "smtp-1", "reload"])
         smtp = top.getServiceNamed("smtp-0")
         self.assertIsInstance(smtp, StreamServerEndpointService)
         self.assertIs(smtp.factory, top.factory)
@@ -285,7 +285,7 @@ class ReceiversServiceTests(SynchronousTestCase):
             retry_intervals=[60],
         )
         names = [s.name for s in top]
-        self.assertEqual(names, ["threadpool", "spool", "receivers", "control"])
+        self.assertEqual(names, ["threadpool", "spool", "receivers", "control", "reload"])
         pool = top.receivers
         self.assertIsInstance(pool, ReceiverPool)
         self.assertIsNone(getattr(top, "factory", None))

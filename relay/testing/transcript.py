@@ -221,6 +221,7 @@ class ServerHarness:
         factory: SMTPServerFactory | None = None,
         remote: str | IPv4Address | IPv6Address = REMOTE_ADDRESS,
         local: str | IPv4Address | IPv6Address = LOCAL_ADDRESS,
+        transport: TLSStringTransport | None = None,
         **options: Unpack[ServerOptions],
     ) -> None:
         """
@@ -238,6 +239,9 @@ class ServerHarness:
             L{MemorySpool}.
         @param remote: the client's address (a host, or an address object).
         @param local: the address the client connected to.
+        @param transport: the connection, instead of a L{TLSStringTransport}
+            between C{remote} and C{local} (e.g. one that is TLS from the
+            start, to test an implicit-TLS listener).
         @param options: L{SMTPServerFactory} settings (L{ServerOptions}).
         """
         if factory is not None:
@@ -262,7 +266,7 @@ class ServerHarness:
             self.factory = SMTPServerFactory(
                 callbacks=plugin, spool=self.spool, clock=self.clock, **options
             )
-        self.transport = TLSStringTransport(
+        self.transport = transport if transport is not None else TLSStringTransport(
             hostAddress=_address(local, 25), peerAddress=_address(remote, 40000)
         )
         self.protocol: SMTPServerProtocol = self.factory.buildProtocol(None)
