@@ -51,10 +51,13 @@ class DeliveryResult:
     @ivar replies: for each recipient (C{str(address)}), in envelope order,
         the reply that settled it: its RCPT TO rejection, else the reply to
         the end of data.
+    @ivar address: the peer the connection went to, C{(ip, port)} (of the
+        several addresses a host name may have, the one that answered).
     """
 
     hop: str
     replies: tuple[tuple[str, Reply], ...]
+    address: tuple[str, int] | None = None
 
 
 class DeliveryError(Exception):
@@ -66,12 +69,21 @@ class DeliveryError(Exception):
     @ivar permanent: the hop refused the message permanently (a 5xx to
         MAIL FROM or DATA, a message too big, SMTPUTF8 needed but not
         offered); else try again later or elsewhere.
+    @ivar address: the peer connected to, C{(ip, port)}; C{None} when no
+        connection was made.
     """
 
-    def __init__(self, message: str, reply: Reply | None = None, permanent: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        reply: Reply | None = None,
+        permanent: bool = False,
+        address: tuple[str, int] | None = None,
+    ) -> None:
         super().__init__(message)
         self.reply = reply
         self.permanent = permanent
+        self.address = address
 
 
 class ReplyTimeout(Exception):
@@ -115,6 +127,21 @@ def parse_hop(hop: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def peer_address(transport: Any) -> tuple[str, int] | None:
+    """
+    The IP address and port that C{transport} is connected to, or C{None}
+    when it has none (a UNIX socket, a test transport without one).
+    """
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return None
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if isinstance(host, str) and isinstance(port, int):
+        return host, port
+    return None
+
+
 @implementer(IPushProducer)
 class SMTPClientProtocol(Protocol):
     """
@@ -144,11 +171,14 @@ class SMTPClientProtocol(Protocol):
         # Called once when the connection is lost (the idle pool's hook).
         self.on_lost: Callable[[], None] | None = None
         self._lost_waiters: list[Deferred[None]] = []
+        # The peer, C{(ip, port)}, read once connected (for the logs).
+        self.peer: tuple[str, int] | None = None
 
     # Connection and flow control
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        self.peer = peer_address(self.transport)
         # Commands and the body go out in few, deliberate writes and each
         # waits for a reply: Nagle's algorithm would hold a small write
         # (the end of data after the body) until the hop's delayed ACK,
@@ -541,10 +571,7 @@ class RelayClient:
         try:
             proto = await self._endpoint(host, port).connect(factory)
         except Exception as e:
-            log.info(
-                "connect to {hop} failed for {envelope_id}: {error}",
-                hop=hop, envelope_id=envelope.id, error=str(e),
-            )
+            # Logged by whoever settles the entry, as the attempt's outcome.
             raise DeliveryError(f"connect to {hop} failed: {e}") from e
         return await self._attempt(hop, host, envelope, proto)
 
@@ -566,17 +593,12 @@ class RelayClient:
             quit = False
             raise
         except (ReplyTimeout, ConnectionClosed, ReplyError) as e:
+            # Like every outcome, logged by whoever settles the entry.
             quit = False
-            log.info(
-                "delivery of {envelope_id} to {hop} failed: {error}",
-                hop=hop, envelope_id=envelope.id, error=str(e),
-            )
-            raise DeliveryError(f"{hop}: {e}") from e
+            raise DeliveryError(f"{hop}: {e}", address=proto.peer) from e
         except DeliveryError as e:
-            log.info(
-                "delivery of {envelope_id} to {hop} failed: {error} (permanent={permanent})",
-                hop=hop, envelope_id=envelope.id, error=str(e), permanent=e.permanent,
-            )
+            if e.address is None:
+                e.address = proto.peer
             raise
         except Exception as e:
             # Such as the message file failing to read: never leave the hop
@@ -587,7 +609,7 @@ class RelayClient:
                 "delivery of {envelope_id} to {hop} failed",
                 hop=hop, envelope_id=envelope.id,
             )
-            raise DeliveryError(f"{hop}: {type(e).__name__}: {e}") from e
+            raise DeliveryError(f"{hop}: {type(e).__name__}: {e}", address=proto.peer) from e
         finally:
             if session.in_data:
                 proto.abort()
@@ -621,7 +643,7 @@ class _Session:
         self.reusable = False
 
     def _fail(self, what: str, reply: Reply, permanent: bool = False) -> DeliveryError:
-        return DeliveryError(f"{self.hop}: {what}: {reply}", reply, permanent)
+        return DeliveryError(f"{self.hop}: {what}: {reply}", reply, permanent, self.proto.peer)
 
     async def _command(self, command: str) -> Reply:
         self.proto.send(command)
@@ -822,10 +844,6 @@ class _Session:
                 proto.write(b".\r\n")
                 await proto.next_reply()
             proto.send("RSET")
-            log.info(
-                "all recipients of {envelope_id} refused by {hop}",
-                envelope_id=self.envelope.id, hop=self.hop,
-            )
             if self.client.max_idle_per_hop > 0:
                 # Reuse the connection only once the hop confirmed RSET.
                 try:
@@ -834,7 +852,9 @@ class _Session:
                     pass
                 else:
                     self.reusable = rset.code == 250
-            return DeliveryResult(self.hop, tuple(zip(recipients, rcpt_replies, strict=True)))
+            return DeliveryResult(
+                self.hop, tuple(zip(recipients, rcpt_replies, strict=True)), proto.peer
+            )
         if not pipelining:
             data_reply = await self._command("DATA")
         if data_reply.code != 354:
@@ -849,15 +869,9 @@ class _Session:
             (address, final if ok else reply)
             for address, ok, reply in zip(recipients, accepted, rcpt_replies, strict=True)
         )
-        refused = len(accepted) - sum(accepted)
-        if refused:
-            # A whole success is logged once, by whoever settles the entry.
-            log.info(
-                "delivered {envelope_id} to {hop}: {reply}; {refused} recipient(s) refused",
-                envelope_id=self.envelope.id, hop=self.hop, reply=str(final),
-                accepted=sum(accepted), refused=refused,
-            )
-        return DeliveryResult(self.hop, replies)
+        # Every outcome, whole or partial, is logged by whoever settles the
+        # entry: one line per outcome, none here.
+        return DeliveryResult(self.hop, replies, proto.peer)
 
     async def _call(self, f: Callable[..., Any], *args: Any) -> Any:
         run = self.client._run_in_thread

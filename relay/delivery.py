@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -26,6 +25,15 @@ from relay.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
 from relay.envelope import Envelope
 from relay.events import EventBus
 from relay.interfaces import ISpool
+from relay.logs import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERY_FORMAT,
+    EXPIRED,
+    SENT,
+    delivery_fields,
+    iso_time,
+)
 from relay.message import Message
 from relay.nexthop import Route
 from relay.retry import DEFAULT_RETRY_INTERVALS, effective_intervals, next_attempt
@@ -276,14 +284,17 @@ class DeliveryScheduler(Service):
         message: Message = await read
         envelope = entry.envelope(message)
         now = self.clock.seconds()
-        attempts: list[Attempt] = []
+        # Each attempt with its outcome for the log: SENT, BOUNCED or
+        # DEFERRED (which _settle may make EXPIRED).
+        outcomes: list[tuple[Attempt, str]] = []
         failed: list[tuple[str, str]] = []
         remaining: list[EmailAddress] = []
         routes: list[Route] = await self.route(entry.recipients, entry.next_hop_choices)
         for route in routes:
             names = tuple(str(r) for r in route.recipients)
             if route.error is not None:
-                attempts.append(Attempt(now, "", None, route.error, names))
+                outcome = BOUNCED if route.permanent else DEFERRED
+                outcomes.append((Attempt(now, "", None, route.error, names), outcome))
                 if route.permanent:
                     failed += [(n, route.error) for n in names]
                 else:
@@ -302,56 +313,72 @@ class DeliveryScheduler(Service):
                 except Exception as e:
                     reply = getattr(e, "reply", None)
                     text = str(reply) if reply is not None else (str(e) or type(e).__name__)
-                    attempts.append(Attempt(self.clock.seconds(), hop, _code(reply), text, names))
-                    if getattr(e, "permanent", False):
+                    permanent = bool(getattr(e, "permanent", False))
+                    attempt = Attempt(
+                        self.clock.seconds(), hop, _code(reply), text, names,
+                        getattr(e, "address", None),
+                    )  # fmt: skip
+                    outcomes.append((attempt, BOUNCED if permanent else DEFERRED))
+                    if permanent:
                         failed += [(n, text) for n in names]
                         pending = []
                         break
                     continue
                 replies = dict(result.replies)
                 left: list[EmailAddress] = []
-                by_reply: dict[tuple[int | None, str], list[str]] = {}
+                by_reply: dict[tuple[int | None, str, str], list[str]] = {}
                 for r in pending:
                     reply = replies.get(str(r))
                     if reply is None:
                         left.append(r)
-                        by_reply.setdefault((None, "no reply for recipient"), []).append(str(r))
+                        key = (None, "no reply for recipient", DEFERRED)
+                        by_reply.setdefault(key, []).append(str(r))
                         continue
-                    by_reply.setdefault((_code(reply), str(reply)), []).append(str(r))
                     if reply.is_positive:
-                        continue
-                    if reply.is_permanent:
+                        outcome = SENT
+                    elif reply.is_permanent:
+                        outcome = BOUNCED
                         failed.append((str(r), str(reply)))
                     else:
+                        outcome = DEFERRED
                         left.append(r)
+                    by_reply.setdefault((_code(reply), str(reply), outcome), []).append(str(r))
                 at = self.clock.seconds()
-                for (code, text), rcpts in by_reply.items():
-                    attempts.append(Attempt(at, getattr(result, "hop", hop), code, text, tuple(rcpts)))
+                hop_name = getattr(result, "hop", hop)
+                address = getattr(result, "address", None)
+                for (code, text, outcome), rcpts in by_reply.items():
+                    attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address)
+                    outcomes.append((attempt, outcome))
                 pending = left
             remaining += pending
-        await self._settle(entry, message, attempts, failed, remaining)
+        await self._settle(entry, message, outcomes, failed, remaining)
 
     async def _settle(
         self,
         entry: SpoolEntry,
         message: Message,
-        attempts: list[Attempt],
+        outcomes: list[tuple[Attempt, str]],
         failed: list[tuple[str, str]],
         remaining: list[EmailAddress],
     ) -> None:
         now = self.clock.seconds()
         all_failed = tuple(entry.failed_recipients) + tuple(failed)
+        step: tuple[float, Sequence[float]] | None = None
+        if remaining:
+            intervals = effective_intervals(
+                entry.retry_intervals, len(entry.attempts), self.default_retry_intervals
+            )
+            step = next_attempt(intervals, now)
+        # The lines say what happened on the wire, so they come before the
+        # spool records it: a recipient that was sent stays logged as sent
+        # even if recording that fails (and it goes out again).
+        self._log_outcomes(
+            entry, outcomes, expired=bool(remaining) and step is None,
+            retry_at=step[0] if step is not None else None,
+        )  # fmt: skip
+        attempts = [attempt for attempt, _ in outcomes]
         if not remaining and not all_failed:
             await self.spool.finish(entry.id)
-            # One line per delivered entry (the client logs only failures).
-            final = attempts[-1] if attempts else None
-            self.log.info(
-                "{id} delivered to {hop}: {reply}",
-                id=entry.id,
-                envelope_id=entry.envelope_id,
-                hop=final.hop if final else "",
-                reply=final.reply if final else "",
-            )
             self.events.emit("delivered", entry.id, created_at=entry.created_at)
             return
         updated = dataclasses.replace(
@@ -369,10 +396,6 @@ class DeliveryScheduler(Service):
                 reason += " (bounced)"
             await self._freeze(updated, reason)
             return
-        intervals = effective_intervals(
-            entry.retry_intervals, len(entry.attempts), self.default_retry_intervals
-        )
-        step = next_attempt(intervals, now)
         if step is None:
             last = updated.last_error or "no reply"
             expired = tuple((str(r), last) for r in remaining)
@@ -385,23 +408,60 @@ class DeliveryScheduler(Service):
         at, rest = step
         updated = dataclasses.replace(updated, retry_intervals=rest, next_attempt_at=at)
         updated = await self.spool.update(updated)
-        self.log.info(
-            "{id} deferred until {when} for {n} recipient(s): {error}",
-            id=entry.id,
-            at=at,
-            when=datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds"),
-            n=len(remaining),
-            error=updated.last_error,
-        )
         self.events.emit(
             "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error
         )
         self.schedule(entry.id, at)
 
+    def _log_outcomes(
+        self,
+        entry: SpoolEntry,
+        outcomes: Sequence[tuple[Attempt, str]],
+        expired: bool,
+        retry_at: float | None,
+    ) -> None:
+        """
+        One line per attempt of this delivery (recipients at one hop that
+        got one reply): the log counterpart of the attempts the entry
+        records.  Grouped, not one line per recipient as Postfix has it: a
+        message to a hundred recipients that one reply accepts is one line,
+        and the line's cost is paid per message, not per recipient.
+
+        @param expired: the entry's retry intervals have run out: a
+            temporary failure that was the last try for its recipients is
+            C{expired}, not C{deferred}.
+        @param retry_at: when the entry is tried again, if it is: the
+            C{retry_at} field (ISO 8601) of its C{deferred} lines.
+        """
+        # The recipients of a temporary failure that went on to the next
+        # hop are tried again in this delivery: that failure was not their
+        # last, and does not expire them.
+        tried_later: set[str] = set()
+        last: list[bool] = []
+        for attempt, _ in reversed(outcomes):
+            last.append(tried_later.isdisjoint(attempt.recipients))
+            tried_later.update(attempt.recipients)
+        last.reverse()
+        for (attempt, outcome), final in zip(outcomes, last, strict=True):
+            if outcome == DEFERRED and expired and final:
+                outcome = EXPIRED
+            try:
+                fields = delivery_fields(entry, attempt, outcome)
+                if outcome == DEFERRED and retry_at is not None:
+                    fields["retry_at"] = iso_time(retry_at)
+            except Exception:
+                self.log.failure("Cannot log an attempt of {entry_id}", entry_id=entry.id)
+                continue
+            level = LogLevel.info if outcome in (SENT, DEFERRED) else LogLevel.warn
+            self.log.emit(level, DELIVERY_FORMAT, **fields)
+
     async def _freeze(self, entry: SpoolEntry, reason: str) -> None:
         await self.spool.update(dataclasses.replace(entry, reason=reason))
         await self.spool.move(entry.id, FROZEN)
-        self.log.warn("{id} frozen: {reason}", id=entry.id, reason=reason)
+        self.log.warn(
+            "{entry_id}: frozen: {reason}",
+            event="frozen", entry_id=entry.id, envelope_id=entry.envelope_id, reason=reason,
+        )  # fmt: skip
         self.events.emit("frozen", entry.id, reason=reason)
 
     async def _bounce(
@@ -422,7 +482,12 @@ class DeliveryScheduler(Service):
         if bounce is None:
             return False
         new = await self.spool.enqueue([bounce])
-        self.log.info("{id} bounced to {sender}", id=entry.id, sender=str(entry.sender))
+        # Postfix's words for the same event, naming the bounce's own entry.
+        self.log.info(
+            "{entry_id}: sender non-delivery notification: {bounce_id}",
+            event="bounce", entry_id=entry.id, envelope_id=entry.envelope_id,
+            sender=str(entry.sender), bounce_id=", ".join(e.id for e in new),
+        )  # fmt: skip
         self.events.emit("bounced", entry.id, sender=str(entry.sender))
         self.notify(new)
         return True

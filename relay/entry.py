@@ -39,6 +39,8 @@ class Attempt:
         (C{"451 4.3.0 try later"}), or a description of the failure
         (C{"connection refused"}).
     @ivar code: the reply code, or C{None} when no reply was read.
+    @ivar address: the peer connected to, C{(ip, port)}, or C{None} when
+        no connection was made (or it is not known).
     """
 
     at: float
@@ -46,6 +48,7 @@ class Attempt:
     code: int | None
     reply: str
     recipients: tuple[str, ...] = ()
+    address: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)

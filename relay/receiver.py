@@ -913,9 +913,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     channel = _Channel(reactor, master_gone)
 
+    from relay.logs import portable
+
     def forward(event: dict[str, Any]) -> None:
         try:
-            channel.send({"t": "log", "event": eventAsJSON(event)})
+            # portable: fields JSON cannot hold travel as their text, not as
+            # eventAsJSON's {"unpersistable": true}.
+            channel.send({"t": "log", "event": eventAsJSON(portable(event))})
         except Exception:
             pass
 

@@ -217,12 +217,24 @@ def entry_to_json(entry: SpoolEntry) -> dict[str, Any]:
                 "code": a.code,
                 "reply": a.reply,
                 "recipients": list(a.recipients),
+                "address": list(a.address) if a.address is not None else None,
             }
             for a in entry.attempts
         ],
         "reason": entry.reason,
         "received_from": entry.received_from,
     }
+
+
+def _peer_from_json(data: Any) -> tuple[str, int] | None:
+    """
+    An attempt's C{address} as L{entry_to_json} wrote it; C{None} when
+    absent (entries written before attempts recorded it).
+    """
+    if data is None:
+        return None
+    host, port = data
+    return str(host), int(port)
 
 
 def entry_from_json(data: dict[str, Any], queue: str | None = None) -> SpoolEntry:
@@ -261,6 +273,7 @@ def entry_from_json(data: dict[str, Any], queue: str | None = None) -> SpoolEntr
                 code=a.get("code"),
                 reply=a["reply"],
                 recipients=tuple(a.get("recipients", ())),
+                address=_peer_from_json(a.get("address")),
             )
             for a in data.get("attempts", ())
         ),

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -74,7 +75,8 @@ class Hop:
         self.result: list[Any] = []
         d = self.client.send("192.0.2.1:25", env or envelope())
         d.addBoth(self.result.append)
-        self.transport = TLSStringTransport()
+        # The peer: the address the hop's name led to.
+        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 25))
         self.protocol: Any = None
         test.addCleanup(self.finish)
 
@@ -421,6 +423,86 @@ class TransactionTests(SynchronousTestCase):
         err = hop.error()
         self.assertFalse(err.permanent)
         self.assertIsNone(err.reply)
+
+
+class PeerAddressTests(SynchronousTestCase):
+    """
+    The client reports the address it connected to, for the delivery
+    logs, and leaves the logging of outcomes to whoever settles the entry.
+    """
+
+    def test_result_has_peer(self) -> None:
+        """
+        A result carries the peer's IP address and port.
+        """
+        hop = Hop(self)
+        hop.transport = TLSStringTransport(peerAddress=IPv6Address("TCP", "2001:db8::25", 2525))
+        hop.greet()
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok", "354 go", "250 2.0.0 queued")
+        self.assertEqual(hop.success().address, ("2001:db8::25", 2525))
+
+    def test_error_has_peer(self) -> None:
+        """
+        A refusal, a timeout and a lost connection after connecting carry
+        the peer; a failed connect has none.
+        """
+        refused = Hop(self)
+        refused.greet()
+        refused.reply("451 4.3.0 busy")
+        self.assertEqual(refused.error().address, ("192.0.2.1", 25))
+        timeout = Hop(self, reply_timeout=60)
+        timeout.connect()
+        timeout.reactor.advance(60)
+        self.assertEqual(timeout.error().address, ("192.0.2.1", 25))
+        lost = Hop(self)
+        lost.greet()
+        lost.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(lost.error().address, ("192.0.2.1", 25))
+        unreachable = Hop(self)
+        connector = unreachable.reactor.connectors[0]
+        _, _, factory, _, _ = unreachable.reactor.tcpClients[0]
+        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        self.assertIsNone(unreachable.error().address)
+
+    def test_reused_connection_has_peer(self) -> None:
+        """
+        An envelope sent on a reused connection reports that connection's
+        peer.
+        """
+        hop = PooledHop(self)
+        proto, transport = hop.first()
+        result = hop.send()
+        hop.transact(proto, transport, result)
+        self.assertEqual(result[0].address, ("192.0.2.1", 25))
+
+    def test_outcomes_not_logged(self) -> None:
+        """
+        Refused recipients, a refused transaction and a failed connect log
+        nothing here: the scheduler's delivery line is the one line per
+        outcome.
+        """
+        with capturedLogs() as events:
+            partial = Hop(self, envelope(("bob@example.com", "carol@example.com")))
+            partial.greet("PIPELINING")
+            partial.transport.clear()
+            partial.reply("250 ok", "550 5.1.1 no bob", "250 ok", "354 go", "250 done")
+            partial.success()
+            none = Hop(self)
+            none.greet("PIPELINING")
+            none.transport.clear()
+            none.reply("250 ok", "550 no", "554 no valid recipients")
+            none.success()
+            refused = Hop(self)
+            refused.greet()
+            refused.reply("550 5.7.1 go away")
+            refused.error()
+            unreachable = Hop(self)
+            connector = unreachable.reactor.connectors[0]
+            _, _, factory, _, _ = unreachable.reactor.tcpClients[0]
+            factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+            unreachable.error()
+        self.assertEqual([e for e in events if e.get("log_namespace") == "relay.client"], [])
 
 
 class TLSTests(SynchronousTestCase):
@@ -800,7 +882,7 @@ class PooledHop:
         self.test.assertGreater(len(self.reactor.tcpClients), len(self.connections))
         host, port, factory, _, _ = self.reactor.tcpClients[len(self.connections)]
         proto = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = TLSStringTransport()
+        transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, port))
         proto.makeConnection(transport)
         self.connections.append((proto, transport))
         return proto, transport

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.address import NULL_SENDER, EmailAddress, Sender
@@ -20,7 +20,7 @@ from relay.delivery import DeliveryScheduler, NotifyingSpool
 from relay.entry import ACTIVE, FROZEN
 from relay.envelope import Envelope, EnvelopeWithNextHop
 from relay.message import Message
-from relay.nexthop import route_recipients
+from relay.nexthop import Route, route_recipients
 from relay.reply import Reply
 from relay.retry import DEFAULT_RETRY_INTERVALS
 from relay.spool import DiskSpool
@@ -33,24 +33,30 @@ DATA = b"Subject: hello\r\nFrom: s@example.org\r\nMessage-ID: <m1@example.org>\r
 class DeliveryResult:
     hop: str
     replies: tuple[tuple[str, Reply], ...]
+    address: tuple[str, int] | None = None
 
 
 class DeliveryError(Exception):
-    def __init__(self, reply: Reply | None, permanent: bool) -> None:
+    def __init__(
+        self, reply: Reply | None, permanent: bool, address: tuple[str, int] | None = None
+    ) -> None:
         Exception.__init__(self, str(reply) if reply else "connection refused")
         self.reply = reply
         self.permanent = permanent
+        self.address = address
 
 
 class FakeClient:
     """
     A relay client whose answers the test scripts per hop: a L{Reply} for
     every recipient, a per-recipient dict, an exception, or C{None} for a
-    L{Deferred} that the test fires.
+    L{Deferred} that the test fires.  A hop in C{addresses} answers from
+    that peer address.
     """
 
     def __init__(self) -> None:
         self.behaviour: dict[str, Any] = {}
+        self.addresses: dict[str, tuple[str, int]] = {}
         self.sent: list[tuple[str, Envelope]] = []
         self.pending: list[Deferred[Any]] = []
 
@@ -63,11 +69,16 @@ class FakeClient:
             return d
         if isinstance(b, Exception):
             return defer.fail(b)
+        address = self.addresses.get(hop)
         if isinstance(b, dict):
             return defer.succeed(
-                DeliveryResult(hop, tuple((str(r), b[str(r)]) for r in envelope.recipients))
+                DeliveryResult(
+                    hop, tuple((str(r), b[str(r)]) for r in envelope.recipients), address
+                )
             )
-        return defer.succeed(DeliveryResult(hop, tuple((str(r), b) for r in envelope.recipients)))
+        return defer.succeed(
+            DeliveryResult(hop, tuple((str(r), b) for r in envelope.recipients), address)
+        )
 
 
 def make_envelope(
@@ -350,18 +361,244 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(len(self.client.sent), 2)
         self.assertEqual(self.spool.entries_by_id, {})
 
-    def test_one_log_line_per_delivery(self) -> None:
+    def logged(self, **kw: Any) -> tuple[DeliveryScheduler, list[dict[str, Any]]]:
         """
-        A delivered entry is logged once, with the hop and its reply.
+        A scheduler whose log events the test reads.
         """
         events: list[dict[str, Any]] = []
-        s = self.make(log=Logger(observer=events.append))
-        [entry] = self.enqueue(s, make_envelope())
+        return self.make(log=Logger(observer=events.append), **kw), events
+
+    def test_one_log_line_per_delivery(self) -> None:
+        """
+        A delivered entry is logged once, Postfix-style: the entry id, the
+        recipients, the hop with the address connected to, the delay since
+        it was spooled, the enhanced status and the reply, and the same as
+        structured fields.
+        """
+        self.client.addresses["mx1.example.org:25"] = ("192.0.2.1", 25)
+        self.client.behaviour["mx1.example.org:25"] = None
+        s, events = self.logged()
+        [entry] = self.enqueue(
+            s, make_envelope(recipients=("b@example.org",), hops=("mx1.example.org:25",))
+        )
+        self.clock.advance(1.25)
+        self.client.pending[0].callback(
+            DeliveryResult(
+                "mx1.example.org:25",
+                (("b@example.org", Reply(250, "2.0.0 Ok: queued as X")),),
+                ("192.0.2.1", 25),
+            )
+        )
         [event] = events
         self.assertEqual(
-            formatEvent(event), f"{entry.id} delivered to mx1:25: 250 2.0.0 ok"
+            formatEvent(event),
+            f"{entry.id}: to=<b@example.org>, relay=mx1.example.org[192.0.2.1]:25, "
+            "delay=1.25, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as X)",
         )
-        self.assertEqual(event["envelope_id"], "env1")
+        self.assertEqual(event["log_level"], LogLevel.info)
+        fields = {k: v for k, v in event.items() if not k.startswith("log_")}
+        self.assertEqual(
+            fields,
+            {
+                "event": "delivery",
+                "outcome": "sent",
+                "entry_id": entry.id,
+                "envelope_id": "env1",
+                "recipients": ["b@example.org"],
+                "nrcpt": 1,
+                "to": "<b@example.org>",
+                "hop": "mx1.example.org:25",
+                "address": "192.0.2.1:25",
+                "relay": "mx1.example.org[192.0.2.1]:25",
+                "code": 250,
+                "dsn": "2.0.0",
+                "delay": 1.25,
+                "reply": "250 2.0.0 Ok: queued as X",
+            },
+        )
+
+    def test_deferred_line(self) -> None:
+        """
+        A temporary failure is one C{deferred} line with the hop's reply
+        and when the entry is tried again; the connection failure that
+        reached no peer has the hop alone as its relay and Postfix's
+        C{4.4.1}; the next try that connected but got no reply, C{4.4.2}.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(
+            Reply(451, "4.3.0 try later"), False, ("2001:db8::1", 25)
+        )
+        s, events = self.logged(bounce=False)
+        [entry] = self.enqueue(s, make_envelope(intervals=(60, 120)))
+        [event] = events
+        self.assertEqual(
+            formatEvent(event),
+            f"{entry.id}: to=<a@example.com>, relay=mx1[2001:db8::1]:25, delay=0.0, "
+            "dsn=4.3.0, status=deferred (451 4.3.0 try later)",
+        )
+        self.assertEqual(
+            (event["outcome"], event["code"], event["address"], event["retry_at"]),
+            ("deferred", 451, "[2001:db8::1]:25", "1970-01-01T00:17:40.000Z"),
+        )
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False)
+        self.clock.advance(60)
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False, ("192.0.2.1", 25))
+        self.clock.advance(120)
+        failures = [e for e in events if e.get("event") == "delivery"]
+        self.assertEqual(
+            [(e["outcome"], e["relay"], e["dsn"], e["code"], e["delay"]) for e in failures],
+            [
+                ("deferred", "mx1[2001:db8::1]:25", "4.3.0", 451, 0.0),
+                ("deferred", "mx1:25", "4.4.1", None, 60.0),
+                ("expired", "mx1[192.0.2.1]:25", "4.4.2", None, 180.0),
+            ],
+        )
+
+    def test_bounced_line(self) -> None:
+        """
+        A recipient refused for good is C{bounced} (a warning), then the
+        bounce to the sender and the freezing are one line each.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(550, "5.7.1 no"), True)
+        self.client.behaviour["bounce-hop:25"] = None
+        s, events = self.logged()
+        [entry] = self.enqueue(s, make_envelope())
+        delivery, bounce, frozen = events
+        self.assertEqual(
+            formatEvent(delivery),
+            f"{entry.id}: to=<a@example.com>, relay=mx1:25, delay=0.0, dsn=5.7.1, "
+            "status=bounced (550 5.7.1 no)",
+        )
+        self.assertEqual(delivery["log_level"], LogLevel.warn)
+        [dsn] = [e for e in self.spool.entries_by_id.values() if e.sender.is_null]
+        self.assertEqual(
+            formatEvent(bounce), f"{entry.id}: sender non-delivery notification: {dsn.id}"
+        )
+        self.assertEqual((bounce["event"], bounce["bounce_id"]), ("bounce", dsn.id))
+        self.assertEqual(frozen["event"], "frozen")
+        self.assertEqual(
+            formatEvent(frozen), f"{entry.id}: frozen: permanent failure: 550 5.7.1 no (bounced)"
+        )
+
+    def test_expired_line(self) -> None:
+        """
+        When the retry intervals run out, the last temporary failure is
+        C{expired} (a warning), not C{deferred}; the first one was
+        C{deferred}.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(421, "4.4.2 gone"), False)
+        s, events = self.logged(bounce=False)
+        [entry] = self.enqueue(s, make_envelope(intervals=(60,)))
+        self.clock.advance(60)
+        lines = [e for e in events if e.get("event") == "delivery"]
+        self.assertEqual([e["outcome"] for e in lines], ["deferred", "expired"])
+        self.assertEqual(
+            formatEvent(lines[1]),
+            f"{entry.id}: to=<a@example.com>, relay=mx1:25, delay=60.0, dsn=4.4.2, "
+            "status=expired (421 4.4.2 gone)",
+        )
+        self.assertEqual(lines[1]["log_level"], LogLevel.warn)
+        self.assertNotIn("retry_at", lines[1])
+
+    def test_one_line_per_outcome_group(self) -> None:
+        """
+        Recipients of one attempt are grouped by the reply they got: one
+        line per group, each with its own outcome and status.
+        """
+        self.client.behaviour["mx1:25"] = {
+            "a@example.com": Reply(250, "2.0.0 ok"),
+            "b@example.com": Reply(550, "5.1.1 no such user"),
+            "c@example.com": Reply(452, "4.2.2 mailbox full"),
+            "d@example.com": Reply(250, "2.0.0 ok"),
+        }
+        s, events = self.logged(bounce=False)
+        self.enqueue(
+            s,
+            make_envelope(
+                recipients=("a@example.com", "b@example.com", "c@example.com", "d@example.com")
+            ),
+        )
+        self.assertEqual(
+            [(e["outcome"], e["to"], e["nrcpt"], e["dsn"]) for e in events],
+            [
+                ("sent", "<a@example.com>,<d@example.com>", 2, "2.0.0"),
+                ("bounced", "<b@example.com>", 1, "5.1.1"),
+                ("deferred", "<c@example.com>", 1, "4.2.2"),
+            ],
+        )
+
+    def test_many_recipients_counted(self) -> None:
+        """
+        A line names the first five recipients of its group and counts the
+        rest; the structured field has them all.
+        """
+        recipients = tuple(f"r{i}@example.com" for i in range(12))
+        s, events = self.logged()
+        self.enqueue(s, make_envelope(recipients=recipients))
+        [event] = events
+        self.assertEqual(
+            event["to"],
+            "<r0@example.com>,<r1@example.com>,<r2@example.com>,<r3@example.com>,"
+            "<r4@example.com> and 7 more",
+        )
+        self.assertEqual((event["recipients"], event["nrcpt"]), (list(recipients), 12))
+
+    def test_next_hop_lines(self) -> None:
+        """
+        A hop that fails for now is a C{deferred} line and the next hop's
+        outcome another; when the retries run out, only the last hop's
+        failure is C{expired}.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(None, False)
+        s, events = self.logged(bounce=False)
+        self.enqueue(s, make_envelope(hops=("mx1:25", "mx2:25"), intervals=(60,)))
+        self.assertEqual(
+            [(e["hop"], e["outcome"]) for e in events], [("mx1:25", "deferred"), ("mx2:25", "sent")]
+        )
+        del events[:]
+        self.client.behaviour["mx2:25"] = DeliveryError(Reply(451, "4.3.0 later"), False)
+        self.enqueue(s, make_envelope(hops=("mx1:25", "mx2:25"), intervals=(60,)))
+        self.clock.advance(60)
+        lines = [(e["hop"], e["outcome"]) for e in events if e.get("event") == "delivery"]
+        self.assertEqual(
+            lines,
+            [
+                ("mx1:25", "deferred"), ("mx2:25", "deferred"),
+                ("mx1:25", "deferred"), ("mx2:25", "expired"),
+            ],
+        )  # fmt: skip
+
+    def test_route_failure_line(self) -> None:
+        """
+        Recipients that could not be routed (their domain has no MX nor
+        address) have no relay, and their status comes from the error.
+        """
+
+        def unroutable(recipients: Any, hops: Any) -> Deferred[Any]:
+            return defer.succeed(
+                [Route(tuple(recipients), (), "5.1.2 domain example.com not found", True)]
+            )
+
+        s, events = self.logged(route=unroutable, bounce=False)
+        [entry] = self.enqueue(s, make_envelope(hops=()))
+        [delivery, _frozen] = events
+        self.assertEqual(
+            formatEvent(delivery),
+            f"{entry.id}: to=<a@example.com>, relay=none, delay=0.0, dsn=5.1.2, "
+            "status=bounced (5.1.2 domain example.com not found)",
+        )
+        self.assertEqual((delivery["hop"], delivery["address"], delivery["code"]), (None, None, None))
+
+    def test_attempt_records_address(self) -> None:
+        """
+        The address a hop answered from is recorded with the attempt.
+        """
+        self.client.behaviour["mx1:25"] = DeliveryError(
+            Reply(451, "4.3.0 later"), False, ("192.0.2.7", 2525)
+        )
+        s = self.make()
+        [entry] = self.enqueue(s, make_envelope())
+        [attempt] = self.spool.entries_by_id[entry.id].attempts
+        self.assertEqual(attempt.address, ("192.0.2.7", 2525))
 
     def test_gone_before_its_turn(self) -> None:
         """

@@ -203,7 +203,13 @@ class SpoolContractMixin:
             retry_intervals=(300.5,),
             recipients=(),
             failed_recipients=(("a@example.com", "550 5.1.1 no such user"),),
-            attempts=(Attempt(1000.5, "mx.example.net:25", 550, "550 5.1.1 no", ("a@example.com",)),),
+            attempts=(
+                Attempt(999.5, "mx2.example.net:25", None, "connect failed", ("a@example.com",)),
+                Attempt(
+                    1000.5, "mx.example.net:25", 550, "550 5.1.1 no", ("a@example.com",),
+                    ("192.0.2.1", 25),
+                ),
+            ),
             reason="frozen by test",
         )
         updated = self.successResultOf(s.update(changed))
@@ -367,6 +373,22 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         for d in ("tmp", "messages", "active", "frozen", "removed"):
             mode = os.stat(os.path.join(self.root, "spool", d)).st_mode
             self.assertEqual(stat.S_IMODE(mode), 0o700)
+
+    def test_attempt_address_in_json(self) -> None:
+        """
+        An attempt's peer address is stored as C{[ip, port]}; an attempt
+        written before addresses were recorded reads back without one.
+        """
+        s = self.spool()
+        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+        attempt = Attempt(1000.5, "mx:25", 451, "451 4.3.0 later", ("a@example.com",), ("::1", 25))
+        self.successResultOf(s.update(dataclasses.replace(entry, attempts=(attempt,))))
+        with open(os.path.join(self.root, "spool", "active", "env1-0.json")) as f:
+            data = json.load(f)
+        self.assertEqual(data["attempts"][0]["address"], ["::1", 25])
+        del data["attempts"][0]["address"]
+        [old] = entry_from_json(data).attempts
+        self.assertEqual(old, dataclasses.replace(attempt, address=None))
 
     def test_message_stored_once(self) -> None:
         """
