@@ -56,7 +56,7 @@ deb-tools:
 	fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests twisted
+	$(BIN)/ruff check relay tests twisted examples
 	$(BIN)/mypy
 
 clean:
