@@ -46,13 +46,17 @@ bench: $(STAMP) deb-tools
 # Debian's postfix (smtp-source, smtp-sink, a private Postfix instance) and
 # swaks.  The system Postfix is installed unconfigured and never started:
 # the suites run their own instances on loopback only.
+# swaks speaks TLS through Net::SSLeay, which it only recommends.
+DEB_TOOLS := postfix swaks libnet-ssleay-perl
+
 deb-tools:
 	@if command -v smtp-source >/dev/null && command -v smtp-sink >/dev/null \
-	    && command -v postfix >/dev/null && command -v swaks >/dev/null; then :; else \
+	    && command -v postfix >/dev/null && command -v swaks >/dev/null \
+	    && perl -MNet::SSLeay -e1 2>/dev/null; then :; else \
 	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get install -y -q --no-install-recommends postfix swaks \
-	    || { apt-get update -q && apt-get install -y -q --no-install-recommends postfix swaks; }; \
+	  apt-get install -y -q --no-install-recommends $(DEB_TOOLS) \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(DEB_TOOLS); }; \
 	fi
 
 lint: $(STAMP)

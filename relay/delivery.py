@@ -46,6 +46,10 @@ def _code(reply: Any) -> int | None:
     return code if isinstance(code, int) else None
 
 
+#: seconds before an entry whose delivery failed on our side is tried again
+AFTER_FAILURE = 30.0
+
+
 class DeliveryScheduler(Service):
     """
     Drain the active queue of C{spool} through C{client}.
@@ -198,7 +202,16 @@ class DeliveryScheduler(Service):
             d.addBoth(self._done, entry_id)
 
     def _log_failure(self, failure: Failure, entry_id: str) -> None:
-        self.log.failure("Delivery of {id} failed; it stays in the spool", failure, id=entry_id)
+        """
+        A delivery that failed on our side (say the spool could not record
+        the attempt: a full disk) is tried again after
+        L{AFTER_FAILURE} seconds, lest the entry wait for the next restart.
+        """
+        self.log.failure(
+            "Delivery of {id} failed; it stays in the spool and is tried again in {delay} s",
+            failure, id=entry_id, delay=AFTER_FAILURE,
+        )  # fmt: skip
+        self.schedule(entry_id, self.clock.seconds() + AFTER_FAILURE)
 
     def _done(self, _: object, entry_id: str) -> None:
         self.jobs.pop(entry_id, None)

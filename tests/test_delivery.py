@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.address import NULL_SENDER, EmailAddress, Sender
@@ -186,6 +186,37 @@ class SchedulerTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(len(self.client.sent), 2)
         self.assertEqual(len(self.spool.entries_by_id[entry.id].attempts), 2)
+
+    def test_spool_failure_retried(self) -> None:
+        """
+        A delivery that fails on our side (the spool cannot record the
+        attempt, e.g. the disk is full) is tried again after
+        L{AFTER_FAILURE} seconds rather than left until a restart.
+        """
+        from relay.delivery import AFTER_FAILURE
+
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(451, "4.3.0 later"), False)
+        s = self.make()
+        update = self.spool.update
+        failures = [OSError(28, "No space left on device")]
+
+        def full_disk(entry: Any) -> Any:
+            if failures:
+                return defer.fail(failures.pop())
+            return update(entry)
+
+        self.spool.update = full_disk  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            [entry] = self.enqueue(s, make_envelope(intervals=(600,)))
+        self.assertEqual(len(self.client.sent), 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue([e for e in events if "tried again in" in formatEvent(e)])
+        self.client.behaviour["mx1:25"] = Reply(250, "2.0.0 ok")
+        self.clock.advance(AFTER_FAILURE - 0.1)
+        self.assertEqual(len(self.client.sent), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.client.sent), 2)
+        self.assertNotIn(entry.id, self.spool.entries_by_id)
 
     def test_freeze_on_exhaustion(self) -> None:
         """
