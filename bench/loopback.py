@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from relay import Consume, Simple  # noqa: E402
-from relay.server import SMTPServerFactory  # noqa: E402
+from relay.smtp.server import SMTPServerFactory  # noqa: E402
 from relay.testing import MemorySpool  # noqa: E402
 
 

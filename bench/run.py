@@ -616,7 +616,7 @@ def measure_load(
 def receiving_peak(root: int) -> float | None:
     """
     The peak RSS (VmHWM, MB) of relay's receiving process under C{root}:
-    the largest of its C{relay.receiver} processes, or C{root} itself when
+    the largest of its C{relay.app.receiver} processes, or C{root} itself when
     it has none (a single-process relay).
     """
     peaks: dict[int, float] = {}
@@ -628,7 +628,7 @@ def receiving_peak(root: int) -> float | None:
                 status = f.read()
         except OSError:
             continue
-        if pid == root or b"relay.receiver" in cmdline:
+        if pid == root or b"relay.app.receiver" in cmdline:
             for line in status.splitlines():
                 if line.startswith(b"VmHWM:"):
                     peaks[pid] = int(line.split()[1]) * 1024 / MB

@@ -10,13 +10,13 @@ C{configure}.  The test kit is L{relay.testing}.
 #: The version of relay (the package metadata reads it from here).
 __version__ = "0.2.0"
 
-from relay.address import NULL_SENDER, EmailAddress, Sender
-from relay.argument import Argument
-from relay.envelope import Envelope, EnvelopeWithNextHop
 from relay.interfaces import IServerCallbacks
-from relay.message import Message
-from relay.reply import Reply
-from relay.results import (
+from relay.model.address import NULL_SENDER, EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.message import Message
+from relay.model.reply import Reply
+from relay.model.results import (
     Accept,
     Allow,
     AuthResult,
@@ -33,7 +33,7 @@ from relay.results import (
     Send,
     SenderResult,
 )
-from relay.session import Session, TLSInfo
+from relay.model.session import Session, TLSInfo
 from relay.simple import Defaults, Simple, as_callbacks
 
 __all__ = [

@@ -101,7 +101,7 @@ class IMessageWriter(Interface):
         All bytes are written.
 
         @param headers: the parsed header fields.
-        @return: a L{Deferred} firing with the L{relay.message.Message}.
+        @return: a L{Deferred} firing with the L{relay.model.message.Message}.
         """
 
     def abort():  # type: ignore[no-untyped-def]
@@ -191,7 +191,7 @@ class ISpool(Interface):
 
 class IReloadable(Interface):
     """
-    Something read from files that SIGHUP reloads (L{relay.reload.ReloadService}):
+    Something read from files that SIGHUP reloads (L{relay.app.reload.ReloadService}):
     the TLS certificate, and later a DKIM key file or a traffic-shaping file.
     """
 
@@ -204,6 +204,6 @@ class IReloadable(Interface):
         wait for the disk), and use what they hold from now on.
 
         @return: a L{Deferred} firing with one line for the log saying what
-            is now in use, or failing (best with a L{relay.reload.ReloadError}
+            is now in use, or failing (best with a L{relay.app.reload.ReloadError}
             naming the file and the reason) while what was in use stays.
         """

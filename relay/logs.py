@@ -34,7 +34,7 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.entry import Attempt, SpoolEntry
+from relay.model.entry import Attempt, SpoolEntry
 
 # The keys every line has (or may have); a structured field of the same name
 # is kept with a trailing underscore (C{message_}).

@@ -26,8 +26,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from relay.simple import CallbacksError, Defaults, Simple, as_callbacks, load_callbacks
-from relay.spool import control_in_spool, quote_endpoint_value
-from relay.tls import server_endpoint as tls_server_endpoint
+from relay.smtp.tls import server_endpoint as tls_server_endpoint
+from relay.spool.disk import control_in_spool, quote_endpoint_value
 
 log = Logger()
 
@@ -107,11 +107,11 @@ def load_tls_context(cert: str, key: str) -> Any:
     """
     Load a PEM certificate (followed by its intermediates) and private key
     into the reloadable server TLS context, for STARTTLS and implicit TLS
-    (see L{relay.tls.ServerTLSContext}).
+    (see L{relay.smtp.tls.ServerTLSContext}).
 
-    @raise relay.tls.TLSFilesError: naming the file that cannot be used.
+    @raise relay.smtp.tls.TLSFilesError: naming the file that cannot be used.
     """
-    from relay.tls import ServerTLSContext
+    from relay.smtp.tls import ServerTLSContext
 
     return ServerTLSContext.load(cert, key)
 
@@ -344,12 +344,12 @@ def _delivery(
     if not ISpool.providedBy(disk):
         return disk
     try:
-        from relay.client import RelayClient
+        from relay.delivery.client import RelayClient
     except ImportError:
-        log.warn("relay.client is missing: mail is spooled but not delivered")
+        log.warn("relay.delivery.client is missing: mail is spooled but not delivered")
         return disk
-    from relay.delivery import DeliveryScheduler, NotifyingSpool
-    from relay.nexthop import make_router
+    from relay.delivery.nexthop import make_router
+    from relay.delivery.scheduler import DeliveryScheduler, NotifyingSpool
 
     def resolver() -> Any:
         from twisted.names import client as names_client
@@ -421,7 +421,7 @@ def makeService(
     @param receivers: with 0, this process serves SMTP itself.  With N >= 1
         it does not: it opens the C{smtp} sockets (C{tcp:}, C{tcp6:},
         C{implicit-tls:}, or C{haproxy:} over one of them) and runs N
-        receiving processes on them (L{relay.receiver}), each with at most
+        receiving processes on them (L{relay.app.receiver}), each with at most
         C{max_sessions / N} sessions; the plugin must then be named by a
         dotted path.
     @param auth: C{twisted.cred.strcred} descriptions of the AUTH checker
@@ -443,7 +443,7 @@ def makeService(
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("tls_cert and tls_key must be given together")
     if tls_cert is None and tls_context_factory is None:
-        from relay.tls import implicit_tls_needs_certificate, plain_description
+        from relay.smtp.tls import implicit_tls_needs_certificate, plain_description
 
         for endpoint in smtp:
             if plain_description(endpoint) is not None:
@@ -460,7 +460,7 @@ def makeService(
         checker = _bytes_users(strcred.makeChecker(auth[0]))
     receiver_setup: dict[str, Any] = {}
     if receivers:
-        from relay.receiver import callbacks_name, parse_listener
+        from relay.app.receiver import callbacks_name, parse_listener
 
         receiver_setup["listeners"] = [parse_listener(e) for e in smtp]
         receiver_setup["callbacks"] = callbacks_name(callbacks)
@@ -475,8 +475,8 @@ def makeService(
 
     # Imported here so that importing this module (and parsing options)
     # does not depend on them.
-    from relay.server import SMTPServerFactory
-    from relay.spool import DiskSpool
+    from relay.smtp.server import SMTPServerFactory
+    from relay.spool.disk import DiskSpool
 
     if control is None:
         control = control_in_spool(spool)
@@ -584,8 +584,8 @@ def _reload_on_sighup(top: Any, candidates: Sequence[Any], reactor: Any, run_in_
     are L{IReloadable}.  It runs even with nothing to reload, so that a
     SIGHUP (C{systemctl reload}) never ends the relay.
     """
+    from relay.app.reload import ReloadService
     from relay.interfaces import IReloadable
-    from relay.reload import ReloadService
 
     reloadables = [c for c in candidates if IReloadable.providedBy(c)]
     ReloadService(reloadables, reactor, run_in_thread).setServiceParent(top)
@@ -602,7 +602,7 @@ def _metrics_and_control(
     """
     top.metrics = None
     if metrics:
-        from relay.metrics import RelayMetrics, metrics_service
+        from relay.control.metrics import RelayMetrics, metrics_service
 
         if factory is not None:
             relay_metrics = RelayMetrics(sessions=lambda: factory.sessions)
@@ -619,7 +619,7 @@ def _metrics_and_control(
         top.metrics = relay_metrics
 
     if control:
-        from relay.control import ControlFactory, plugin_locators
+        from relay.control.server import ControlFactory, plugin_locators
 
         control_factory = ControlFactory(
             top.spool, top.delivery, plugin_locators(plugin), clock=reactor
@@ -660,10 +660,10 @@ def _receivers(
     Add the receiver pool to C{top}: the master's side of
     C{--receivers}.  What receivers commit goes to the scheduler and the
     event stream as for mail received here (see
-    L{relay.delivery.NotifyingSpool}).
+    L{relay.delivery.scheduler.NotifyingSpool}).
     """
-    from relay.entry import ACTIVE
-    from relay.receiver import ReceiverPool, receiver_settings
+    from relay.app.receiver import ReceiverPool, receiver_settings
+    from relay.model.entry import ACTIVE
 
     def spooled(entries: list[Any]) -> None:
         if top.delivery is not None:

@@ -18,11 +18,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.address import EmailAddress, Sender
-from relay.argument import Argument
-from relay.envelope import Envelope, EnvelopeWithNextHop
 from relay.interfaces import IServerCallbacks
-from relay.results import (
+from relay.model.address import EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.results import (
     Accept,
     Allow,
     AuthResult,
@@ -35,7 +35,7 @@ from relay.results import (
     Send,
     SenderResult,
 )
-from relay.session import Session
+from relay.model.session import Session
 
 
 @dataclass

@@ -15,9 +15,9 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
 from twisted.python import usage
 
-from relay.retry import parse_interval, parse_retry_intervals
+from relay.model.retry import parse_interval, parse_retry_intervals
 from relay.simple import CallbacksError, load_callbacks
-from relay.spool import control_in_spool
+from relay.spool.disk import control_in_spool
 
 DEFAULT_SMTP = "tcp:8025:interface=127.0.0.1"
 RELAY_TLS_MODES = ("none", "may", "encrypt", "verify")
@@ -53,7 +53,7 @@ def parse_smarthost(text: str) -> str:
     @raise ValueError: if C{text} is not a host name, an IPv4 address or a
         bracketed IPv6 address, with an optional port.
     """
-    from relay.client import parse_hop
+    from relay.delivery.client import parse_hop
 
     text = text.strip()
     if not text:
@@ -192,7 +192,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--smtp needs an endpoint description")
         from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
 
-        from relay.tls import plain_description
+        from relay.smtp.tls import plain_description
 
         try:
             _parseServer(plain_description(endpoint) or endpoint, None)
@@ -262,7 +262,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if path is not None and not os.path.isfile(path):
                 raise usage.UsageError(f"--{option}: no such file: {path!r}")
         if cert is None:
-            from relay.tls import implicit_tls_needs_certificate, plain_description
+            from relay.smtp.tls import implicit_tls_needs_certificate, plain_description
 
             for endpoint in self["smtp"]:
                 if plain_description(endpoint) is not None:
@@ -276,7 +276,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError(f"--tls-cert/--tls-key: cannot load: {e}") from None
 
         if self["receivers"]:
-            from relay.receiver import parse_listener
+            from relay.app.receiver import parse_listener
 
             for endpoint in self["smtp"]:
                 try:
@@ -324,7 +324,7 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     the background, with one line naming the problem.
     """
     from relay.service import StartupError, prepare_directories
-    from relay.spool import SpoolLocked, check_unlocked
+    from relay.spool.disk import SpoolLocked, check_unlocked
 
     try:
         prepare_directories(options["spool"], options["quarantine"])

@@ -1,5 +1,5 @@
 """
-Tests for L{relay.bounce}.
+Tests for L{relay.delivery.bounce}.
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import email
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.address import NULL_SENDER, EmailAddress, Sender
-from relay.bounce import build_dsn, make_bounce
-from relay.entry import SpoolEntry
-from relay.message import Message
+from relay.delivery.bounce import build_dsn, make_bounce
+from relay.model.address import NULL_SENDER, EmailAddress, Sender
+from relay.model.entry import SpoolEntry
+from relay.model.message import Message
 
 DATA = b"Subject: hi\r\nMessage-ID: <x@example.org>\r\n\r\nbody\r\n"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{relay.client}: the relay client against a scripted fake next
+Tests for L{relay.delivery.client}: the relay client against a scripted fake next
 hop over a L{StringTransport}, with a L{MemoryReactorClock}.
 """
 
@@ -15,14 +15,14 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relay.address import EmailAddress, Sender
-from relay.argument import Argument
-from relay.client import DeliveryError, DeliveryResult, RelayClient, parse_hop
-from relay.envelope import Envelope
-from relay.message import Message
-from relay.reply import Reply
-from relay.server import SMTPServerFactory
+from relay.delivery.client import DeliveryError, DeliveryResult, RelayClient, parse_hop
+from relay.model.address import EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.envelope import Envelope
+from relay.model.message import Message
+from relay.model.reply import Reply
 from relay.simple import Simple
+from relay.smtp.server import SMTPServerFactory
 from relay.testing import MemorySpool
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
@@ -502,7 +502,7 @@ class PeerAddressTests(SynchronousTestCase):
             _, _, factory, _, _ = unreachable.reactor.tcpClients[0]
             factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
             unreachable.error()
-        self.assertEqual([e for e in events if e.get("log_namespace") == "relay.client"], [])
+        self.assertEqual([e for e in events if e.get("log_namespace") == "relay.delivery.client"], [])
 
 
 class TLSTests(SynchronousTestCase):

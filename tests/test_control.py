@@ -1,5 +1,5 @@
 """
-Tests for L{relay.control}: every command of L{relay.rpc} through an
+Tests for L{relay.control.server}: every command of L{relay.control.rpc} through an
 in-memory AMP connection (L{twisted.test.iosim}), against a L{MemorySpool}
 and a L{DiskSpool}, with a fake delivery scheduler.
 """
@@ -17,10 +17,10 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay import rpc
-from relay.control import ControlFactory, ControlLocator, ControlProtocol, plugin_locators
-from relay.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, SpoolEntry
-from relay.spool import DiskSpool
+from relay.control import rpc
+from relay.control.server import ControlFactory, ControlLocator, ControlProtocol, plugin_locators
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, SpoolEntry
+from relay.spool.disk import DiskSpool
 from relay.testing import MemorySpool
 from tests.test_spool import make_envelope
 

@@ -18,8 +18,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import EmailAddress, Envelope, EnvelopeWithNextHop, Message, Sender
-from relay.entry import ACTIVE, QUARANTINE
-from relay.spool import DiskSpool, FileSystem
+from relay.model.entry import ACTIVE, QUARANTINE
+from relay.spool.disk import DiskSpool, FileSystem
 from relay.testing import FaultyFileSystem, QueuedRunner
 
 MESSAGE = b"Subject: crash\r\nMessage-ID: <c@example.com>\r\n\r\n" + b"body line\r\n" * 50

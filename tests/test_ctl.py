@@ -1,5 +1,5 @@
 """
-Tests for L{relay.ctl}, the C{relayctl} command: argument parsing, the
+Tests for L{relay.control.ctl}, the C{relayctl} command: argument parsing, the
 output formats (golden outputs), and status / count read from a disk spool
 with no server running.
 """
@@ -15,10 +15,10 @@ from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay import ctl
-from relay.address import EmailAddress, Sender
-from relay.entry import FROZEN, REMOVED, Attempt, SpoolEntry
-from relay.spool import DiskSpool, entry_to_json
+from relay.control import ctl
+from relay.model.address import EmailAddress, Sender
+from relay.model.entry import FROZEN, REMOVED, Attempt, SpoolEntry
+from relay.spool.disk import DiskSpool, entry_to_json
 from tests.test_spool import make_envelope, synchronous
 
 NOW = 1_700_000_000.0
@@ -276,7 +276,7 @@ class ParseTests(SynchronousTestCase):
 
 class RemoteTests(SynchronousTestCase):
     """
-    Commands that talk to a server call the AMP command of L{relay.rpc}
+    Commands that talk to a server call the AMP command of L{relay.control.rpc}
     (the networking replaced by a fake).
     """
 
@@ -364,7 +364,7 @@ class RemoteTests(SynchronousTestCase):
         """
         An AMP error exits with 1 and one clear line on stderr.
         """
-        from relay import rpc
+        from relay.control import rpc
 
         self.error = rpc.UnknownEntry("nosuch")
         code, out, err = run_main("--control", "unix:/c", "freeze", "nosuch")

@@ -1,5 +1,5 @@
 """
-Tests for L{relay.data.DataReader}.
+Tests for L{relay.smtp.data.DataReader}.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.data import DataReader
+from relay.smtp.data import DataReader
 
 
 def decode(data: bytes, reject_bare_lf: bool = False) -> tuple[bytes, bytes | None, DataReader]:

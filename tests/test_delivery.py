@@ -1,5 +1,5 @@
 """
-Tests for L{relay.delivery.DeliveryScheduler} and L{NotifyingSpool}.
+Tests for L{relay.delivery.scheduler.DeliveryScheduler} and L{NotifyingSpool}.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.address import NULL_SENDER, EmailAddress, Sender
-from relay.delivery import DeliveryScheduler, NotifyingSpool
-from relay.entry import ACTIVE, FROZEN
-from relay.envelope import Envelope, EnvelopeWithNextHop
-from relay.message import Message
-from relay.nexthop import Route, route_recipients
-from relay.reply import Reply
-from relay.retry import DEFAULT_RETRY_INTERVALS
-from relay.spool import DiskSpool
+from relay.delivery.nexthop import Route, route_recipients
+from relay.delivery.scheduler import DeliveryScheduler, NotifyingSpool
+from relay.model.address import NULL_SENDER, EmailAddress, Sender
+from relay.model.entry import ACTIVE, FROZEN
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.message import Message
+from relay.model.reply import Reply
+from relay.model.retry import DEFAULT_RETRY_INTERVALS
+from relay.spool.disk import DiskSpool
 from relay.testing import MemorySpool
 
 DATA = b"Subject: hello\r\nFrom: s@example.org\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n"
@@ -193,7 +193,7 @@ class SchedulerTests(SynchronousTestCase):
         attempt, e.g. the disk is full) is tried again after
         L{AFTER_FAILURE} seconds rather than left until a restart.
         """
-        from relay.delivery import AFTER_FAILURE
+        from relay.delivery.scheduler import AFTER_FAILURE
 
         self.client.behaviour["mx1:25"] = DeliveryError(Reply(451, "4.3.0 later"), False)
         s = self.make()
@@ -333,7 +333,7 @@ class SchedulerTests(SynchronousTestCase):
         Without next hops each recipient domain goes to its own MX hosts,
         by preference; a null MX domain fails permanently.
         """
-        from relay.nexthop import make_router
+        from relay.delivery.nexthop import make_router
         from tests.test_nexthop import FakeResolver, mx
 
         resolver = FakeResolver({
@@ -752,7 +752,7 @@ class RestartTests(SynchronousTestCase):
         hop's answer never came) is delivered again after restart; so is
         one whose retry was recorded; quarantined and removed ones are not.
         """
-        from relay.entry import REMOVED
+        from relay.model.entry import REMOVED
 
         clock = Clock()
         root = self.mktemp()

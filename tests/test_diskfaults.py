@@ -18,12 +18,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.entry import ACTIVE
-from relay.envelope import EnvelopeWithNextHop
-from relay.results import Send
-from relay.server import SMTPServerFactory
+from relay.model.entry import ACTIVE
+from relay.model.envelope import EnvelopeWithNextHop
+from relay.model.results import Send
 from relay.simple import Simple
-from relay.spool import DiskSpool, FileSystem
+from relay.smtp.server import SMTPServerFactory
+from relay.spool.disk import DiskSpool, FileSystem
 from relay.testing import FaultyFileSystem, QueuedRunner, ServerHarness
 
 BODY = "Subject: faults\r\n\r\n" + "line of the body\r\n" * 20

@@ -1,5 +1,5 @@
 """
-L{relay.eager.write} over a real loopback TCP connection.
+L{relay.smtp.eager.write} over a real loopback TCP connection.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from relay import eager
+from relay.smtp import eager
 
 
 class _Collect(protocol.Protocol):

@@ -1,6 +1,6 @@
 """
-Tests for the live event stream: L{relay.events.EventBus}, the
-C{Subscribe}/C{Event} commands of L{relay.control.ControlProtocol} through
+Tests for the live event stream: L{relay.control.events.EventBus}, the
+C{Subscribe}/C{Event} commands of L{relay.control.server.ControlProtocol} through
 an in-memory AMP connection, and the line format of C{relayctl events}.
 """
 
@@ -14,10 +14,10 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay import rpc
-from relay.control import ControlProtocol
-from relay.delivery import DeliveryScheduler, NotifyingSpool
-from relay.events import EventBus, format_event
+from relay.control import rpc
+from relay.control.events import EventBus, format_event
+from relay.control.server import ControlProtocol
+from relay.delivery.scheduler import DeliveryScheduler, NotifyingSpool
 from relay.testing import MemorySpool
 from tests.test_delivery import DeliveryError, FakeClient, make_envelope, no_dns
 

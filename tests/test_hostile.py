@@ -14,11 +14,11 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from relay.data import DataReader
-from relay.reply import Reply
-from relay.results import Accept, Continue, Reject
-from relay.server import MAX_LINE, MAX_PENDING_INPUT, MAX_PROTOCOL_ERRORS, SMTPServerFactory
-from relay.stuffing import DotStuffer
+from relay.model.reply import Reply
+from relay.model.results import Accept, Continue, Reject
+from relay.smtp.data import DataReader
+from relay.smtp.server import MAX_LINE, MAX_PENDING_INPUT, MAX_PROTOCOL_ERRORS, SMTPServerFactory
+from relay.smtp.stuffing import DotStuffer
 from relay.testing import MemorySpool, ServerHarness
 from tests.test_server import MAIL_TXN, Recorder, ServerTestCase, b64
 

@@ -80,7 +80,7 @@ class TwistdRelayTests(TestCase):
     timeout = 4 * TIMEOUT
 
     def setUp(self) -> None:
-        for name in ("relay.server", "relay.spool"):
+        for name in ("relay.smtp.server", "relay.spool.disk"):
             try:
                 __import__(name)
             except ImportError as e:
@@ -159,7 +159,7 @@ class TwistdRelayTests(TestCase):
         Listen on loopback with relay's own server and a policy that keeps
         every message; return the policy and the port.
         """
-        from relay.server import SMTPServerFactory
+        from relay.smtp.server import SMTPServerFactory
         from relay.testing import MemorySpool
 
         sink = SinkCallbacks()
@@ -282,7 +282,7 @@ class TwistdRelayTests(TestCase):
         def relayctl(*argv: str) -> Any:
             d = getProcessOutputAndValue(
                 sys.executable,
-                ["-c", "from relay.ctl import main; import sys; sys.exit(main())",
+                ["-c", "from relay.control.ctl import main; import sys; sys.exit(main())",
                  "--control", "unix:" + sock, *argv],
                 env=env, path=self.base,
             )  # fmt: skip

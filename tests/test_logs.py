@@ -31,7 +31,7 @@ from twisted.logger import (
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from relay.entry import Attempt
+from relay.app.receiver import ReceiverPool, ReceiverProcess
 from relay.logs import (
     FIXED_KEYS,
     JSONLogObserver,
@@ -42,7 +42,7 @@ from relay.logs import (
     json_observer,
     portable,
 )
-from relay.receiver import ReceiverPool, ReceiverProcess
+from relay.model.entry import Attempt
 from tests import test_integration
 
 # 2024-05-01T12:00:00.250Z
@@ -119,7 +119,7 @@ class ObserverTests(SynchronousTestCase):
         self.observer(
             event(
                 log_level=LogLevel.warn,
-                log_namespace="relay.server",
+                log_namespace="relay.smtp.server",
                 log_format="queued {envelope_id} for {n} recipient(s)",
                 envelope_id="e1",
                 n=2,
@@ -135,7 +135,7 @@ class ObserverTests(SynchronousTestCase):
             [
                 ("time", "2024-05-01T12:00:00.250Z"),
                 ("level", "warn"),
-                ("namespace", "relay.server"),
+                ("namespace", "relay.smtp.server"),
                 ("message", "queued e1 for 2 recipient(s)"),
                 ("envelope_id", "e1"),
                 ("n", 2),
@@ -204,7 +204,7 @@ class ObserverTests(SynchronousTestCase):
         A failure's traceback is a field of its own; the message stays the
         log text.
         """
-        log = Logger(observer=self.observer, namespace="relay.delivery")
+        log = Logger(observer=self.observer, namespace="relay.delivery.scheduler")
         try:
             raise ZeroDivisionError("division by zero")
         except ZeroDivisionError:
@@ -270,9 +270,9 @@ class ObserverTests(SynchronousTestCase):
         """
         An event's C{log_system} is the C{system} key.
         """
-        self.observer(event(log_system="receiver-2 relay.server#info"))
+        self.observer(event(log_system="receiver-2 relay.smtp.server#info"))
         [line] = self.lines()
-        self.assertEqual(line["system"], "receiver-2 relay.server#info")
+        self.assertEqual(line["system"], "receiver-2 relay.smtp.server#info")
 
     def test_bad_format_keeps_the_line(self) -> None:
         """
@@ -382,7 +382,7 @@ class ReceiverEventTests(SynchronousTestCase):
         message reads as in the receiver.
         """
         logged: list[dict[str, Any]] = []
-        log = Logger(namespace="relay.server", observer=logged.append)
+        log = Logger(namespace="relay.smtp.server", observer=logged.append)
         peer = IPv4Address("TCP", "192.0.2.9", 40000)
         try:
             raise ValueError("bad plugin")
@@ -407,8 +407,8 @@ class ReceiverEventTests(SynchronousTestCase):
             line["message"], f"[session_id=s1] callback failed for {peer} ({peer!r})"
         )
         self.assertEqual(line["level"], "critical")
-        self.assertEqual(line["namespace"], "relay.server")
-        self.assertEqual(line["system"], "receiver-1 relay.server#critical")
+        self.assertEqual(line["namespace"], "relay.smtp.server")
+        self.assertEqual(line["system"], "receiver-1 relay.smtp.server#critical")
         self.assertEqual(
             (line["session_id"], line["envelope_id"], line["peer"], line["sizes"], line["receiver"]),
             ("s1", "e1", str(peer), [1, 2], 1),
@@ -637,7 +637,7 @@ class TwistdJSONLogTests(TestCase):
         lines = self.json_lines(output)
         from_receiver = [x for x in lines if x.get("system", "").startswith("receiver-1 ")]
         self.assertTrue(all(x["receiver"] == 1 for x in from_receiver), from_receiver)
-        queued = [x for x in from_receiver if x["namespace"] == "relay.server"]
+        queued = [x for x in from_receiver if x["namespace"] == "relay.smtp.server"]
         self.assertTrue(queued and all("session_id" in x for x in queued), from_receiver)
         # A receiver's twisted.python.log events are as plain as the master's.
         legacy = [x for x in from_receiver if x["namespace"] == "log_legacy"]

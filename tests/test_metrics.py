@@ -1,5 +1,5 @@
 """
-Tests for L{relay.metrics}: the Prometheus metrics of a relay.
+Tests for L{relay.control.metrics}: the Prometheus metrics of a relay.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.events import EventBus
-from relay.metrics import SPOOL_INTERVAL, RelayMetrics, metrics_resource, metrics_service
+from relay.control.events import EventBus
+from relay.control.metrics import SPOOL_INTERVAL, RelayMetrics, metrics_resource, metrics_service
 from relay.tap import Options
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{relay.nexthop}, with a fake resolver.
+Tests for L{relay.delivery.nexthop}, with a fake resolver.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.address import EmailAddress
-from relay.nexthop import address_literal, make_router, route_recipients
+from relay.delivery.nexthop import address_literal, make_router, route_recipients
+from relay.model.address import EmailAddress
 
 
 def mx(preference: int, name: str) -> dns.RRHeader:

@@ -17,11 +17,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.address import AddressError, EmailAddress, Sender
-from relay.argument import Argument, ArgumentError, parse_mail_parameters, parse_rcpt_parameters
-from relay.reply import Reply, ReplyError
-from relay.results import Continue
-from relay.stuffing import DotStuffer
+from relay.model.address import AddressError, EmailAddress, Sender
+from relay.model.argument import (
+    Argument,
+    ArgumentError,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+)
+from relay.model.reply import Reply, ReplyError
+from relay.model.results import Continue
+from relay.smtp.stuffing import DotStuffer
 from relay.testing import ServerHarness
 from tests.test_server import MAIL_TXN, Recorder
 from tests.test_stuffing import normalize, split

@@ -294,7 +294,7 @@ class _RecordingFactory:
 
 class ProxyHeaderWrapperTests(TestCase):
     """
-    L{relay.proxy.ProxyHeaderWrapper} on a L{StringTransport} with a
+    L{relay.smtp.proxy.ProxyHeaderWrapper} on a L{StringTransport} with a
     L{Clock}: the wrapped protocol is connected only after the header.
     """
 
@@ -303,7 +303,7 @@ class ProxyHeaderWrapperTests(TestCase):
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
-        from relay.proxy import ProxyHeaderWrappingFactory
+        from relay.smtp.proxy import ProxyHeaderWrappingFactory
 
         self.clock = Clock()
         self.inner = _RecordingFactory()
@@ -335,7 +335,7 @@ class ProxyHeaderWrapperTests(TestCase):
         A client that sends no header within the timeout is disconnected
         without the wrapped protocol ever being connected.
         """
-        from relay.proxy import HEADER_TIMEOUT
+        from relay.smtp.proxy import HEADER_TIMEOUT
 
         self.wrapper.dataReceived(b"PROXY TCP4 ")
         self.clock.advance(HEADER_TIMEOUT - 0.1)

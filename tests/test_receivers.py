@@ -1,5 +1,5 @@
 """
-Tests for L{relay.receiver}: C{--receivers N}, the master's receiver pool,
+Tests for L{relay.app.receiver}: C{--receivers N}, the master's receiver pool,
 the master<->receiver messages, a receiver's own side, and the real
 C{twistd relay --receivers 2}.
 """
@@ -24,11 +24,7 @@ from twisted.logger import Logger, eventAsJSON
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relay.address import EmailAddress, Sender
-from relay.entry import ACTIVE, QUARANTINE
-from relay.envelope import Envelope, EnvelopeWithNextHop
-from relay.message import Message
-from relay.receiver import (
+from relay.app.receiver import (
     CHANNEL_FD,
     FIRST_LISTENER_FD,
     Listener,
@@ -39,8 +35,12 @@ from relay.receiver import (
     parse_listener,
     receiver_settings,
 )
+from relay.model.address import EmailAddress, Sender
+from relay.model.entry import ACTIVE, QUARANTINE
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.message import Message
 from relay.simple import Simple
-from relay.spool import entry_for, entry_to_json
+from relay.spool.disk import entry_for, entry_to_json
 from tests import test_integration
 from tests.test_integration import ROOT, free_port
 
@@ -189,7 +189,7 @@ class PoolTests(SynchronousTestCase):
         self.assertNotEqual(port, 0)
         for number, (protocol, executable, argv, env, fds) in enumerate(self.spawned, 1):
             self.assertEqual(executable, "/usr/bin/python-for-test")
-            self.assertEqual(argv, [executable, "-m", "relay.receiver", str(number)])
+            self.assertEqual(argv, [executable, "-m", "relay.app.receiver", str(number)])
             self.assertEqual(
                 fds, {0: "w", 1: "r", 2: "r", CHANNEL_FD: "r", FIRST_LISTENER_FD: sock.fileno()}
             )
@@ -282,15 +282,15 @@ class PoolTests(SynchronousTestCase):
     def test_log_events_forwarded(self) -> None:
         self.started()
         events: list[dict[str, Any]] = []
-        Logger(namespace="relay.server", observer=events.append).warn("queued {id}", id="x1")
+        Logger(namespace="relay.smtp.server", observer=events.append).warn("queued {id}", id="x1")
         line = json.dumps({"t": "log", "event": eventAsJSON(events[0])}).encode("utf-8") + b"\n"
         self.spawned[1][0].childDataReceived(CHANNEL_FD, line)
         [event] = self.logged
         self.assertEqual(event["receiver"], 2)
         self.assertEqual(event["id"], "x1")
-        self.assertEqual(event["log_namespace"], "relay.server")
+        self.assertEqual(event["log_namespace"], "relay.smtp.server")
         self.assertEqual(event["log_level"].name, "warn")
-        self.assertEqual(event["log_system"], "receiver-2 relay.server#warn")
+        self.assertEqual(event["log_system"], "receiver-2 relay.smtp.server#warn")
 
     def test_output_logged(self) -> None:
         pool = self.started(1)
@@ -387,7 +387,7 @@ class ReportingSpoolTests(SynchronousTestCase):
     def test_reports_commits(self) -> None:
         sent: list[dict[str, Any]] = []
         spool = ReportingSpool(FakeSpool(), sent.append)
-        from relay.message import Message
+        from relay.model.message import Message
         from tests.test_spool import make_envelope
 
         small = make_envelope("a", Message.from_bytes(b"Subject: hi\r\n\r\nhello\r\n"))
@@ -406,7 +406,7 @@ class ReportingSpoolTests(SynchronousTestCase):
             ],
         )
         # What the master reads back is the same entries.
-        from relay.spool import entry_from_json
+        from relay.spool.disk import entry_from_json
 
         self.assertEqual([entry_from_json(e) for e in sent[0]["entries"]], entries)
         del sent[:]
@@ -667,7 +667,7 @@ def _alive(pid: int) -> bool:
 def _kill_if_alive(pid: int) -> None:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            ours = b"relay.receiver" in f.read()
+            ours = b"relay.app.receiver" in f.read()
     except OSError:
         return
     if ours and _alive(pid):

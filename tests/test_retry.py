@@ -1,5 +1,5 @@
 """
-Tests for L{relay.retry}.
+Tests for L{relay.model.retry}.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import tap
-from relay.retry import (
+from relay.model.retry import (
     DEFAULT_RETRY_INTERVALS,
     backoff_schedule,
     effective_intervals,

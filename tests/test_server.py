@@ -1,5 +1,5 @@
 """
-Tests for L{relay.server}: SMTP transcripts against L{SMTPServerProtocol}.
+Tests for L{relay.smtp.server}: SMTP transcripts against L{SMTPServerProtocol}.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relay.envelope import Envelope, EnvelopeWithNextHop
-from relay.reply import Reply
-from relay.results import (
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.reply import Reply
+from relay.model.results import (
     Accept,
     Allow,
     AuthResult,
@@ -32,8 +32,8 @@ from relay.results import (
     Send,
     SenderResult,
 )
-from relay.server import SMTPServerFactory
-from relay.session import Session
+from relay.model.session import Session
+from relay.smtp.server import SMTPServerFactory
 from relay.testing import (
     MemorySpool,
     ProcessEnvelopeCall,

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import service as relay_service
-from relay.delivery import DeliveryScheduler
+from relay.delivery.scheduler import DeliveryScheduler
 from relay.simple import Simple
 from relay.tap import Options
 from relay.tap import makeService as tapMakeService
@@ -80,13 +80,13 @@ class Policy(Simple):
 
 class MakeServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
-        server = types.ModuleType("relay.server")
+        server = types.ModuleType("relay.smtp.server")
         server.SMTPServerFactory = FakeFactory  # type: ignore[attr-defined]
-        spool = types.ModuleType("relay.spool")
+        spool = types.ModuleType("relay.spool.disk")
         spool.DiskSpool = FakeDiskSpool  # type: ignore[attr-defined]
         spool.SpoolLocked = FakeSpoolLocked  # type: ignore[attr-defined]
         spool.check_unlocked = FakeDiskSpool.check_unlocked  # type: ignore[attr-defined]
-        for name, module in (("relay.server", server), ("relay.spool", spool)):
+        for name, module in (("relay.smtp.server", server), ("relay.spool.disk", spool)):
             self.addCleanup(self._restore, name, sys.modules.get(name))
             sys.modules[name] = module
         self.reactor = MemoryReactorClock()
@@ -273,7 +273,7 @@ class ReceiversServiceTests(SynchronousTestCase):
     make = MakeServiceTests.make
 
     def test_tree(self) -> None:
-        from relay.receiver import ReceiverPool
+        from relay.app.receiver import ReceiverPool
 
         top = self.make(
             smtp=["tcp:0:interface=127.0.0.1", "haproxy:tcp6:0:interface=\\:\\:1"],
@@ -341,7 +341,7 @@ class ReceiversServiceTests(SynchronousTestCase):
         stream and the scheduler like locally received ones; a restart
         rescans the active queue for entries the scheduler does not know.
         """
-        from relay.events import EventBus
+        from relay.control.events import EventBus
 
         top = self.make(smtp=["tcp:0:interface=127.0.0.1"], receivers=1)
         pool = top.receivers

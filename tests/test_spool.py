@@ -1,5 +1,5 @@
 """
-Tests for L{relay.spool.DiskSpool} and L{relay.testing.MemorySpool}.
+Tests for L{relay.spool.disk.DiskSpool} and L{relay.testing.MemorySpool}.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from relay.address import NULL_SENDER, EmailAddress, Sender
-from relay.argument import Argument
-from relay.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, Attempt
-from relay.envelope import Envelope, EnvelopeWithNextHop
 from relay.interfaces import IMessageWriter, ISpool
-from relay.message import Message
-from relay.spool import DiskSpool, FileSystem, SpoolLocked, entry_from_json, entry_to_json
+from relay.model.address import NULL_SENDER, EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, Attempt
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.message import Message
+from relay.spool.disk import DiskSpool, FileSystem, SpoolLocked, entry_from_json, entry_to_json
 from relay.testing import FaultyFileSystem, MemorySpool
 from relay.testing import QueuedRunner as ManualRunner
 
@@ -1017,7 +1017,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.assertEqual(self.successResultOf(s.entries(ACTIVE)), [entry])
-        [event] = [e for e in events if e.get("log_namespace") == "relay.spool"]
+        [event] = [e for e in events if e.get("log_namespace") == "relay.spool.disk"]
         self.assertIn("bad-0.json", event["path"])
 
 

@@ -1,5 +1,5 @@
 """
-Tests for L{relay.stuffing.DotStuffer}, the DATA encoder.
+Tests for L{relay.smtp.stuffing.DotStuffer}, the DATA encoder.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.data import DataReader
-from relay.stuffing import DotStuffer
+from relay.smtp.data import DataReader
+from relay.smtp.stuffing import DotStuffer
 
 # Bytes rich in the characters that matter.
 _interesting = st.binary() | st.lists(

@@ -464,7 +464,7 @@ class StartupErrorTests(SynchronousTestCase):
         """
         from twisted.internet.task import Clock
 
-        from relay.spool import DiskSpool
+        from relay.spool.disk import DiskSpool
 
         spool = os.path.join(self.base, "spool")
         holder = DiskSpool(spool, lambda f, *a: f(*a), Clock())

@@ -38,7 +38,7 @@ from relay import (
     Simple,
     TLSInfo,
 )
-from relay.server import SMTPServerFactory
+from relay.smtp.server import SMTPServerFactory
 from relay.testing import (
     CheckAuthenticationCredentialsCall,
     MemorySpool,
@@ -98,7 +98,8 @@ class ExportTests(SynchronousTestCase):
         C{relay} exports L{Defaults} and the union of results of each
         callback, beside the result types.
         """
-        from relay import results, simple
+        from relay import simple
+        from relay.model import results
 
         for name in (
             "ConnectResult",

@@ -1,6 +1,6 @@
 """
-Tests for L{relay.tls} (the certificate chain, the reloadable server
-context, implicit-TLS listeners), L{relay.reload} (SIGHUP), and implicit
+Tests for L{relay.smtp.tls} (the certificate chain, the reloadable server
+context, implicit-TLS listeners), L{relay.app.reload} (SIGHUP), and implicit
 TLS in the server, the options, the service and the receivers.
 
 Certificates are made here with C{cryptography}: a root CA, an
@@ -43,13 +43,22 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from relay.app.receiver import Listener, Receiver, ReceiverPool, parse_listener, receiver_settings
+from relay.app.reload import ReloadError, ReloadService
 from relay.interfaces import IReloadable
-from relay.proxy import ProxyHeaderWrappingFactory
-from relay.receiver import Listener, Receiver, ReceiverPool, parse_listener, receiver_settings
-from relay.reload import ReloadError, ReloadService
-from relay.results import Continue
-from relay.server import SMTPServerFactory
+from relay.model.results import Continue
 from relay.service import load_tls_context, makeService
+from relay.smtp.proxy import ProxyHeaderWrappingFactory
+from relay.smtp.server import SMTPServerFactory
+from relay.smtp.tls import (
+    ImplicitTLSEndpoint,
+    ServerTLSContext,
+    TLSFilesError,
+    load_chain,
+    plain_description,
+    server_endpoint,
+    tls_factory,
+)
 from relay.tap import Options
 from relay.testing import (
     MemorySpool,
@@ -58,15 +67,6 @@ from relay.testing import (
     ServerHarness,
     SessionConnectCall,
     TLSStringTransport,
-)
-from relay.tls import (
-    ImplicitTLSEndpoint,
-    ServerTLSContext,
-    TLSFilesError,
-    load_chain,
-    plain_description,
-    server_endpoint,
-    tls_factory,
 )
 from tests import test_integration
 from tests.test_integration import ROOT, free_port
@@ -1147,13 +1147,13 @@ class WithoutOpenSSLTests(SynchronousTestCase):
         """
         The modules a receiver without TLS imports (the reload service and
         the TLS helpers included) import with pyOpenSSL blocked, as
-        L{relay.receiver._without_tls} blocks it.
+        L{relay.app.receiver._without_tls} blocks it.
         """
         code = (
             "import sys; sys.modules['OpenSSL'] = None\n"
             "from twisted.internet import reactor\n"
-            "import relay.receiver, relay.reload, relay.server, relay.tls\n"
-            "assert relay.tls.plain_description('implicit-tls:465') == 'tcp:465'\n"
+            "import relay.app.receiver, relay.app.reload, relay.smtp.server, relay.smtp.tls\n"
+            "assert relay.smtp.tls.plain_description('implicit-tls:465') == 'tcp:465'\n"
             "print('ok')\n"
         )
         env = dict(os.environ)

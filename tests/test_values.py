@@ -32,9 +32,14 @@ from relay import (
     Simple,
     as_callbacks,
 )
-from relay.address import AddressError
-from relay.argument import Argument, ArgumentError, parse_mail_parameters, parse_rcpt_parameters
-from relay.reply import ReplyError
+from relay.model.address import AddressError
+from relay.model.argument import (
+    Argument,
+    ArgumentError,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+)
+from relay.model.reply import ReplyError
 from relay.simple import CallbacksError, Defaults
 
 LOG = Logger()

@@ -32,13 +32,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest
 from zope.interface import implementer
 
-from relay import server
-from relay.address import EmailAddress, Sender
-from relay.argument import Argument
-from relay.envelope import Envelope
 from relay.interfaces import IServerCallbacks
-from relay.message import Message
-from relay.results import (
+from relay.model.address import EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.envelope import Envelope
+from relay.model.message import Message
+from relay.model.results import (
     AuthResult,
     ConnectResult,
     EnvelopeResult,
@@ -46,8 +45,9 @@ from relay.results import (
     RecipientResult,
     SenderResult,
 )
-from relay.session import Session, TLSInfo
+from relay.model.session import Session, TLSInfo
 from relay.simple import Defaults, Simple, as_callbacks
+from relay.smtp import server
 from relay.testing.transcript import LOCAL_ADDRESS, REMOTE_ADDRESS, _address
 
 T = TypeVar("T")
@@ -352,7 +352,7 @@ def make_envelope(
     @param recipients: one address or several.
     @param message: the message as it arrives (CRLF line endings, no
         dot-stuffing); its header fields are parsed.
-    @raise relay.address.AddressError: for an address that is not valid.
+    @raise relay.model.address.AddressError: for an address that is not valid.
     """
     if isinstance(recipients, str):
         recipients = [recipients]

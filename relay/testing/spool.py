@@ -1,7 +1,7 @@
 """
 Spool doubles: L{MemorySpool}, an L{ISpool} that keeps everything in
 memory and answers with already-fired L{Deferred}s; L{FaultyFileSystem}, a
-disk under a L{relay.spool.DiskSpool} that fails chosen steps (ENOSPC,
+disk under a L{relay.spool.disk.DiskSpool} that fails chosen steps (ENOSPC,
 EIO, ...); and L{QueuedRunner}, a thread runner whose calls wait for the
 test.
 """
@@ -19,11 +19,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from relay.entry import ACTIVE, QUARANTINE, QUEUES, SpoolEntry
-from relay.envelope import EnvelopeWithNextHop
 from relay.interfaces import IMessageWriter, ISpool
-from relay.message import Message
-from relay.spool import FileSystem, entry_for
+from relay.model.entry import ACTIVE, QUARANTINE, QUEUES, SpoolEntry
+from relay.model.envelope import EnvelopeWithNextHop
+from relay.model.message import Message
+from relay.spool.disk import FileSystem, entry_for
 
 
 def allocate_ids(
@@ -201,7 +201,7 @@ class _Fault:
 class FaultyFileSystem(FileSystem):
     """
     A L{FileSystem} (the real disk) that records each step a
-    L{relay.spool.DiskSpool} takes and fails the ones a test chose, with
+    L{relay.spool.disk.DiskSpool} takes and fails the ones a test chose, with
     an C{OSError} carrying the chosen errno, before the step is done.
 
     The steps are C{create}, C{write}, C{close} (which closes the

@@ -34,11 +34,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import FailTest
 
-from relay.entry import ACTIVE, QUARANTINE, SpoolEntry
-from relay.message import Message
-from relay.reply import Reply
-from relay.server import SMTPServerFactory, SMTPServerProtocol
+from relay.model.entry import ACTIVE, QUARANTINE, SpoolEntry
+from relay.model.message import Message
+from relay.model.reply import Reply
 from relay.simple import Defaults, as_callbacks
+from relay.smtp.server import SMTPServerFactory, SMTPServerProtocol
 from relay.testing.spool import MemorySpool
 
 if TYPE_CHECKING:

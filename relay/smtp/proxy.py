@@ -33,7 +33,7 @@ PREFIX = "haproxy:"
 HEADER_TIMEOUT = 5.0  # Postfix's smtpd_upstream_proxy_timeout
 MAX_HEADER = 536  # a v1 header is at most 107 bytes; v2 with TLVs stays small
 
-_log = Logger(namespace="relay.proxy")
+_log = Logger(namespace="relay.smtp.proxy")
 
 
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):

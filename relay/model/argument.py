@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relay.reply import Reply
+from relay.model.reply import Reply
 
 
 class ArgumentError(ValueError):

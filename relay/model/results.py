@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from relay.envelope import EnvelopeWithNextHop
-from relay.reply import Reply
+from relay.model.envelope import EnvelopeWithNextHop
+from relay.model.reply import Reply
 
 
 @dataclass(frozen=True)

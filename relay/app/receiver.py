@@ -6,7 +6,7 @@ The main process (the I{master}) keeps the spool lock, recovery, the
 delivery scheduler, the control endpoint and the metrics.  It opens the
 listening sockets of every C{--smtp} endpoint (C{tcp:}, C{tcp6:},
 C{implicit-tls:}, any of them behind C{haproxy:}) and starts N receivers with
-C{python -m relay.receiver NUMBER} (L{ReceiverPool}).  Each receiver
+C{python -m relay.app.receiver NUMBER} (L{ReceiverPool}).  Each receiver
 (L{Receiver}) adopts the sockets, serves SMTP with the configured plugin
 and writes to the same spool directory (no lock, no recovery: the master
 owns those), and tells the master about every commit.
@@ -45,7 +45,7 @@ On SIGTERM a receiver stops listening, lets its open sessions finish for
 up to C{settings["grace"]} seconds, and exits.  SIGINT is ignored (the
 master, in the same process group, decides).  SIGHUP, which the master
 passes on (L{ReceiverPool.reload}), makes it reload its TLS certificate
-(L{relay.reload.ReloadService}); an C{implicit-tls:} listener is served in
+(L{relay.app.reload.ReloadService}); an C{implicit-tls:} listener is served in
 TLS by the receiver itself, with the C{tls_cert} and C{tls_key} files.
 """
 
@@ -77,7 +77,7 @@ SESSIONS_INTERVAL = 1.0
 HANDOVER_BYTES = 64 * 1024
 RESTART_BACKOFF = (1.0, 60.0)
 STABLE_AFTER = 60.0
-IMPLICIT_TLS = "implicit-tls"  # relay.tls.IMPLICIT_TLS, without its colon
+IMPLICIT_TLS = "implicit-tls"  # relay.smtp.tls.IMPLICIT_TLS, without its colon
 SUPPORTED = ("tcp", "tcp6", IMPLICIT_TLS)
 
 
@@ -333,7 +333,7 @@ class ReceiverPool(Service):
         self.publisher = publisher
         self.grace = grace
         self.backoff = backoff
-        self.log = Logger(namespace="relay.receiver")
+        self.log = Logger(namespace="relay.app.receiver")
         self.sockets: list[socket.socket] = []
         self.processes: dict[int, ReceiverProcess] = {}
         self.restarts: dict[int, Any] = {}
@@ -393,7 +393,7 @@ class ReceiverPool(Service):
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(relay.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        argv = [self.executable, "-m", "relay.receiver", str(number)]
+        argv = [self.executable, "-m", "relay.app.receiver", str(number)]
         self.processes[number] = process
         spawn = self.spawn if self.spawn is not None else self.reactor.spawnProcess
         spawn(process, self.executable, argv, env=env, childFDs=child_fds)
@@ -438,7 +438,7 @@ class ReceiverPool(Service):
     # -- from the receivers ------------------------------------------------
 
     def message(self, process: ReceiverProcess, line: bytes) -> None:
-        from relay.spool import entry_from_json
+        from relay.spool.disk import entry_from_json
 
         try:
             data = json.loads(line)
@@ -448,7 +448,7 @@ class ReceiverPool(Service):
             elif kind == "spooled":
                 entries = [entry_from_json(e) for e in data["entries"]]
                 if self.remember is not None:
-                    from relay.message import Message
+                    from relay.model.message import Message
 
                     bodies = data.get("messages") or [None] * len(entries)
                     for entry, body in zip(entries, bodies, strict=True):
@@ -592,12 +592,12 @@ class ReportingSpool:
         return getattr(self._spool, name)
 
     def _report(self, kind: str, entries: Any, **fields: Any) -> Any:
-        from relay.spool import entry_to_json
+        from relay.spool.disk import entry_to_json
 
         try:
             self._send(dict(t=kind, entries=[entry_to_json(e) for e in entries], **fields))
         except Exception:
-            Logger(namespace="relay.receiver").failure("Cannot tell the master about {kind}", kind=kind)
+            Logger(namespace="relay.app.receiver").failure("Cannot tell the master about {kind}", kind=kind)
         return entries
 
     def enqueue(self, envelopes: Any, received_from: str | None = None) -> Any:
@@ -649,12 +649,12 @@ class Receiver:
         self.listeners = [Listener.from_json(x) for x in settings["listeners"]]
         self.fds = list(fds)
         self.grace = float(settings.get("grace", DEFAULT_GRACE))
-        self.log = Logger(namespace="relay.receiver")
+        self.log = Logger(namespace="relay.app.receiver")
         self.pool: Any = None
         self.run_in_thread = run_in_thread
         self.ports: list[Any] = []
         self.factory: Any = None
-        # What SIGHUP reloads here (L{relay.reload.ReloadService}).
+        # What SIGHUP reloads here (L{relay.app.reload.ReloadService}).
         self.reloadables: list[Any] = []
         self._sessions_reported = 0
         self._sessions_loop: Any = None
@@ -670,9 +670,9 @@ class Receiver:
         from twisted.internet import threads
         from twisted.python import reflect
 
-        from relay.server import SMTPServerFactory
         from relay.simple import Defaults, as_callbacks
-        from relay.spool import DiskSpool
+        from relay.smtp.server import SMTPServerFactory
+        from relay.spool.disk import DiskSpool
 
         s = self.settings
         if self.run_in_thread is None:
@@ -702,7 +702,7 @@ class Receiver:
             )
         tls = None
         if s.get("tls_cert"):
-            from relay.tls import ServerTLSContext
+            from relay.smtp.tls import ServerTLSContext
 
             tls = ServerTLSContext.load(s["tls_cert"], s["tls_key"])
             self.reloadables.append(tls)
@@ -740,13 +740,13 @@ class Receiver:
         for listener, fd in zip(self.listeners, self.fds, strict=True):
             served: Any = factory
             if listener.tls:
-                from relay.tls import implicit_tls_needs_certificate, tls_factory
+                from relay.smtp.tls import implicit_tls_needs_certificate, tls_factory
 
                 if factory.tls_context_factory is None:
                     raise ValueError(implicit_tls_needs_certificate(listener.endpoint))
                 served = tls_factory(factory.tls_context_factory, served)
             if listener.haproxy:
-                from relay.proxy import ProxyHeaderWrappingFactory
+                from relay.smtp.proxy import ProxyHeaderWrappingFactory
 
                 # The PROXY header comes first, then the TLS handshake.
                 served = ProxyHeaderWrappingFactory(served, clock=self.reactor)
@@ -863,7 +863,7 @@ def _read_settings(fd: int = 0) -> dict[str, Any]:
     while not data.endswith(b"\n"):
         chunk = os.read(fd, 65536)
         if not chunk:
-            raise SystemExit("relay.receiver: no settings on stdin (run by the relay master)")
+            raise SystemExit("relay.app.receiver: no settings on stdin (run by the relay master)")
         data += chunk
     settings: dict[str, Any] = json.loads(data)
     return settings
@@ -901,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def master_gone() -> None:
         if not stopping:
-            Logger(namespace="relay.receiver").warn("The master is gone: stopping")
+            Logger(namespace="relay.app.receiver").warn("The master is gone: stopping")
         stop_once()
 
     def terminated(signum: int, frame: Any) -> None:
@@ -930,7 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reloading: list[Any] = []
 
     def start() -> None:
-        from relay.reload import ReloadService
+        from relay.app.reload import ReloadService
 
         try:
             receiver.build()
@@ -944,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:
             # Not serving: exit, so that the master sees it (and retries
             # after its backoff) rather than a receiver that does nothing.
-            Logger(namespace="relay.receiver").failure("Receiver {n} cannot start", n=receiver.number)
+            Logger(namespace="relay.app.receiver").failure("Receiver {n} cannot start", n=receiver.number)
             exit_code[0] = 1
             stop_once()
 

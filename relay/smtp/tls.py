@@ -10,7 +10,7 @@ sent, so that a client trusting only the root can verify the server.
 
 pyOpenSSL is imported only when TLS is used: a receiver process without
 C{--tls-cert} imports this module (for L{plain_description}) but must not
-load OpenSSL (see L{relay.receiver._without_tls}).
+load OpenSSL (see L{relay.app.receiver._without_tls}).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
+from relay.app.reload import ReloadError
 from relay.interfaces import IReloadable
-from relay.reload import ReloadError
 
 IMPLICIT_TLS = "implicit-tls:"
 _HAPROXY = "haproxy:"
@@ -215,7 +215,7 @@ def tls_factory(context: Any, factory: Any) -> Any:
     clock = getattr(factory, "clock", None)
     wrapped = TLSMemoryBIOFactory(context, False, factory, clock=clock)
     if clock is not None:
-        # relay.proxy's PROXY header wrapper, when in front, takes its
+        # relay.smtp.proxy's PROXY header wrapper, when in front, takes its
         # clock from the factory it wraps.
         wrapped.clock = clock  # type: ignore[attr-defined]
     return wrapped
@@ -238,13 +238,13 @@ class ImplicitTLSEndpoint:
 def server_endpoint(reactor: Any, description: str, context: Any) -> IStreamServerEndpoint:
     """
     The server endpoint for an C{--smtp} description: as
-    L{relay.proxy.server_endpoint} reads it, and C{implicit-tls:PORT} (with
+    L{relay.smtp.proxy.server_endpoint} reads it, and C{implicit-tls:PORT} (with
     C{interface=} and C{backlog=} as for C{tcp:}, possibly behind
     C{haproxy:}) in TLS with C{context}, the C{--tls-cert} one.
 
     @raise ValueError: for C{implicit-tls:} without a C{context}.
     """
-    from relay.proxy import server_endpoint as plain_endpoint
+    from relay.smtp.proxy import server_endpoint as plain_endpoint
 
     plain = plain_description(description)
     if plain is None:

@@ -1,6 +1,6 @@
 """
 The AMP commands of relay's control endpoint (served by
-L{relay.control.ControlProtocol}, called by C{relayctl}).
+L{relay.control.server.ControlProtocol}, called by C{relayctl}).
 
 Ids are spool entry ids.  A command naming an id the spool does not hold
 fails with L{UnknownEntry} (AMP error code C{UNKNOWN_ENTRY}); a command
@@ -44,7 +44,7 @@ class Status(Command):
     """
     The entries of one queue.
 
-    C{entries} is a JSON list of L{relay.spool.entry_to_json} dicts, each
+    C{entries} is a JSON list of L{relay.spool.disk.entry_to_json} dicts, each
     with C{"queue"} set.
     """
 

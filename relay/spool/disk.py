@@ -89,12 +89,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.address import NULL_SENDER, EmailAddress, Sender
-from relay.argument import Argument
-from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, Attempt, SpoolEntry
-from relay.envelope import EnvelopeWithNextHop
 from relay.interfaces import IMessageWriter, ISpool
-from relay.message import MAX_HEADER_BYTES, Message, header_section, parse_header_block
+from relay.model.address import NULL_SENDER, EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, Attempt, SpoolEntry
+from relay.model.envelope import EnvelopeWithNextHop
+from relay.model.message import MAX_HEADER_BYTES, Message, header_section, parse_header_block
 
 log = Logger()
 

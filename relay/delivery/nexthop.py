@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.names import error as dns_error
 
-from relay.address import EmailAddress
+from relay.model.address import EmailAddress
 
 SMTP_PORT = 25
 

@@ -1,6 +1,6 @@
 """
 A streaming encoder for the SMTP DATA phase (RFC 5321 section 4.5.2): the
-inverse of L{relay.data.DataReader}.
+inverse of L{relay.smtp.data.DataReader}.
 
 Whatever line endings the stored bytes hold, only CRLF reaches the wire:
 lone CR and lone LF both become CRLF.  A line that begins with C{.} gets

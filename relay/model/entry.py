@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from relay.address import EmailAddress, Sender
-from relay.argument import Argument
-from relay.envelope import Envelope, EnvelopeWithNextHop
-from relay.message import Message
+from relay.model.address import EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.message import Message
 
 ACTIVE = "active"
 FROZEN = "frozen"

@@ -16,9 +16,9 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
-from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
-from relay.retry import parse_retry_intervals
-from relay.spool import CONTROL_SOCKET, control_in_spool, entry_from_json, entry_to_json
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
+from relay.model.retry import parse_retry_intervals
+from relay.spool.disk import CONTROL_SOCKET, control_in_spool, entry_from_json, entry_to_json
 
 DEFAULT_SPOOL = "./spool"
 DEFAULT_CONTROL = control_in_spool(DEFAULT_SPOOL)
@@ -47,7 +47,7 @@ class OperationFailed(Exception):
 def queue_dir(spool_dir: str, queue: str, quarantine_dir: str | None = None) -> str:
     """
     The directory holding C{queue}'s metadata in the spool at C{spool_dir}
-    (the layout of L{relay.spool.DiskSpool}).
+    (the layout of L{relay.spool.disk.DiskSpool}).
     """
     if queue not in QUEUES:
         raise ValueError(f"no such queue {queue!r}")
@@ -292,7 +292,7 @@ _call: Callable[..., dict[str, Any]] = call_server
 
 
 def _remote(options: argparse.Namespace, name: str, **kwargs: Any) -> dict[str, Any]:
-    from relay import rpc
+    from relay.control import rpc
 
     command = getattr(rpc, name)
     try:
@@ -569,7 +569,7 @@ def _rpc(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _events(options: argparse.Namespace, out: TextIO) -> int:
     """
     C{relayctl events}: subscribe to the live event stream and print each
-    event as one line (L{relay.events.format_event}) until interrupted or
+    event as one line (L{relay.control.events.format_event}) until interrupted or
     the connection closes.
     """
     from twisted.internet import defer
@@ -577,8 +577,8 @@ def _events(options: argparse.Namespace, out: TextIO) -> int:
     from twisted.internet.task import react
     from twisted.protocols import amp
 
-    from relay import rpc
-    from relay.events import format_event
+    from relay.control import rpc
+    from relay.control.events import format_event
 
     control = control_of(options)
     outcome: dict[str, str] = {}

@@ -1,6 +1,6 @@
 """
 The control endpoint: an AMP server (L{ControlProtocol}) answering the
-commands of L{relay.rpc} over the spool and the delivery scheduler, and the
+commands of L{relay.control.rpc} over the spool and the delivery scheduler, and the
 plugin's own RPCs (C{IServerCallbacks.rpcs}) beside them.
 """
 
@@ -15,9 +15,9 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from relay import rpc
-from relay.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
-from relay.events import Event, EventBus
+from relay.control import rpc
+from relay.control.events import Event, EventBus
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
 
 log = Logger()
 
@@ -44,10 +44,10 @@ def _deferred(f: Callable[..., Awaitable[T]]) -> Callable[..., Deferred[T]]:
 
 class ControlLocator(amp.CommandLocator):
     """
-    The responders for L{relay.rpc}'s commands.
+    The responders for L{relay.control.rpc}'s commands.
 
     @param spool: the L{ISpool}.
-    @param scheduler: the L{relay.delivery.DeliveryScheduler}, or C{None}
+    @param scheduler: the L{relay.delivery.scheduler.DeliveryScheduler}, or C{None}
         when the relay does not deliver (then L{rpc.SendNow} and
         L{rpc.SetMaxSendJobs} fail with L{rpc.BadArgument}).
     @param plugin_locators: the plugin's L{amp.CommandLocator}s, asked for
@@ -138,7 +138,7 @@ class ControlLocator(amp.CommandLocator):
             queue = ACTIVE
         if queue not in QUEUES:
             raise rpc.BadArgument(f"no such queue {queue!r}; queues: {', '.join(QUEUES)}")
-        from relay.spool import entry_to_json
+        from relay.spool.disk import entry_to_json
 
         entries: list[SpoolEntry] = await self.spool.entries(queue)
         data = []

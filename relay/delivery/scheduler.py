@@ -19,11 +19,9 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.address import EmailAddress
-from relay.bounce import make_bounce
-from relay.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
-from relay.envelope import Envelope
-from relay.events import EventBus
+from relay.control.events import EventBus
+from relay.delivery.bounce import make_bounce
+from relay.delivery.nexthop import Route
 from relay.interfaces import ISpool
 from relay.logs import (
     BOUNCED,
@@ -34,9 +32,11 @@ from relay.logs import (
     delivery_fields,
     iso_time,
 )
-from relay.message import Message
-from relay.nexthop import Route
-from relay.retry import DEFAULT_RETRY_INTERVALS, effective_intervals, next_attempt
+from relay.model.address import EmailAddress
+from relay.model.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
+from relay.model.envelope import Envelope
+from relay.model.message import Message
+from relay.model.retry import DEFAULT_RETRY_INTERVALS, effective_intervals, next_attempt
 
 Router = Callable[[Sequence[EmailAddress], Sequence[str]], "Deferred[list[Route]]"]
 

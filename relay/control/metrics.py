@@ -13,7 +13,7 @@ from twisted.application.service import MultiService
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from relay.entry import QUEUES
+from relay.model.entry import QUEUES
 
 log = Logger()
 
@@ -86,7 +86,7 @@ class RelayMetrics:
 
     def observe(self, event: Any) -> None:
         """
-        Count one L{relay.events.Event}; a delivery also observes its
+        Count one L{relay.control.events.Event}; a delivery also observes its
         latency when the event carries C{created_at}.
         """
         outcome = EVENT_OUTCOMES.get(event.kind)
@@ -161,7 +161,7 @@ def metrics_service(
     """
     A service listening on C{endpoint} with the metrics, counting C{spool}
     every L{SPOOL_INTERVAL} seconds and the events of C{events} (an
-    L{relay.events.EventBus}, or C{None}).
+    L{relay.control.events.EventBus}, or C{None}).
     """
     from twisted.application import strports
     from twisted.web.server import Site

@@ -58,7 +58,7 @@ class ReloadService(Service):
         self.run_in_thread = run_in_thread
         self.install = install
         self.signum = signum
-        self.log = Logger(namespace="relay.reload")
+        self.log = Logger(namespace="relay.app.reload")
         self._previous: Any = None
         self._installed = False
         self._reloading = False

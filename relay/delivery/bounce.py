@@ -8,10 +8,10 @@ from __future__ import annotations
 import email.utils
 from typing import Sequence
 
-from relay.address import NULL_SENDER, EmailAddress
-from relay.entry import SpoolEntry, new_id
-from relay.envelope import Envelope, EnvelopeWithNextHop
-from relay.message import Message
+from relay.model.address import NULL_SENDER, EmailAddress
+from relay.model.entry import SpoolEntry, new_id
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
+from relay.model.message import Message
 
 _STATUS = __import__("re").compile(r"^\s*(?:\d{3}\s+)?([245]\.\d{1,3}\.\d{1,3})\b")
 

@@ -5,7 +5,7 @@ L{RelayClient.send} connects to a hop, speaks EHLO (or HELO), STARTTLS and
 AUTH as configured, sends the transaction (pipelined when the hop offers
 PIPELINING, RFC 2920) and reports, per recipient, the reply that settled
 it.  The message body is written with CRLF line endings and exact
-dot-stuffing (L{relay.stuffing.DotStuffer}) whatever the stored bytes hold.
+dot-stuffing (L{relay.smtp.stuffing.DotStuffer}) whatever the stored bytes hold.
 
 A connection whose transaction ended cleanly (the reply to the end of
 data, or every recipient refused and RSET answered 250) is kept idle in a
@@ -30,11 +30,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay import eager
-from relay.argument import Argument, find
-from relay.envelope import Envelope
-from relay.reply import Reply, ReplyError
-from relay.stuffing import DotStuffer
+from relay.model.argument import Argument, find
+from relay.model.envelope import Envelope
+from relay.model.reply import Reply, ReplyError
+from relay.smtp import eager
+from relay.smtp.stuffing import DotStuffer
 
 CHUNK_SIZE = 64 * 1024
 MAX_REPLY_BYTES = 64 * 1024

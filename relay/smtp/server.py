@@ -29,21 +29,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay import eager
-from relay.address import AddressError, EmailAddress, Sender
-from relay.argument import (
+from relay.model.address import AddressError, EmailAddress, Sender
+from relay.model.argument import (
     Argument,
     ArgumentError,
     find,
     parse_mail_parameters,
     parse_rcpt_parameters,
 )
-from relay.data import DataReader
-from relay.entry import new_id
-from relay.envelope import Envelope
-from relay.message import MAX_HEADER_BYTES, header_section, parse_header_block
-from relay.reply import Reply
-from relay.results import (
+from relay.model.entry import new_id
+from relay.model.envelope import Envelope
+from relay.model.message import MAX_HEADER_BYTES, header_section, parse_header_block
+from relay.model.reply import Reply
+from relay.model.results import (
     Accept,
     Allow,
     Consume,
@@ -54,7 +52,9 @@ from relay.results import (
     Reject,
     Send,
 )
-from relay.session import Session, TLSInfo
+from relay.model.session import Session, TLSInfo
+from relay.smtp import eager
+from relay.smtp.data import DataReader
 
 MAX_LINE = 512
 MAX_RECEIVED = 50
@@ -72,7 +72,7 @@ _RCPT = re.compile(r"^TO: ?(<[^>]*>)(?: +(.*))?$", re.I | re.S)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-_log = Logger(namespace="relay.server")
+_log = Logger(namespace="relay.smtp.server")
 
 
 def _is_tls(transport: Any) -> bool:
@@ -250,7 +250,7 @@ class SMTPServerProtocol(protocol.Protocol):
         fields: dict[str, Any] = {"session_id": self.session.id}
         if envelope_id is not None:
             fields["envelope_id"] = envelope_id
-        return SessionLogger("relay.server", fields, source=self)
+        return SessionLogger("relay.smtp.server", fields, source=self)
 
     def _callback(self, name: str, *args: Any) -> Deferred[Any]:
         return call_callback(getattr(self.factory.callbacks, name), self.log, *args)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Iterable, Sequence
 
-from relay.address import EmailAddress, Sender
-from relay.argument import Argument
-from relay.message import Message
+from relay.model.address import EmailAddress, Sender
+from relay.model.argument import Argument
+from relay.model.message import Message
 
 
 def _tuple(value: Iterable) -> tuple:  # type: ignore[type-arg]

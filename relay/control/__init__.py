@@ -1,0 +1,4 @@
+"""
+The control plane: the AMP commands, the control server, relayctl, the live
+event stream and the Prometheus metrics.
+"""
