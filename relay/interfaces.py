@@ -1,12 +1,19 @@
 """
 The interfaces of relay: what a plugin provides (L{IServerCallbacks}) and
 what the server and the delivery side rely on (L{ISpool}, L{IMessageWriter}),
-and what SIGHUP reloads (L{IReloadable}).
+who hears of the spool's commits (L{ISpoolObserver}), and what SIGHUP
+reloads (L{IReloadable}).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from relay.model.entry import SpoolEntry
+    from relay.model.envelope import EnvelopeWithNextHop
 
 
 class IServerCallbacks(Interface):
@@ -186,6 +193,35 @@ class ISpool(Interface):
         its message with it once no other entry shares it.
 
         @return: a L{Deferred} that fires when it is gone.
+        """
+
+
+class ISpoolObserver(Interface):
+    """
+    Told what a spool committed, once it is durable (by
+    L{relay.spool.observed.ObservedSpool}): the delivery scheduler, so
+    that new mail goes out at once; in a receiver process, the master.
+
+    Called in the reactor thread, right after the commit: an observer must
+    not block.  What it raises is logged, and the commit stands (the
+    client has its 250 either way).
+    """
+
+    def spooled(
+        entries: Sequence[SpoolEntry], envelopes: Sequence[EnvelopeWithNextHop]
+    ) -> None:
+        """
+        New entries are in the active queue, due now.
+
+        @param entries: the new L{SpoolEntry}s.
+        @param envelopes: the L{EnvelopeWithNextHop}s they were made of,
+            in the same order (with their messages, which may be in
+            memory).
+        """
+
+    def quarantined(entries: Sequence[SpoolEntry], reason: str) -> None:
+        """
+        New entries are in the quarantine, for C{reason}.
         """
 
 

@@ -27,7 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from relay.simple import CallbacksError, Defaults, Simple, as_callbacks, load_callbacks
 from relay.smtp.tls import server_endpoint as tls_server_endpoint
-from relay.spool.disk import control_in_spool, quote_endpoint_value
+from relay.spool.layout import control_in_spool, quote_endpoint_value
 
 log = Logger()
 
@@ -349,7 +349,8 @@ def _delivery(
         log.warn("relay.delivery.client is missing: mail is spooled but not delivered")
         return disk
     from relay.delivery.nexthop import make_router
-    from relay.delivery.scheduler import DeliveryScheduler, NotifyingSpool
+    from relay.delivery.scheduler import DeliveryScheduler, SchedulerObserver
+    from relay.spool.observed import ObservedSpool
 
     def resolver() -> Any:
         from twisted.names import client as names_client
@@ -370,7 +371,7 @@ def _delivery(
     )
     spool_service.delivery = scheduler  # type: ignore[attr-defined]
     top.delivery = scheduler
-    served = NotifyingSpool(disk, scheduler)
+    served = ObservedSpool(disk, SchedulerObserver(scheduler))
     top.spool = served
     return served
 
@@ -660,7 +661,7 @@ def _receivers(
     Add the receiver pool to C{top}: the master's side of
     C{--receivers}.  What receivers commit goes to the scheduler and the
     event stream as for mail received here (see
-    L{relay.delivery.scheduler.NotifyingSpool}).
+    L{relay.delivery.scheduler.SchedulerObserver}).
     """
     from relay.app.receiver import ReceiverPool, receiver_settings
     from relay.model.entry import ACTIVE

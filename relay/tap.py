@@ -17,7 +17,7 @@ from twisted.python import usage
 
 from relay.model.retry import parse_interval, parse_retry_intervals
 from relay.simple import CallbacksError, load_callbacks
-from relay.spool.disk import control_in_spool
+from relay.spool.layout import control_in_spool
 
 DEFAULT_SMTP = "tcp:8025:interface=127.0.0.1"
 RELAY_TLS_MODES = ("none", "may", "encrypt", "verify")
@@ -324,7 +324,7 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     the background, with one line naming the problem.
     """
     from relay.service import StartupError, prepare_directories
-    from relay.spool.disk import SpoolLocked, check_unlocked
+    from relay.spool.lock import SpoolLocked, check_unlocked
 
     try:
         prepare_directories(options["spool"], options["quarantine"])

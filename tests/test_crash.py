@@ -19,7 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from relay import EmailAddress, Envelope, EnvelopeWithNextHop, Message, Sender
 from relay.model.entry import ACTIVE, QUARANTINE
-from relay.spool.disk import DiskSpool, FileSystem
+from relay.spool.disk import DiskSpool
+from relay.spool.fs import FileSystem
 from relay.testing import FaultyFileSystem, QueuedRunner
 
 MESSAGE = b"Subject: crash\r\nMessage-ID: <c@example.com>\r\n\r\n" + b"body line\r\n" * 50
@@ -197,7 +198,7 @@ class CommitCrashTests(SynchronousTestCase):
             for entry in self.successResultOf(d):
                 # acknowledged only once the rename into the queue is durable
                 self.assertTrue(
-                    fs.durable_name(os.path.join(self.spool(root).queue_dir(entry.queue), entry.id + ".json"))
+                    fs.durable_name(self.spool(root).layout.metadata_path(entry.queue, entry.id))
                 )
         self.assertEqual(fs.violations, [])
         total = len(fs.steps)
@@ -313,5 +314,5 @@ class CommitCrashTests(SynchronousTestCase):
         if FileSystem.has_syncfs:
             self.assertEqual([name for name, _ in fs.steps].count("syncfs"), 2)
         else:
-            self.assertEqual(fs.steps.count(("fsync", spool.messages_dir)), 2)
+            self.assertEqual(fs.steps.count(("fsync", spool.layout.messages_dir)), 2)
         self.assertEqual(fs.violations, [])

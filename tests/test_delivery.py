@@ -1,5 +1,5 @@
 """
-Tests for L{relay.delivery.scheduler.DeliveryScheduler} and L{NotifyingSpool}.
+Tests for L{relay.delivery.scheduler.DeliveryScheduler} and L{SchedulerObserver}.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.delivery.nexthop import Route, route_recipients
-from relay.delivery.scheduler import DeliveryScheduler, NotifyingSpool
+from relay.delivery.scheduler import DeliveryScheduler, SchedulerObserver
 from relay.model.address import NULL_SENDER, EmailAddress, Sender
 from relay.model.entry import ACTIVE, FROZEN
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
@@ -24,6 +24,7 @@ from relay.model.message import Message
 from relay.model.reply import Reply
 from relay.model.retry import DEFAULT_RETRY_INTERVALS
 from relay.spool.disk import DiskSpool
+from relay.spool.observed import ObservedSpool
 from relay.testing import MemorySpool
 
 DATA = b"Subject: hello\r\nFrom: s@example.org\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n"
@@ -130,7 +131,8 @@ class SchedulerTests(SynchronousTestCase):
         return s
 
     def enqueue(self, scheduler: DeliveryScheduler, *envelopes: EnvelopeWithNextHop) -> list[Any]:
-        entries = self.successResultOf(NotifyingSpool(self.spool, scheduler).enqueue(list(envelopes)))
+        served = ObservedSpool(self.spool, SchedulerObserver(scheduler))
+        entries = self.successResultOf(served.enqueue(list(envelopes)))
         self.clock.advance(0)
         return entries
 
@@ -764,10 +766,9 @@ class RestartTests(SynchronousTestCase):
         client.behaviour["mx2:25"] = DeliveryError(None, False)
         s = DeliveryScheduler(spool=spool, client=client, clock=clock, route=no_dns)
         s.startService()
-        self.successResultOf(NotifyingSpool(spool, s).enqueue([make_envelope(envelope_id="busy")]))
-        self.successResultOf(
-            NotifyingSpool(spool, s).enqueue([make_envelope(envelope_id="later", hops=("mx2:25",))])
-        )
+        served = ObservedSpool(spool, SchedulerObserver(s))
+        self.successResultOf(served.enqueue([make_envelope(envelope_id="busy")]))
+        self.successResultOf(served.enqueue([make_envelope(envelope_id="later", hops=("mx2:25",))]))
         self.successResultOf(spool.quarantine([make_envelope(envelope_id="quar")], "spam"))
         [r] = self.successResultOf(spool.enqueue([make_envelope(envelope_id="gone")]))
         self.successResultOf(spool.move(r.id, REMOVED))
@@ -806,7 +807,7 @@ class BounceContentTests(SynchronousTestCase):
             hostname="relay.test", smarthost="smart:25",
         )
         s.startService()
-        self.successResultOf(NotifyingSpool(spool, s).enqueue([make_envelope()]))
+        self.successResultOf(ObservedSpool(spool, SchedulerObserver(s)).enqueue([make_envelope()]))
         clock.advance(0)
         [bounce] = [e for e in spool.entries_by_id.values() if e.sender.is_null]
         self.assertEqual(bounce.next_hop_choices, ("smart:25",))
@@ -832,6 +833,38 @@ class BounceContentTests(SynchronousTestCase):
         self.assertIn(b"Message-ID: <m1@example.org>", data)
 
 
+class SchedulerObserverTests(SynchronousTestCase):
+    """
+    L{SchedulerObserver} passes the spool's news on to the scheduler.
+    """
+
+    def test_told(self) -> None:
+        """
+        It is an L{ISpoolObserver}; spooled entries are scheduled at once,
+        quarantined ones only make an event.
+        """
+        from zope.interface.verify import verifyObject
+
+        from relay.interfaces import ISpoolObserver
+
+        clock = Clock()
+        spool = MemorySpool(clock)
+        client = FakeClient()
+        s = DeliveryScheduler(spool=spool, client=client, clock=clock, route=no_dns)
+        s.startService()
+        observer = SchedulerObserver(s)
+        verifyObject(ISpoolObserver, observer)
+        events: list[tuple[str, Any]] = []
+        s.events.subscribe(lambda event: events.append((event.kind, event.entry_id)))
+        [entry] = self.successResultOf(spool.enqueue([make_envelope()]))
+        [q] = self.successResultOf(spool.quarantine([make_envelope(envelope_id="q")], "virus"))
+        observer.spooled([entry], [])
+        observer.quarantined([q], "virus")
+        clock.advance(0)
+        self.assertEqual([e.id for _, e in client.sent], [entry.envelope_id])
+        self.assertEqual(events[:2], [("spooled", entry.id), ("quarantined", q.id)])
+
+
 class WiringTests(SynchronousTestCase):
     """
     L{relay.service.makeService} builds and runs the scheduler.
@@ -840,8 +873,9 @@ class WiringTests(SynchronousTestCase):
     def test_make_service(self) -> None:
         """
         The scheduler is started with the spool (after recovery), the SMTP
-        server writes through a L{NotifyingSpool}, settings are passed on,
-        and stopping waits for it before unlocking the spool.
+        server writes through an L{ObservedSpool} telling the scheduler,
+        settings are passed on, and stopping waits for it before unlocking
+        the spool.
         """
         from twisted.internet.testing import MemoryReactorClock
 
@@ -863,7 +897,8 @@ class WiringTests(SynchronousTestCase):
         )
         scheduler = top.delivery  # type: ignore[attr-defined]
         self.assertIsInstance(scheduler, DeliveryScheduler)
-        self.assertIsInstance(top.factory.spool, NotifyingSpool)  # type: ignore[attr-defined]
+        self.assertIsInstance(top.factory.spool, ObservedSpool)  # type: ignore[attr-defined]
+        self.assertIsInstance(top.factory.spool.observer, SchedulerObserver)  # type: ignore[attr-defined]
         self.assertEqual(scheduler.max_send_jobs, 3)
         self.assertEqual(scheduler.default_retry_intervals, (10.0,))
         self.assertFalse(scheduler.bounce)

@@ -23,7 +23,8 @@ from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.results import Send
 from relay.simple import Simple
 from relay.smtp.server import SMTPServerFactory
-from relay.spool.disk import DiskSpool, FileSystem
+from relay.spool.disk import DiskSpool
+from relay.spool.fs import FileSystem
 from relay.testing import FaultyFileSystem, QueuedRunner, ServerHarness
 
 BODY = "Subject: faults\r\n\r\n" + "line of the body\r\n" * 20

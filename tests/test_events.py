@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from relay.control import rpc
 from relay.control.events import EventBus, format_event
 from relay.control.server import ControlProtocol
-from relay.delivery.scheduler import DeliveryScheduler, NotifyingSpool
+from relay.delivery.scheduler import DeliveryScheduler, SchedulerObserver
+from relay.spool.observed import ObservedSpool
 from relay.testing import MemorySpool
 from tests.test_delivery import DeliveryError, FakeClient, make_envelope, no_dns
 
@@ -113,7 +114,7 @@ class StreamTests(SynchronousTestCase):
         """
         self.call(rpc.Subscribe)
         [entry] = self.successResultOf(
-            NotifyingSpool(self.spool, self.scheduler).enqueue([make_envelope()])
+            ObservedSpool(self.spool, SchedulerObserver(self.scheduler)).enqueue([make_envelope()])
         )
         self.clock.advance(0)
         self.call(rpc.Freeze, ids=[entry.id])

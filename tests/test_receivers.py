@@ -28,19 +28,20 @@ from relay.app.receiver import (
     CHANNEL_FD,
     FIRST_LISTENER_FD,
     Listener,
+    MasterReport,
     Receiver,
     ReceiverPool,
-    ReportingSpool,
     callbacks_name,
     parse_listener,
     receiver_settings,
 )
 from relay.model.address import EmailAddress, Sender
-from relay.model.entry import ACTIVE, QUARANTINE
+from relay.model.entry import ACTIVE, QUARANTINE, entry_for
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
 from relay.simple import Simple
-from relay.spool.disk import entry_for, entry_to_json
+from relay.spool.codec import entry_to_json
+from relay.spool.observed import ObservedSpool
 from tests import test_integration
 from tests.test_integration import ROOT, free_port
 
@@ -383,10 +384,20 @@ class FakeSpool:
         return f"entries of {queue}"
 
 
-class ReportingSpoolTests(SynchronousTestCase):
+class MasterReportTests(SynchronousTestCase):
+    def test_interface(self) -> None:
+        """
+        L{MasterReport} is an L{ISpoolObserver}.
+        """
+        from zope.interface.verify import verifyObject
+
+        from relay.interfaces import ISpoolObserver
+
+        verifyObject(ISpoolObserver, MasterReport(lambda m: None))
+
     def test_reports_commits(self) -> None:
         sent: list[dict[str, Any]] = []
-        spool = ReportingSpool(FakeSpool(), sent.append)
+        spool = ObservedSpool(FakeSpool(), MasterReport(sent.append))  # type: ignore[arg-type]
         from relay.model.message import Message
         from tests.test_spool import make_envelope
 
@@ -406,7 +417,7 @@ class ReportingSpoolTests(SynchronousTestCase):
             ],
         )
         # What the master reads back is the same entries.
-        from relay.spool.disk import entry_from_json
+        from relay.spool.codec import entry_from_json
 
         self.assertEqual([entry_from_json(e) for e in sent[0]["entries"]], entries)
         del sent[:]
@@ -414,7 +425,7 @@ class ReportingSpoolTests(SynchronousTestCase):
         self.assertEqual(sent, [{"t": "quarantined", "reason": "spam", "entries": [entry_to_json(q)]}])
 
     def test_passes_the_rest(self) -> None:
-        spool = ReportingSpool(FakeSpool(), lambda m: None)
+        spool = ObservedSpool(FakeSpool(), MasterReport(lambda m: None))  # type: ignore[arg-type]
         self.assertEqual(spool.receive("m1"), "writer m1")
         self.assertEqual(spool.discard("x"), "discarded x")
         self.assertEqual(spool.entries("active"), "entries of active")
@@ -423,7 +434,7 @@ class ReportingSpoolTests(SynchronousTestCase):
         def broken(message: Any) -> None:
             raise OSError("pipe closed")
 
-        spool = ReportingSpool(FakeSpool(), broken)
+        spool = ObservedSpool(FakeSpool(), MasterReport(broken))  # type: ignore[arg-type]
         self.assertEqual(len(self.successResultOf(spool.enqueue([]))), 2)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
@@ -491,8 +502,9 @@ class ReceiverTests(SynchronousTestCase):
         self.assertTrue(factory.reject_bare_lf)
         self.assertFalse(factory.auth_requires_tls)
         self.assertIsNone(factory.tls_context_factory)
-        self.assertIsInstance(factory.spool, ReportingSpool)
-        self.assertEqual(factory.spool.path, self.settings["spool"])
+        self.assertIsInstance(factory.spool, ObservedSpool)
+        self.assertIsInstance(factory.spool.observer, MasterReport)
+        self.assertEqual(factory.spool.spool.path, self.settings["spool"])
         factory.on_rejected()
         self.assertEqual(self.sent, [{"t": "rejected"}])
 

@@ -53,11 +53,6 @@ class FakeDiskSpool:
             raise FakeSpoolLocked(f"spool {self.path} is locked by another relay")
         self.held.add(self.path)
 
-    @classmethod
-    def check_unlocked(cls, path: str) -> None:
-        if path in cls.held:
-            raise FakeSpoolLocked(f"spool {path} is locked by another relay")
-
     def unlock(self) -> None:
         self.calls.append("unlock")
         self.held.discard(self.path)
@@ -84,8 +79,6 @@ class MakeServiceTests(SynchronousTestCase):
         server.SMTPServerFactory = FakeFactory  # type: ignore[attr-defined]
         spool = types.ModuleType("relay.spool.disk")
         spool.DiskSpool = FakeDiskSpool  # type: ignore[attr-defined]
-        spool.SpoolLocked = FakeSpoolLocked  # type: ignore[attr-defined]
-        spool.check_unlocked = FakeDiskSpool.check_unlocked  # type: ignore[attr-defined]
         for name, module in (("relay.smtp.server", server), ("relay.spool.disk", spool)):
             self.addCleanup(self._restore, name, sys.modules.get(name))
             sys.modules[name] = module

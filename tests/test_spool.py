@@ -1,5 +1,9 @@
 """
-Tests for L{relay.spool.disk.DiskSpool} and L{relay.testing.MemorySpool}.
+Tests for the spools: the contract every L{ISpool} keeps (run against
+L{relay.spool.disk.DiskSpool} with a synchronous runner and under a
+L{relay.testing.QueuedRunner}, L{relay.spool.memory.MemorySpool}, and an
+L{relay.spool.observed.ObservedSpool} over each), the disk spool's files
+and durability, and the codec, layout and read cache it is made of.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import errno
 import json
 import os
 import stat
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from unittest import skipIf
 
 from twisted.internet import defer
@@ -17,15 +21,28 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from relay.interfaces import IMessageWriter, ISpool
+from relay.interfaces import IMessageWriter, ISpool, ISpoolObserver
 from relay.model.address import NULL_SENDER, EmailAddress, Sender
 from relay.model.argument import Argument
-from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, Attempt
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, Attempt, SpoolEntry
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
-from relay.spool.disk import DiskSpool, FileSystem, SpoolLocked, entry_from_json, entry_to_json
+from relay.spool.codec import (
+    FILE_VERSION,
+    decode_entry,
+    encode_entry,
+    entry_from_json,
+    entry_to_json,
+)
+from relay.spool.disk import DiskSpool
+from relay.spool.fs import FileSystem
+from relay.spool.layout import NotASpool, SpoolLayout, control_in_spool, is_safe_id
+from relay.spool.lock import SpoolLocked
+from relay.spool.observed import ObservedSpool
+from relay.spool.recent import RecentEntries
 from relay.testing import FaultyFileSystem, MemorySpool
 from relay.testing import QueuedRunner as ManualRunner
 
@@ -72,19 +89,45 @@ def synchronous(f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
 
 class SpoolContractMixin:
     """
-    Tests that every L{ISpool} passes.  Subclasses define C{make_spool()}
-    and set C{self.clock}.
+    Tests that every L{ISpool} passes (as C{txacme}'s store tests do, one
+    mixin for every implementation).  Subclasses define C{make_spool()},
+    which may use C{self.clock}, and C{settle()} when the spool's work
+    waits for the test (a L{ManualRunner}): the contract calls it before
+    it looks at a result, so that every change requested before then has
+    run, batched as it piled up.
     """
 
     clock: Clock
+    successResultOf: Callable[..., Any]
+    failureResultOf: Callable[..., Any]
 
     def make_spool(self) -> Any:
         raise NotImplementedError()
+
+    def settle(self) -> None:
+        """
+        Run whatever the spool handed to its thread runner.
+        """
 
     def spool(self) -> Any:
         self.clock = Clock()
         self.clock.advance(1000.5)
         return self.make_spool()
+
+    def done(self, d: Deferred[Any]) -> Any:
+        """
+        The result of C{d}, once the spool's pending work has run.
+        """
+        self.settle()
+        return self.successResultOf(d)
+
+    def failed(self, d: Deferred[Any], *errors: type[BaseException]) -> Any:
+        """
+        The failure of C{d} (one of C{errors}), once the spool's pending
+        work has run.
+        """
+        self.settle()
+        return self.failureResultOf(d, *errors)
 
     def test_interface(self) -> None:
         """
@@ -100,7 +143,7 @@ class SpoolContractMixin:
         C{message} as it went in, active and due now.
         """
         s = self.spool()
-        [entry] = self.successResultOf(s.enqueue([make_envelope()], received_from="helo [1.2.3.4]"))
+        [entry] = self.done(s.enqueue([make_envelope()], received_from="helo [1.2.3.4]"))
         self.assertEqual(entry.id, "env1-0")
         self.assertEqual(entry.queue, ACTIVE)
         self.assertEqual(entry.envelope_id, "env1")
@@ -112,9 +155,9 @@ class SpoolContractMixin:
         self.assertEqual(entry.retry_intervals, (60.0, 300.5))
         self.assertEqual(str(entry.sender), "s@example.org")
         self.assertEqual(entry.recipient_args, (("a@example.com", (Argument("NOTIFY", "FAILURE"),)),))
-        self.assertEqual(self.successResultOf(s.entries(ACTIVE)), [entry])
-        self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
-        message = self.successResultOf(s.message(entry.id))
+        self.assertEqual(self.done(s.entries(ACTIVE)), [entry])
+        self.assertEqual(self.done(s.get(entry.id)), entry)
+        message = self.done(s.message(entry.id))
         self.assertEqual(read_bytes(message), DATA)
         self.assertEqual(message.size, len(DATA))
         self.assertEqual(message.header("subject"), "hello")
@@ -126,7 +169,7 @@ class SpoolContractMixin:
         """
         s = self.spool()
         message = Message.from_bytes(DATA)
-        entries = self.successResultOf(
+        entries = self.done(
             s.enqueue(
                 [
                     make_envelope(message=message, recipients=("a@example.com",)),
@@ -135,17 +178,17 @@ class SpoolContractMixin:
             )
         )
         self.assertEqual([e.id for e in entries], ["env1-0", "env1-1"])
-        self.assertEqual(self.successResultOf(s.entries(ACTIVE)), entries)
+        self.assertEqual(self.done(s.entries(ACTIVE)), entries)
         for e in entries:
-            self.assertEqual(read_bytes(self.successResultOf(s.message(e.id))), DATA)
+            self.assertEqual(read_bytes(self.done(s.message(e.id))), DATA)
 
     def test_ids_bumped_when_taken(self) -> None:
         """
         Enqueuing the same envelope id again picks the next free number.
         """
         s = self.spool()
-        [first] = self.successResultOf(s.enqueue([make_envelope()]))
-        [second] = self.successResultOf(s.enqueue([make_envelope()]))
+        [first] = self.done(s.enqueue([make_envelope()]))
+        [second] = self.done(s.enqueue([make_envelope()]))
         self.assertEqual((first.id, second.id), ("env1-0", "env1-1"))
 
     def test_ids_counted_per_envelope_id(self) -> None:
@@ -153,7 +196,7 @@ class SpoolContractMixin:
         Within one call the number counts from 0 for each envelope id.
         """
         s = self.spool()
-        entries = self.successResultOf(
+        entries = self.done(
             s.enqueue([make_envelope("env1"), make_envelope("env2"), make_envelope("env1")])
         )
         self.assertEqual([e.id for e in entries], ["env1-0", "env2-0", "env1-1"])
@@ -163,17 +206,17 @@ class SpoolContractMixin:
         C{move} takes an entry from one queue to another and back.
         """
         s = self.spool()
-        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
-        moved = self.successResultOf(s.move(entry.id, FROZEN))
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        moved = self.done(s.move(entry.id, FROZEN))
         self.assertEqual(moved, dataclasses.replace(entry, queue=FROZEN))
-        self.assertEqual(self.successResultOf(s.entries(ACTIVE)), [])
-        self.assertEqual(self.successResultOf(s.entries(FROZEN)), [moved])
-        self.assertEqual(self.successResultOf(s.get(entry.id)).queue, FROZEN)
-        self.successResultOf(s.move(entry.id, REMOVED))
-        back = self.successResultOf(s.move(entry.id, ACTIVE))
+        self.assertEqual(self.done(s.entries(ACTIVE)), [])
+        self.assertEqual(self.done(s.entries(FROZEN)), [moved])
+        self.assertEqual(self.done(s.get(entry.id)).queue, FROZEN)
+        self.done(s.move(entry.id, REMOVED))
+        back = self.done(s.move(entry.id, ACTIVE))
         self.assertEqual(back, entry)
-        self.assertEqual(self.successResultOf(s.entries(REMOVED)), [])
-        self.assertEqual(read_bytes(self.successResultOf(s.message(entry.id))), DATA)
+        self.assertEqual(self.done(s.entries(REMOVED)), [])
+        self.assertEqual(read_bytes(self.done(s.message(entry.id))), DATA)
 
     def test_move_through_quarantine(self) -> None:
         """
@@ -181,22 +224,22 @@ class SpoolContractMixin:
         its message.
         """
         s = self.spool()
-        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
-        self.successResultOf(s.move(entry.id, QUARANTINE))
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        self.done(s.move(entry.id, QUARANTINE))
         self.assertEqual(
-            [e.id for e in self.successResultOf(s.entries(QUARANTINE))], [entry.id]
+            [e.id for e in self.done(s.entries(QUARANTINE))], [entry.id]
         )
-        self.assertEqual(self.successResultOf(s.move(entry.id, ACTIVE)), entry)
-        self.assertEqual(self.successResultOf(s.entries(QUARANTINE)), [])
-        self.assertEqual(read_bytes(self.successResultOf(s.message(entry.id))), DATA)
+        self.assertEqual(self.done(s.move(entry.id, ACTIVE)), entry)
+        self.assertEqual(self.done(s.entries(QUARANTINE)), [])
+        self.assertEqual(read_bytes(self.done(s.message(entry.id))), DATA)
 
     def test_update(self) -> None:
         """
         C{update} replaces an entry's metadata, in the queue it is in.
         """
         s = self.spool()
-        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
-        self.successResultOf(s.move(entry.id, FROZEN))
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        self.done(s.move(entry.id, FROZEN))
         changed = dataclasses.replace(
             entry,
             next_attempt_at=2000.25,
@@ -212,9 +255,9 @@ class SpoolContractMixin:
             ),
             reason="frozen by test",
         )
-        updated = self.successResultOf(s.update(changed))
+        updated = self.done(s.update(changed))
         self.assertEqual(updated, dataclasses.replace(changed, queue=FROZEN))
-        self.assertEqual(self.successResultOf(s.get(entry.id)), updated)
+        self.assertEqual(self.done(s.get(entry.id)), updated)
         self.assertEqual(updated.last_error, "550 5.1.1 no")
 
     def test_finish(self) -> None:
@@ -224,27 +267,27 @@ class SpoolContractMixin:
         """
         s = self.spool()
         message = Message.from_bytes(DATA)
-        first, second = self.successResultOf(
+        first, second = self.done(
             s.enqueue([make_envelope(message=message), make_envelope(message=message)])
         )
-        self.assertIsNone(self.successResultOf(s.finish(first.id)))
-        self.failureResultOf(s.get(first.id), KeyError)
-        self.failureResultOf(s.message(first.id), KeyError)
-        self.assertEqual(self.successResultOf(s.entries(ACTIVE)), [second])
-        self.assertEqual(read_bytes(self.successResultOf(s.message(second.id))), DATA)
+        self.assertIsNone(self.done(s.finish(first.id)))
+        self.failed(s.get(first.id), KeyError)
+        self.failed(s.message(first.id), KeyError)
+        self.assertEqual(self.done(s.entries(ACTIVE)), [second])
+        self.assertEqual(read_bytes(self.done(s.message(second.id))), DATA)
 
     def test_unknown_id(self) -> None:
         """
         Every operation on an unknown id fails with L{KeyError}.
         """
         s = self.spool()
-        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
-        self.failureResultOf(s.get("nope-0"), KeyError)
-        self.failureResultOf(s.message("nope-0"), KeyError)
-        self.failureResultOf(s.move("nope-0", FROZEN), KeyError)
-        self.failureResultOf(s.finish("nope-0"), KeyError)
-        self.failureResultOf(s.update(dataclasses.replace(entry, id="nope-0")), KeyError)
-        self.failureResultOf(s.get("../active/env1-0"), KeyError)
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        self.failed(s.get("nope-0"), KeyError)
+        self.failed(s.message("nope-0"), KeyError)
+        self.failed(s.move("nope-0", FROZEN), KeyError)
+        self.failed(s.finish("nope-0"), KeyError)
+        self.failed(s.update(dataclasses.replace(entry, id="nope-0")), KeyError)
+        self.failed(s.get("../active/env1-0"), KeyError)
 
     def test_quarantine_keeps_reason(self) -> None:
         """
@@ -252,25 +295,25 @@ class SpoolContractMixin:
         reason and message, not in the active queue.
         """
         s = self.spool()
-        [entry] = self.successResultOf(
+        [entry] = self.done(
             s.quarantine([make_envelope()], "virus found", received_from="x [::1]")
         )
         self.assertEqual(entry.queue, QUARANTINE)
         self.assertEqual(entry.reason, "virus found")
-        self.assertEqual(self.successResultOf(s.entries(ACTIVE)), [])
-        self.assertEqual(self.successResultOf(s.entries(QUARANTINE)), [entry])
-        self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
-        self.assertEqual(read_bytes(self.successResultOf(s.message(entry.id))), DATA)
+        self.assertEqual(self.done(s.entries(ACTIVE)), [])
+        self.assertEqual(self.done(s.entries(QUARANTINE)), [entry])
+        self.assertEqual(self.done(s.get(entry.id)), entry)
+        self.assertEqual(read_bytes(self.done(s.message(entry.id))), DATA)
 
     def test_null_sender_and_utf8(self) -> None:
         """
         The null sender and internationalized addresses survive the spool.
         """
         s = self.spool()
-        [entry] = self.successResultOf(
+        [entry] = self.done(
             s.enqueue([make_envelope(sender=NULL_SENDER, recipients=("jörg@bücher.example",))])
         )
-        got = self.successResultOf(s.get(entry.id))
+        got = self.done(s.get(entry.id))
         self.assertEqual(got, entry)
         self.assertTrue(got.sender.is_null)
         self.assertEqual(str(got.recipients[0]), "jörg@bücher.example")
@@ -284,20 +327,121 @@ class SpoolContractMixin:
         self.assertFalse(writer.write(DATA[:10]))
         self.assertFalse(writer.write(DATA[10:]))
         self.assertEqual(writer.size, len(DATA))
-        self.successResultOf(writer.drained())
-        message = self.successResultOf(writer.finish([("Subject", "hello")]))
+        self.done(writer.drained())
+        message = self.done(writer.finish([("Subject", "hello")]))
         self.assertEqual(message.headers, (("Subject", "hello"),))
         self.assertEqual(message.size, len(DATA))
         self.assertEqual(read_bytes(message), DATA)
-        [entry] = self.successResultOf(s.enqueue([make_envelope(message=message)]))
-        self.assertEqual(read_bytes(self.successResultOf(s.message(entry.id))), DATA)
+        [entry] = self.done(s.enqueue([make_envelope(message=message)]))
+        self.assertEqual(read_bytes(self.done(s.message(entry.id))), DATA)
 
     def test_unknown_queue(self) -> None:
         """
         Asking for a queue that does not exist fails with L{ValueError}.
         """
         s = self.spool()
-        self.failureResultOf(s.entries("bogus"), ValueError)
+        self.failed(s.entries("bogus"), ValueError)
+
+    def test_shared_message_through_quarantine(self) -> None:
+        """
+        Two quarantined envelopes sharing one message: one moved to the
+        active queue and the other finished in the quarantine, the moved
+        one still reads the message; once it is finished too, nothing of
+        either is left.
+        """
+        s = self.spool()
+        message = Message.from_bytes(DATA)
+        first, second = self.done(
+            s.quarantine([make_envelope(message=message), make_envelope(message=message)], "spam")
+        )
+        moved = self.done(s.move(first.id, ACTIVE))
+        self.assertEqual((moved.queue, moved.reason), (ACTIVE, "spam"))
+        self.assertIsNone(self.done(s.finish(second.id)))
+        self.assertEqual(self.done(s.entries(QUARANTINE)), [])
+        self.assertEqual(self.done(s.entries(ACTIVE)), [moved])
+        self.assertEqual(read_bytes(self.done(s.message(first.id))), DATA)
+        self.done(s.finish(first.id))
+        self.assertEqual(self.done(s.entries(ACTIVE)), [])
+        self.failed(s.message(first.id), KeyError)
+        self.failed(s.get(second.id), KeyError)
+
+    def test_commits_requested_together(self) -> None:
+        """
+        Enqueues and a quarantine requested before any of them is done
+        each get their own entries (ids counted past those the others
+        took), and all of them are stored.
+        """
+        s = self.spool()
+        ds = [s.enqueue([make_envelope()]) for _ in range(3)]
+        ds.append(s.quarantine([make_envelope("env2")], "virus"))
+        ids = [[e.id for e in self.done(d)] for d in ds]
+        self.assertEqual(ids, [["env1-0"], ["env1-1"], ["env1-2"], ["env2-0"]])
+        self.assertEqual(
+            [e.id for e in self.done(s.entries(ACTIVE))], ["env1-0", "env1-1", "env1-2"]
+        )
+        self.assertEqual([e.id for e in self.done(s.entries(QUARANTINE))], ["env2-0"])
+
+    def test_changes_requested_together_apply_in_order(self) -> None:
+        """
+        An update and then a move of one entry, requested together, both
+        take effect: the moved entry has the updated metadata.
+        """
+        s = self.spool()
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        updated = s.update(dataclasses.replace(entry, next_attempt_at=5.0))
+        moved = s.move(entry.id, FROZEN)
+        self.assertEqual(self.done(updated).queue, ACTIVE)
+        expected = dataclasses.replace(entry, queue=FROZEN, next_attempt_at=5.0)
+        self.assertEqual(self.done(moved), expected)
+        self.assertEqual(self.done(s.get(entry.id)), expected)
+        self.assertEqual(self.done(s.entries(FROZEN)), [expected])
+
+    def test_entries_oldest_first(self) -> None:
+        """
+        C{entries} lists a queue oldest first, whatever the ids.
+        """
+        s = self.spool()
+        self.done(s.enqueue([make_envelope("zzz")]))
+        self.clock.advance(1)
+        self.done(s.enqueue([make_envelope("aaa")]))
+        self.assertEqual([e.id for e in self.done(s.entries(ACTIVE))], ["zzz-0", "aaa-0"])
+
+    def test_move_to_its_own_queue(self) -> None:
+        """
+        Moving an entry to the queue it is in changes nothing; moving it to
+        a queue that does not exist fails with L{ValueError}.
+        """
+        s = self.spool()
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        self.assertEqual(self.done(s.move(entry.id, ACTIVE)), entry)
+        self.failed(s.move(entry.id, "bogus"), ValueError)
+        self.assertEqual(self.done(s.entries(ACTIVE)), [entry])
+
+    def test_finish_twice(self) -> None:
+        """
+        Finishing an entry that is gone fails with L{KeyError}.
+        """
+        s = self.spool()
+        [entry] = self.done(s.enqueue([make_envelope()]))
+        self.done(s.finish(entry.id))
+        self.failed(s.finish(entry.id), KeyError)
+
+    def test_abort_and_discard(self) -> None:
+        """
+        A writer can be aborted, and a received message that is not spooled
+        discarded; neither leaves an entry.
+        """
+        s = self.spool()
+        writer = s.receive("m1")
+        writer.write(DATA)
+        self.settle()
+        writer.abort()
+        other = s.receive("m2")
+        other.write(DATA)
+        message = self.done(other.finish([]))
+        self.assertIsNone(self.done(s.discard(message)))
+        for queue in (ACTIVE, FROZEN, REMOVED, QUARANTINE):
+            self.assertEqual(self.done(s.entries(queue)), [])
 
 
 class MemorySpoolTests(SpoolContractMixin, SynchronousTestCase):
@@ -802,7 +946,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         message = self.successResultOf(finished)
         expected = b"x" * 600 + b"y" * 600 + chunk * 20
         self.assertIsNone(message.data)
-        self.assertEqual(message.path, os.path.join(s.tmp_dir, "m1.eml"))
+        self.assertEqual(message.path, os.path.join(s.layout.tmp_dir, "m1.eml"))
         self.assertEqual(message.size, len(expected))
         self.assertEqual(read_bytes(message), expected)
         # enqueueing it consumes the temporary file
@@ -1021,30 +1165,335 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertIn("bad-0.json", event["path"])
 
 
-class EntryJSONTests(SynchronousTestCase):
+class QueuedDiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
     """
-    Tests for L{entry_to_json} and L{entry_from_json}.
+    The contract, for L{DiskSpool} under a L{ManualRunner}: nothing runs
+    until the contract looks at a result, so that changes requested
+    together go through the batches (group commit, batched finish) and the
+    per-entry serialization as they do under load.
     """
+
+    def make_spool(self) -> DiskSpool:
+        self.runner = ManualRunner()
+        return DiskSpool(os.path.join(self.mktemp(), "spool"), self.runner, self.clock)
+
+    def settle(self) -> None:
+        self.runner.run_all()
+
+    def test_waits_for_the_runner(self) -> None:
+        """
+        The spool's work waits for the runner here: without it nothing
+        is committed (so that the contract's other tests do go through
+        the queued paths).
+        """
+        s = self.spool()
+        d = s.enqueue([make_envelope()])
+        self.assertNoResult(d)
+        self.assertEqual(len(self.runner.calls), 1)
+        self.assertEqual([e.id for e in self.done(d)], ["env1-0"])
+
+
+@implementer(ISpoolObserver)
+class RecordingObserver:
+    """
+    An L{ISpoolObserver} that records what it is told.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def spooled(
+        self, entries: Sequence[SpoolEntry], envelopes: Sequence[EnvelopeWithNextHop]
+    ) -> None:
+        self.calls.append(("spooled", list(entries), list(envelopes)))
+
+    def quarantined(self, entries: Sequence[SpoolEntry], reason: str) -> None:
+        self.calls.append(("quarantined", list(entries), reason))
+
+
+class ObservedSpoolContractMixin(SpoolContractMixin):
+    """
+    The contract, for an L{ObservedSpool} over the spool of
+    C{make_observed()}, and what the observer is told.
+    """
+
+    def make_observed(self) -> Any:
+        raise NotImplementedError()
+
+    def make_spool(self) -> ObservedSpool:
+        self.observer = RecordingObserver()
+        return ObservedSpool(self.make_observed(), self.observer)
+
+    def test_observer_provides_interface(self) -> None:
+        """
+        The recording observer of these tests is a whole L{ISpoolObserver}.
+        """
+        verifyObject(ISpoolObserver, RecordingObserver())
+
+    def test_observer_told_of_commits(self) -> None:
+        """
+        After an enqueue the observer hears of its entries with the
+        envelopes they came from; after a quarantine, of its entries with
+        the reason; other changes are not news.
+        """
+        s = self.spool()
+        envelopes = [make_envelope(), make_envelope("env2")]
+        entries = self.done(s.enqueue(iter(envelopes)))
+        self.assertEqual(self.observer.calls, [("spooled", entries, envelopes)])
+        del self.observer.calls[:]
+        [q] = self.done(s.quarantine([make_envelope("env3")], "virus"))
+        self.assertEqual(self.observer.calls, [("quarantined", [q], "virus")])
+        del self.observer.calls[:]
+        self.done(s.move(q.id, ACTIVE))
+        self.done(s.update(dataclasses.replace(entries[0], next_attempt_at=5.0)))
+        self.done(s.finish(entries[1].id))
+        self.assertEqual(self.observer.calls, [])
+
+
+class ObservedMemorySpoolTests(ObservedSpoolContractMixin, SynchronousTestCase):
+    """
+    The contract, for an L{ObservedSpool} over a L{MemorySpool}; and what
+    happens when a commit or the observer fails.
+    """
+
+    def make_observed(self) -> MemorySpool:
+        self.inner = MemorySpool(self.clock)
+        return self.inner
+
+    def test_failed_commit_not_reported(self) -> None:
+        """
+        A commit that fails is not reported, and fails as it did.
+        """
+        s = self.spool()
+        self.inner.fail_next_write = OSError(errno.ENOSPC, "full")
+        self.failureResultOf(s.enqueue([make_envelope()]), OSError)
+        self.inner.fail_next_write = OSError(errno.EIO, "broken")
+        self.failureResultOf(s.quarantine([make_envelope()], "spam"), OSError)
+        self.assertEqual(self.observer.calls, [])
+
+    def test_observer_failure_does_not_fail_the_commit(self) -> None:
+        """
+        An observer that raises is logged; the commit's L{Deferred} still
+        fires with the entries, which are stored.
+        """
+        s = self.spool()
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("observer broke")
+
+        self.observer.spooled = broken  # type: ignore[method-assign]
+        self.observer.quarantined = broken  # type: ignore[method-assign]
+        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+        [q] = self.successResultOf(s.quarantine([make_envelope("env2")], "spam"))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
+        self.assertEqual(self.successResultOf(s.get(q.id)), q)
+
+
+class ObservedDiskSpoolTests(ObservedSpoolContractMixin, SynchronousTestCase):
+    """
+    The contract, for an L{ObservedSpool} over a L{DiskSpool} with a
+    synchronous runner.
+    """
+
+    def make_observed(self) -> DiskSpool:
+        return DiskSpool(os.path.join(self.mktemp(), "spool"), synchronous, self.clock)
+
+
+class ObservedQueuedDiskSpoolTests(ObservedSpoolContractMixin, SynchronousTestCase):
+    """
+    The contract, for an L{ObservedSpool} over a L{DiskSpool} under a
+    L{ManualRunner}; and the observer hears only of what is committed.
+    """
+
+    def make_observed(self) -> DiskSpool:
+        self.runner = ManualRunner()
+        return DiskSpool(os.path.join(self.mktemp(), "spool"), self.runner, self.clock)
+
+    def settle(self) -> None:
+        self.runner.run_all()
+
+    def test_observer_waits_for_the_commit(self) -> None:
+        """
+        Until the batch has run (the entries are durable) the observer
+        hears nothing.
+        """
+        s = self.spool()
+        d = s.enqueue([make_envelope()])
+        self.assertEqual(self.observer.calls, [])
+        self.runner.run_all()
+        [entry] = self.successResultOf(d)
+        self.assertEqual([c[:2] for c in self.observer.calls], [("spooled", [entry])])
+
+
+class CodecTests(SynchronousTestCase):
+    """
+    Tests for L{relay.spool.codec}: the metadata file and the JSON form of
+    an entry.
+    """
+
+    def entry(self) -> SpoolEntry:
+        s = MemorySpool()
+        [entry] = s.enqueue([make_envelope(sender=NULL_SENDER)]).result
+        return dataclasses.replace(
+            entry,
+            attempts=(Attempt(1.5, "mx:25", None, "connection refused", address=("::1", 25)),),
+            failed_recipients=(("b@example.com", "550 no"),),
+            reason="why",
+        )
 
     def test_round_trip(self) -> None:
         """
         Every field survives a trip through JSON text.
         """
-        s = MemorySpool()
-        [entry] = s.enqueue([make_envelope(sender=NULL_SENDER)]).result
-        entry = dataclasses.replace(
-            entry,
-            attempts=(Attempt(1.5, "mx:25", None, "connection refused"),),
-            failed_recipients=(("b@example.com", "550 no"),),
-            reason="why",
-        )
+        entry = self.entry()
         data = json.loads(json.dumps(entry_to_json(entry)))
         self.assertEqual(data["version"], 1)
         self.assertEqual(entry_from_json(data), entry)
         self.assertEqual(entry_from_json(data, FROZEN).queue, FROZEN)
 
+    def test_file_round_trip(self) -> None:
+        """
+        A metadata file is one line of compact JSON in L{FILE_VERSION};
+        it decodes to the entry, in the queue its directory says.
+        """
+        entry = self.entry()
+        data = encode_entry(entry)
+        self.assertEqual(data.count(b"\n"), 1)
+        self.assertTrue(data.endswith(b"\n"))
+        self.assertNotIn(b", ", data)
+        self.assertEqual(json.loads(data)["version"], FILE_VERSION)
+        self.assertEqual(decode_entry(data), entry)
+        self.assertEqual(decode_entry(data, REMOVED), dataclasses.replace(entry, queue=REMOVED))
+
     def test_bad_version(self) -> None:
         """
-        Metadata of another version is refused.
+        Metadata of another version, or of none, is refused, as is a file
+        that is not a JSON object.
         """
         self.assertRaises(ValueError, entry_from_json, {"version": 2})
+        self.assertRaises(ValueError, entry_from_json, {"version": True})
+        self.assertRaises(ValueError, entry_from_json, {})
+        self.assertRaises(ValueError, decode_entry, b"[1]\n")
+        self.assertRaises(ValueError, decode_entry, b"{not json")
+
+
+class LayoutTests(SynchronousTestCase):
+    """
+    Tests for L{relay.spool.layout}: where things are, shared by the disk
+    spool and relayctl.
+    """
+
+    def test_paths(self) -> None:
+        """
+        Metadata is in its queue's directory (the quarantine elsewhere when
+        given), messages in C{messages/}, and new metadata is written in
+        C{tmp/}, or beside the quarantine.
+        """
+        layout = SpoolLayout("s")
+        self.assertEqual(
+            layout.metadata_path(ACTIVE, "e-0"), os.path.join("s", "active", "e-0.json")
+        )
+        self.assertEqual(layout.queue_dir(QUARANTINE), os.path.join("s", "quarantine"))
+        self.assertEqual(layout.message_path("e-0"), os.path.join("s", "messages", "e-0.eml"))
+        self.assertEqual(layout.metadata_tmp(FROZEN, "e-0"), os.path.join("s", "tmp", "e-0.json"))
+        elsewhere = SpoolLayout("s", "q")
+        self.assertEqual(elsewhere.metadata_tmp(QUARANTINE, "e-0"), os.path.join("q", "e-0.json.tmp"))
+        self.assertEqual(elsewhere.quarantined_message_path("e-0"), os.path.join("q", "e-0.eml"))
+        self.assertEqual(elsewhere.lock_path, os.path.join("s", "lock"))
+        self.assertRaises(ValueError, layout.queue_dir, "bogus")
+
+    def test_safe_ids(self) -> None:
+        """
+        An id is a plain file name: no separators, no leading dot, not
+        empty, at most 200 characters.
+        """
+        for good in ("abc-0", "A_b.c-1", "x" * 200):
+            self.assertTrue(is_safe_id(good), good)
+        for bad in ("", ".hidden", "../active/x", "a/b", "x" * 201, "a b", "é"):
+            self.assertFalse(is_safe_id(bad), bad)
+
+    def test_control_in_spool(self) -> None:
+        """
+        The default control endpoint is the socket in the spool, relative
+        paths kept relative, colons quoted for the endpoint parser.
+        """
+        self.assertEqual(control_in_spool("./spool"), "unix:./spool/control.sock")
+        self.assertEqual(control_in_spool("spool"), "unix:./spool/control.sock")
+        self.assertEqual(control_in_spool("/var/a:b"), "unix:/var/a\\:b/control.sock")
+
+    def test_check(self) -> None:
+        """
+        A directory that is missing, or has no C{active/}, is not a spool;
+        one that L{SpoolLayout.make_directories} made is.
+        """
+        missing = SpoolLayout(self.mktemp())
+        self.assertRaises(NotASpool, missing.check)
+        os.makedirs(missing.path)
+        e = self.assertRaises(NotASpool, missing.check)
+        self.assertIn("has no active/ directory", str(e))
+        missing.make_directories()
+        missing.check()
+        self.assertFalse(missing.quarantine_elsewhere)
+
+
+class RecentEntriesTests(SynchronousTestCase):
+    """
+    Tests for L{RecentEntries}, the disk spool's read cache: its bounds.
+    """
+
+    def test_bounded(self) -> None:
+        """
+        At most C{max_entries} entries are held (the oldest forgotten
+        first), and messages only while they fit in C{max_bytes}; a message
+        that is not in memory is not held.
+        """
+        s = MemorySpool()
+        entries = s.enqueue([make_envelope(f"e{i}") for i in range(4)]).result
+        recent = RecentEntries(max_entries=3, max_bytes=2 * len(DATA))
+        for entry in entries[:3]:
+            recent.remember(entry, Message.from_bytes(DATA))
+        self.assertEqual(
+            [recent.message(e.id) is not None for e in entries[:3]], [True, True, False]
+        )
+        recent.remember(entries[3], Message((), 10, path="/elsewhere.eml"))
+        self.assertIsNone(recent.entry(entries[0].id))
+        self.assertEqual(recent.entry(entries[3].id), entries[3])
+        self.assertIsNone(recent.message(entries[3].id))
+        recent.forget(entries[1].id)
+        recent.remember(entries[0], Message.from_bytes(DATA))
+        self.assertIsNotNone(recent.message(entries[0].id))
+        off = RecentEntries(max_entries=0)
+        off.remember(entries[0], None)
+        self.assertIsNone(off.entry(entries[0].id))
+
+    def test_last_change_wins(self) -> None:
+        """
+        Of two changes of one entry on their way to disk, the entry is held
+        as the last one left it (with the message held before), not as the
+        first; after a failure, not at all.
+        """
+        [entry] = MemorySpool().enqueue([make_envelope()]).result
+        message = Message.from_bytes(DATA)
+        recent = RecentEntries()
+        recent.remember(entry, message)
+        first: Deferred[Any] = Deferred()
+        second: Deferred[Any] = Deferred()
+        recent.changing(entry.id, first)
+        recent.changing(entry.id, second)
+        self.assertIsNone(recent.entry(entry.id))
+        first.callback(dataclasses.replace(entry, next_attempt_at=5.0))
+        self.assertIsNone(recent.entry(entry.id))
+        frozen = dataclasses.replace(entry, queue=FROZEN, next_attempt_at=5.0)
+        second.callback(frozen)
+        self.assertEqual(recent.entry(entry.id), frozen)
+        self.assertIs(recent.message(entry.id), message)
+        failing: Deferred[Any] = Deferred()
+        recent.changing(entry.id, failing)
+        failing.errback(OSError(errno.EIO, "broken"))
+        self.failureResultOf(failing, OSError)
+        self.assertIsNone(recent.entry(entry.id))
+        later: Deferred[Any] = Deferred()
+        recent.changing(entry.id, later)
+        later.callback(frozen)
+        self.assertIsNone(recent.entry(entry.id))  # not held before: not held now

@@ -66,7 +66,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.interfaces import IReloadable
+from relay.interfaces import IReloadable, ISpoolObserver
 
 CHANNEL_FD = 3
 FIRST_LISTENER_FD = 4
@@ -438,7 +438,7 @@ class ReceiverPool(Service):
     # -- from the receivers ------------------------------------------------
 
     def message(self, process: ReceiverProcess, line: bytes) -> None:
-        from relay.spool.disk import entry_from_json
+        from relay.spool.codec import entry_from_json
 
         try:
             data = json.loads(line)
@@ -578,49 +578,35 @@ class ReceiverPool(Service):
 # -- the receiver side ---------------------------------------------------------
 
 
-class ReportingSpool:
+@implementer(ISpoolObserver)
+class MasterReport:
     """
-    The receiver's spool: the disk spool, telling the master about every
-    commit with C{send(message)}.
+    The receiver's news for the master: what the spool committed, sent
+    with C{send(message)} (the receiver writes through an
+    L{relay.spool.observed.ObservedSpool} with one of these).
     """
 
-    def __init__(self, spool: Any, send: Callable[[dict[str, Any]], None]) -> None:
-        self._spool = spool
+    def __init__(self, send: Callable[[dict[str, Any]], None]) -> None:
         self._send = send
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._spool, name)
+    def spooled(self, entries: Sequence[Any], envelopes: Sequence[Any]) -> None:
+        from relay.spool.codec import entry_to_json
 
-    def _report(self, kind: str, entries: Any, **fields: Any) -> Any:
-        from relay.spool.disk import entry_to_json
+        # Small messages go along (base64), so that the master delivers
+        # them without reading back what was just written.
+        bodies: list[str | None] = []
+        for e in envelopes:
+            data = e.envelope.message.data
+            if data is not None and len(data) <= HANDOVER_BYTES:
+                bodies.append(base64.b64encode(data).decode("ascii"))
+            else:
+                bodies.append(None)
+        self._send(dict(t="spooled", entries=[entry_to_json(e) for e in entries], messages=bodies))
 
-        try:
-            self._send(dict(t=kind, entries=[entry_to_json(e) for e in entries], **fields))
-        except Exception:
-            Logger(namespace="relay.app.receiver").failure("Cannot tell the master about {kind}", kind=kind)
-        return entries
+    def quarantined(self, entries: Sequence[Any], reason: str) -> None:
+        from relay.spool.codec import entry_to_json
 
-    def enqueue(self, envelopes: Any, received_from: str | None = None) -> Any:
-        envelopes = list(envelopes)
-        d = self._spool.enqueue(envelopes, received_from=received_from)
-
-        def report(entries: Any) -> Any:
-            # Small messages go along (base64), so that the master delivers
-            # them without reading back what was just written.
-            bodies: list[str | None] = []
-            for e in envelopes:
-                data = e.envelope.message.data
-                if data is not None and len(data) <= HANDOVER_BYTES:
-                    bodies.append(base64.b64encode(data).decode("ascii"))
-                else:
-                    bodies.append(None)
-            return self._report("spooled", entries, messages=bodies)
-
-        return d.addCallback(report)
-
-    def quarantine(self, envelopes: Any, reason: str, received_from: str | None = None) -> Any:
-        d = self._spool.quarantine(envelopes, reason, received_from=received_from)
-        return d.addCallback(lambda entries: self._report("quarantined", entries, reason=reason))
+        self._send(dict(t="quarantined", entries=[entry_to_json(e) for e in entries], reason=reason))
 
 
 class Receiver:
@@ -673,6 +659,7 @@ class Receiver:
         from relay.simple import Defaults, as_callbacks
         from relay.smtp.server import SMTPServerFactory
         from relay.spool.disk import DiskSpool
+        from relay.spool.observed import ObservedSpool
 
         s = self.settings
         if self.run_in_thread is None:
@@ -713,7 +700,7 @@ class Receiver:
         )  # fmt: skip
         factory = SMTPServerFactory(
             callbacks=plugin,
-            spool=ReportingSpool(disk, self.send),
+            spool=ObservedSpool(disk, MasterReport(self.send)),
             clock=self.reactor,
             hostname=s["hostname"],
             max_message_size=int(s["max_message_size"]),

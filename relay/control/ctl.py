@@ -18,7 +18,9 @@ from typing import Any, Callable, Sequence, TextIO
 
 from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
 from relay.model.retry import parse_retry_intervals
-from relay.spool.disk import CONTROL_SOCKET, control_in_spool, entry_from_json, entry_to_json
+from relay.spool.codec import entry_from_json, entry_to_json
+from relay.spool.layout import NotASpool, SpoolLayout, control_in_spool, control_socket_path
+from relay.spool.reader import read_queue
 
 DEFAULT_SPOOL = "./spool"
 DEFAULT_CONTROL = control_in_spool(DEFAULT_SPOOL)
@@ -44,18 +46,6 @@ class OperationFailed(Exception):
 # -- reading the spool from disk ---------------------------------------------
 
 
-def queue_dir(spool_dir: str, queue: str, quarantine_dir: str | None = None) -> str:
-    """
-    The directory holding C{queue}'s metadata in the spool at C{spool_dir}
-    (the layout of L{relay.spool.disk.DiskSpool}).
-    """
-    if queue not in QUEUES:
-        raise ValueError(f"no such queue {queue!r}")
-    if queue == QUARANTINE:
-        return quarantine_dir if quarantine_dir is not None else os.path.join(spool_dir, QUARANTINE)
-    return os.path.join(spool_dir, queue)
-
-
 def read_entries(
     spool_dir: str,
     queue: str,
@@ -63,47 +53,24 @@ def read_entries(
     errors: list[tuple[str, str]] | None = None,
 ) -> list[SpoolEntry]:
     """
-    The entries of C{queue} read from the spool directory, oldest first.
-    Nothing is written; a missing queue directory is an empty queue.
+    The entries of C{queue} read from the spool directory, oldest first,
+    with the disk spool's own reader.  Nothing is written; a missing queue
+    directory is an empty queue.
 
     @param errors: if given, C{(path, error)} of unreadable files are
         appended to it; such files are left out.
+    @raise OperationFailed: if C{spool_dir} is not a relay's spool.
     """
-    directory = queue_dir(spool_dir, queue, quarantine_dir)
-    check_spool_directory(spool_dir)
+    layout = SpoolLayout(spool_dir, quarantine_dir)
+    layout.queue_dir(queue)  # an unknown queue is a ValueError, spool or not
     try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    entries = []
-    for name in names:
-        if not name.endswith(".json"):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            entries.append(entry_from_json(data, queue=queue))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            if errors is not None:
-                errors.append((path, str(e)))
-    entries.sort(key=lambda e: (e.created_at, e.id))
+        layout.check()
+    except NotASpool as e:
+        raise OperationFailed(str(e)) from None
+    entries, unreadable = read_queue(layout, queue)
+    if errors is not None:
+        errors.extend((path, str(error)) for path, error in unreadable)
     return entries
-
-
-def check_spool_directory(spool_dir: str) -> None:
-    """
-    Check that C{spool_dir} is a relay's spool, so that a wrong directory
-    is an error rather than an empty queue.
-
-    @raise OperationFailed: naming the directory and what is wrong.
-    """
-    if not os.path.isdir(spool_dir):
-        raise OperationFailed(f"no spool at {spool_dir}: no such directory")
-    if not os.path.isdir(os.path.join(spool_dir, ACTIVE)):
-        raise OperationFailed(f"{spool_dir} is not a relay spool (it has no {ACTIVE}/ directory)")
 
 
 def count_entries(spool_dir: str, quarantine_dir: str | None = None) -> dict[str, int]:
@@ -426,7 +393,7 @@ def _no_relay_on(spool: str) -> bool:
     """
     import socket
 
-    path = os.path.join(spool, CONTROL_SOCKET)
+    path = control_socket_path(spool)
     if not os.path.exists(path):
         return True
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

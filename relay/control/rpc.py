@@ -44,7 +44,7 @@ class Status(Command):
     """
     The entries of one queue.
 
-    C{entries} is a JSON list of L{relay.spool.disk.entry_to_json} dicts, each
+    C{entries} is a JSON list of L{relay.spool.codec.entry_to_json} dicts, each
     with C{"queue"} set.
     """
 

@@ -138,7 +138,7 @@ class ControlLocator(amp.CommandLocator):
             queue = ACTIVE
         if queue not in QUEUES:
             raise rpc.BadArgument(f"no such queue {queue!r}; queues: {', '.join(QUEUES)}")
-        from relay.spool.disk import entry_to_json
+        from relay.spool.codec import entry_to_json
 
         entries: list[SpoolEntry] = await self.spool.entries(queue)
         data = []

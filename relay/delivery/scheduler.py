@@ -22,7 +22,7 @@ from zope.interface import implementer
 from relay.control.events import EventBus
 from relay.delivery.bounce import make_bounce
 from relay.delivery.nexthop import Route
-from relay.interfaces import ISpool
+from relay.interfaces import ISpoolObserver
 from relay.logs import (
     BOUNCED,
     DEFERRED,
@@ -34,7 +34,7 @@ from relay.logs import (
 )
 from relay.model.address import EmailAddress
 from relay.model.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
-from relay.model.envelope import Envelope
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
 from relay.model.retry import DEFAULT_RETRY_INTERVALS, effective_intervals, next_attempt
 
@@ -506,56 +506,21 @@ class DeliveryScheduler(Service):
         return True
 
 
-@implementer(ISpool)
-class NotifyingSpool:
+@implementer(ISpoolObserver)
+class SchedulerObserver:
     """
-    An L{ISpool} that tells the scheduler about newly enqueued entries, so
-    that new mail goes out at once.  Everything else goes to the spool.
+    Tells the scheduler what the spool committed (through
+    L{relay.spool.observed.ObservedSpool}, which the server writes to), so
+    that new mail goes out at once.
     """
 
-    def __init__(self, spool: Any, scheduler: DeliveryScheduler) -> None:
-        self._spool = spool
-        self._scheduler = scheduler
+    def __init__(self, scheduler: DeliveryScheduler) -> None:
+        self.scheduler = scheduler
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._spool, name)
+    def spooled(
+        self, entries: Sequence[SpoolEntry], envelopes: Sequence[EnvelopeWithNextHop]
+    ) -> None:
+        self.scheduler.spooled(entries)
 
-    def enqueue(self, envelopes: Any, received_from: str | None = None) -> Deferred[Any]:
-        d: Deferred[Any] = self._spool.enqueue(envelopes, received_from=received_from)
-
-        def enqueued(entries: Any) -> Any:
-            self._scheduler.spooled(entries)
-            return entries
-
-        d.addCallback(enqueued)
-        return d
-
-    def quarantine(self, envelopes: Any, reason: str, received_from: str | None = None) -> Any:
-        d = self._spool.quarantine(envelopes, reason, received_from=received_from)
-
-        def quarantined(result: Any) -> Any:
-            if isinstance(result, (list, tuple)):
-                self._scheduler.quarantined(result, reason)
-            return result
-
-        if hasattr(d, "addCallback"):
-            d.addCallback(quarantined)
-        return d
-
-    def entries(self, queue: str) -> Any:
-        return self._spool.entries(queue)
-
-    def get(self, entry_id: str) -> Any:
-        return self._spool.get(entry_id)
-
-    def message(self, entry_id: str) -> Any:
-        return self._spool.message(entry_id)
-
-    def update(self, entry: SpoolEntry) -> Any:
-        return self._spool.update(entry)
-
-    def move(self, entry_id: str, queue: str) -> Any:
-        return self._spool.move(entry_id, queue)
-
-    def finish(self, entry_id: str) -> Any:
-        return self._spool.finish(entry_id)
+    def quarantined(self, entries: Sequence[SpoolEntry], reason: str) -> None:
+        self.scheduler.quarantined(entries, reason)

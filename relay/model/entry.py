@@ -123,7 +123,34 @@ class SpoolEntry:
             recipient_args=self.recipient_args,
         )
 
-    def with_next_hop(self, message: Message) -> EnvelopeWithNextHop:
-        return EnvelopeWithNextHop(
-            self.envelope(message), self.next_hop_choices, self.retry_intervals
-        )
+
+def entry_for(
+    entry_id: str,
+    queue: str,
+    envelope: EnvelopeWithNextHop,
+    now: float,
+    reason: str | None = None,
+    received_from: str | None = None,
+) -> SpoolEntry:
+    """
+    The L{SpoolEntry} a freshly spooled L{EnvelopeWithNextHop} becomes
+    (in any spool), due at C{now}.
+    """
+    env = envelope.envelope
+    return SpoolEntry(
+        id=entry_id,
+        queue=queue,
+        envelope_id=env.id,
+        sender=env.sender,
+        sender_args=env.sender_args,
+        recipients=env.recipients,
+        next_hop_choices=envelope.next_hop_choices,
+        retry_intervals=envelope.retry_intervals,
+        created_at=now,
+        next_attempt_at=now,
+        message_size=env.message.size,
+        recipient_args=env.recipient_args,
+        rejected_recipients=env.rejected_recipients,
+        reason=reason,
+        received_from=received_from,
+    )

@@ -12,10 +12,12 @@ Call one callback by hand: L{call_callback} with a L{make_session} and a
 L{make_envelope}; record what the server asks a plugin with
 L{RecordingCallbacks}.
 
-Doubles of the spool: L{MemorySpool}, L{FaultyFileSystem},
-L{QueuedRunner}.
+Doubles of the spool: L{MemorySpool} (an in-memory L{ISpool<relay.interfaces.ISpool>},
+from L{relay.spool.memory}), and for the disk spool L{FaultyFileSystem}
+and L{QueuedRunner}.
 """
 
+from relay.spool.memory import MemoryMessageWriter, MemorySpool, allocate_ids
 from relay.testing.callbacks import (
     Answer,
     CallbackCall,
@@ -32,13 +34,7 @@ from relay.testing.callbacks import (
     make_envelope,
     make_session,
 )
-from relay.testing.spool import (
-    FaultyFileSystem,
-    MemoryMessageWriter,
-    MemorySpool,
-    QueuedRunner,
-    allocate_ids,
-)
+from relay.testing.spool import FaultyFileSystem, QueuedRunner
 from relay.testing.transcript import (
     LOCAL_ADDRESS,
     REMOTE_ADDRESS,

@@ -39,7 +39,7 @@ from relay.model.message import Message
 from relay.model.reply import Reply
 from relay.simple import Defaults, as_callbacks
 from relay.smtp.server import SMTPServerFactory, SMTPServerProtocol
-from relay.testing.spool import MemorySpool
+from relay.spool.memory import MemorySpool
 
 if TYPE_CHECKING:
     from typing import Unpack
