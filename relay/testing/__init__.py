@@ -14,6 +14,9 @@ L{RecordingCallbacks}.
 
 Doubles of the spool: L{MemorySpool}, L{FaultyFileSystem},
 L{QueuedRunner}.
+
+Run the relay client against the real server (with a plugin) in memory:
+L{ClientHarness}, each of whose L{HarnessConnection}s checks its transcript.
 """
 
 from relay.testing.callbacks import (
@@ -32,6 +35,7 @@ from relay.testing.callbacks import (
     make_envelope,
     make_session,
 )
+from relay.testing.client import ClientHarness, HarnessConnection, MemoryTransport
 from relay.testing.spool import (
     FaultyFileSystem,
     MemoryMessageWriter,
@@ -54,10 +58,13 @@ __all__ = [
     "Answer",
     "CallbackCall",
     "CheckAuthenticationCredentialsCall",
+    "ClientHarness",
     "FaultyFileSystem",
+    "HarnessConnection",
     "LOCAL_ADDRESS",
     "MemoryMessageWriter",
     "MemorySpool",
+    "MemoryTransport",
     "ProcessEnvelopeCall",
     "ProcessRecipientCall",
     "ProcessSenderCall",
