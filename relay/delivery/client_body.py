@@ -75,6 +75,12 @@ async def write_data_body(
     delayed ACK.
     """
     stuffer = DotStuffer()
+    data = message.data
+    if data is not None and len(data) <= CHUNK_SIZE:
+        # The common case (the spool keeps small messages in memory): one
+        # write, without the chunk reader's cost per message.
+        proto.write(stuffer.encode(data) + stuffer.finish())
+        return
     chunks = message_chunks(message, run_in_thread)
     try:
         async for chunk, last in chunks:

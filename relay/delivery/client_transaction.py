@@ -31,6 +31,68 @@ def _xtext_ok(value: str | None) -> bool:
     return value is not None and value.isascii()
 
 
+def mail_command(session: ClientSession, envelope: Envelope) -> str:
+    """
+    MAIL FROM for C{envelope} with the parameters that it has and the hop
+    of C{session} offered.
+
+    @raise DeliveryError: permanent, when the hop cannot take this
+        message (too big, SMTPUTF8 not offered).
+    """
+    env, exts = envelope, session.extensions
+    sender_args = tuple(env.sender_args)
+    args: list[Argument] = []
+    if "SIZE" in exts:
+        limit = exts["SIZE"].split()[0] if exts["SIZE"] else ""
+        if limit.isdigit() and int(limit) > 0 and env.message.size > int(limit):
+            raise session.refused(
+                "message too big",
+                Reply(552, f"5.3.4 Message size {env.message.size} exceeds the hop's limit {limit}"),
+                permanent=True,
+            )
+        args.append(Argument("SIZE", str(env.message.size)))
+    body = find(sender_args, "BODY")
+    if body is not None and (body.value or "").upper() == "8BITMIME" and "8BITMIME" in exts:
+        args.append(Argument("BODY", "8BITMIME"))
+    needs_utf8 = (
+        find(sender_args, "SMTPUTF8") is not None
+        or not str(env.sender).isascii()
+        or any(r.needs_smtputf8 for r in env.recipients)
+    )
+    if needs_utf8:
+        if "SMTPUTF8" not in exts:
+            raise session.refused(
+                "SMTPUTF8 needed",
+                Reply(553, "5.6.7 The next hop does not support SMTPUTF8"),
+                permanent=True,
+            )
+        args.append(Argument("SMTPUTF8"))
+    if "DSN" in exts:
+        for keyword in ("RET", "ENVID"):
+            arg = find(sender_args, keyword)
+            if arg is not None and _xtext_ok(arg.value):
+                args.append(arg)
+    return " ".join([f"MAIL FROM:<{env.sender}>"] + [str(a) for a in args])
+
+
+def rcpt_commands(session: ClientSession, envelope: Envelope) -> list[str]:
+    """
+    RCPT TO for every recipient of C{envelope}, with its DSN parameters
+    when the hop of C{session} offered DSN.
+    """
+    dsn = "DSN" in session.extensions
+    commands = []
+    for rcpt in envelope.recipients:
+        args = []
+        if dsn:
+            for keyword in ("NOTIFY", "ORCPT"):
+                arg = find(tuple(envelope.args_for(rcpt)), keyword)
+                if arg is not None and _xtext_ok(arg.value):
+                    args.append(str(arg))
+        commands.append(" ".join([f"RCPT TO:<{rcpt}>"] + args))
+    return commands
+
+
 class Transaction:
     """
     Deliver one envelope in C{session}.
@@ -60,67 +122,6 @@ class Transaction:
         self.in_data = False
         self.reusable = False
 
-    def mail_command(self) -> str:
-        """
-        MAIL FROM with the parameters that the envelope has and the hop
-        offered.
-
-        @raise DeliveryError: permanent, when the hop cannot take this
-            message (too big, SMTPUTF8 not offered).
-        """
-        env = self.envelope
-        exts = self.session.extensions
-        sender_args = tuple(env.sender_args)
-        args: list[Argument] = []
-        if "SIZE" in exts:
-            limit = exts["SIZE"].split()[0] if exts["SIZE"] else ""
-            if limit.isdigit() and int(limit) > 0 and env.message.size > int(limit):
-                raise self.session.refused(
-                    "message too big",
-                    Reply(552, f"5.3.4 Message size {env.message.size} exceeds the hop's limit {limit}"),
-                    permanent=True,
-                )
-            args.append(Argument("SIZE", str(env.message.size)))
-        body = find(sender_args, "BODY")
-        if body is not None and (body.value or "").upper() == "8BITMIME" and "8BITMIME" in exts:
-            args.append(Argument("BODY", "8BITMIME"))
-        needs_utf8 = (
-            find(sender_args, "SMTPUTF8") is not None
-            or not str(env.sender).isascii()
-            or any(r.needs_smtputf8 for r in env.recipients)
-        )
-        if needs_utf8:
-            if "SMTPUTF8" not in exts:
-                raise self.session.refused(
-                    "SMTPUTF8 needed",
-                    Reply(553, "5.6.7 The next hop does not support SMTPUTF8"),
-                    permanent=True,
-                )
-            args.append(Argument("SMTPUTF8"))
-        if "DSN" in exts:
-            for keyword in ("RET", "ENVID"):
-                arg = find(sender_args, keyword)
-                if arg is not None and _xtext_ok(arg.value):
-                    args.append(arg)
-        return " ".join([f"MAIL FROM:<{env.sender}>"] + [str(a) for a in args])
-
-    def rcpt_commands(self) -> list[str]:
-        """
-        RCPT TO for every recipient, with its DSN parameters when the hop
-        offered DSN.
-        """
-        dsn = "DSN" in self.session.extensions
-        commands = []
-        for rcpt in self.envelope.recipients:
-            args = []
-            if dsn:
-                for keyword in ("NOTIFY", "ORCPT"):
-                    arg = find(tuple(self.envelope.args_for(rcpt)), keyword)
-                    if arg is not None and _xtext_ok(arg.value):
-                        args.append(str(arg))
-            commands.append(" ".join([f"RCPT TO:<{rcpt}>"] + args))
-        return commands
-
     async def _mail_reply(self, reused: bool) -> Reply:
         """
         The reply to MAIL FROM; on a reused session, a closed connection
@@ -146,8 +147,8 @@ class Transaction:
         """
         session = self.session
         proto = session.proto
-        mail = self.mail_command()
-        rcpts = self.rcpt_commands()
+        mail = mail_command(session, self.envelope)
+        rcpts = rcpt_commands(session, self.envelope)
         recipients = [str(r) for r in self.envelope.recipients]
         pipelining = "PIPELINING" in session.extensions
         reused = session.transactions > 0
