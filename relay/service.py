@@ -344,7 +344,7 @@ def _delivery(
     if not ISpool.providedBy(disk):
         return disk
     try:
-        from relay.delivery.client import RelayClient
+        from relay.delivery.client import ClientSettings, RelayClient, TLSPolicy
     except ImportError:
         log.warn("relay.delivery.client is missing: mail is spooled but not delivered")
         return disk
@@ -357,7 +357,11 @@ def _delivery(
 
         return names_client.createResolver()
 
-    client = RelayClient(reactor, hostname=hostname, tls=relay_tls, run_in_thread=run_in_thread)
+    client = RelayClient(
+        reactor,
+        ClientSettings(hostname=hostname, tls=TLSPolicy(relay_tls)),
+        run_in_thread=run_in_thread,
+    )
     scheduler = DeliveryScheduler(
         spool=disk,
         client=client,

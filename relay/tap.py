@@ -53,7 +53,7 @@ def parse_smarthost(text: str) -> str:
     @raise ValueError: if C{text} is not a host name, an IPv4 address or a
         bracketed IPv6 address, with an optional port.
     """
-    from relay.delivery.client import parse_hop
+    from relay.delivery.nexthop import parse_hop
 
     text = text.strip()
     if not text:

@@ -1,29 +1,35 @@
 """
-Tests for L{relay.delivery.client}: the relay client against a scripted fake next
-hop over a L{StringTransport}, with a L{MemoryReactorClock}.
+Tests for L{relay.delivery.client} and its parts (C{client_*}): the relay
+client against a scripted fake next hop over a L{StringTransport}, with a
+L{MemoryReactorClock}.  L{tests.test_client_memory} runs it against relay's
+own server instead.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from relay.delivery.client import DeliveryError, DeliveryResult, RelayClient, parse_hop
+from relay.delivery.client import (
+    ClientSettings,
+    DeliveryError,
+    DeliveryResult,
+    PoolLimits,
+    RelayClient,
+    TLSPolicy,
+)
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
 from relay.model.envelope import Envelope
 from relay.model.message import Message
 from relay.model.reply import Reply
-from relay.simple import Simple
-from relay.smtp.server import SMTPServerFactory
-from relay.testing import MemorySpool
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -65,13 +71,25 @@ class Hop:
     replies.
     """
 
-    def __init__(self, test: SynchronousTestCase, env: Envelope | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        test: SynchronousTestCase,
+        env: Envelope | None = None,
+        run_in_thread: Any = None,
+        **settings: Any,
+    ) -> None:
+        """
+        @param settings: L{ClientSettings} fields that differ from the
+            test's: no TLS, and one envelope per connection.
+        """
         self.test = test
         self.reactor = MemoryReactorClock()
-        kwargs.setdefault("tls", "none")
-        # One envelope per connection unless a test asks for reuse.
-        kwargs.setdefault("max_idle_per_hop", 0)
-        self.client = RelayClient(self.reactor, hostname="relay.test", **kwargs)
+        base = ClientSettings(
+            hostname="relay.test", tls=TLSPolicy("none"), pool=PoolLimits(max_idle_per_hop=0)
+        )
+        self.client = RelayClient(
+            self.reactor, replace(base, **settings), run_in_thread=run_in_thread
+        )
         self.result: list[Any] = []
         d = self.client.send("192.0.2.1:25", env or envelope())
         d.addBoth(self.result.append)
@@ -128,19 +146,41 @@ class Hop:
         return out.value  # type: ignore[no-any-return]
 
 
-class ParseHopTests(SynchronousTestCase):
+class SettingsTests(SynchronousTestCase):
     """
-    L{parse_hop} splits hops.
+    L{ClientSettings} and its records refuse what cannot work, and say
+    what each TLS mode asks.
     """
 
-    def test_forms(self) -> None:
+    def test_tls_modes(self) -> None:
         """
-        Names, IPv4 and bracketed IPv6 with ports.
+        Each mode's decisions: whether STARTTLS is tried, whether it is
+        required; an unknown mode is a ValueError.
         """
-        self.assertEqual(parse_hop("mx.example.com:2525"), ("mx.example.com", 2525))
-        self.assertEqual(parse_hop("192.0.2.1:25"), ("192.0.2.1", 25))
-        self.assertEqual(parse_hop("[2001:db8::1]:25"), ("2001:db8::1", 25))
-        self.assertRaises(ValueError, parse_hop, "host:x")
+        self.assertEqual(
+            [(p.attempted, p.required) for p in map(TLSPolicy, ("none", "may", "encrypt", "verify"))],
+            [(False, False), (True, False), (True, True), (True, True)],
+        )
+        self.assertRaises(ValueError, TLSPolicy, "sometimes")
+
+    def test_pool_limits(self) -> None:
+        """
+        Negative pool sizes or timeouts and fewer than one transaction per
+        connection are ValueErrors; zero idle connections is allowed (no
+        reuse).
+        """
+        for bad in ({"max_idle_per_hop": -1}, {"idle_timeout": -1}, {"max_reuse": 0}):
+            self.assertRaises(ValueError, PoolLimits, **bad)
+        self.assertEqual(PoolLimits(max_idle_per_hop=0).max_idle_per_hop, 0)
+
+    def test_records_are_frozen(self) -> None:
+        """
+        Settings are values: changed copies come from C{replace}.
+        """
+        settings = ClientSettings(hostname="relay.test")
+        with self.assertRaises(AttributeError):
+            settings.hostname = "other"  # type: ignore[misc]
+        self.assertEqual(replace(settings, hostname="other").tls, TLSPolicy("may"))
 
 
 class TransactionTests(SynchronousTestCase):
@@ -502,7 +542,10 @@ class PeerAddressTests(SynchronousTestCase):
             _, _, factory, _, _ = unreachable.reactor.tcpClients[0]
             factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
             unreachable.error()
-        self.assertEqual([e for e in events if e.get("log_namespace") == "relay.delivery.client"], [])
+        self.assertEqual(
+            [e for e in events if e.get("log_namespace", "").startswith("relay.delivery.client")],
+            [],
+        )
 
 
 class TLSTests(SynchronousTestCase):
@@ -512,10 +555,10 @@ class TLSTests(SynchronousTestCase):
 
     def test_encrypt_not_offered(self) -> None:
         """
-        tls="encrypt" with a hop that does not offer STARTTLS: transient
+        tls=TLSPolicy("encrypt") with a hop that does not offer STARTTLS: transient
         4.7.x error.
         """
-        hop = Hop(self, tls="encrypt")
+        hop = Hop(self, tls=TLSPolicy("encrypt"))
         hop.greet("PIPELINING")
         err = hop.error()
         self.assertFalse(err.permanent)
@@ -524,9 +567,9 @@ class TLSTests(SynchronousTestCase):
 
     def test_may_not_offered(self) -> None:
         """
-        tls="may" goes on in plain text when STARTTLS is not offered.
+        tls=TLSPolicy("may") goes on in plain text when STARTTLS is not offered.
         """
-        hop = Hop(self, tls="may")
+        hop = Hop(self, tls=TLSPolicy("may"))
         hop.greet()
         hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
 
@@ -534,7 +577,7 @@ class TLSTests(SynchronousTestCase):
         """
         When offered, STARTTLS is used, EHLO is sent again, then AUTH PLAIN.
         """
-        hop = Hop(self, tls="may", auth=("user", "pw"))
+        hop = Hop(self, tls=TLSPolicy("may"), auth=("user", "pw"))
         hop.greet("STARTTLS")
         hop.expect(b"STARTTLS\r\n")
         hop.reply("220 go ahead")
@@ -549,7 +592,7 @@ class TLSTests(SynchronousTestCase):
         """
         AUTH LOGIN when PLAIN is not offered.
         """
-        hop = Hop(self, tls="encrypt", auth=("user", "pw"))
+        hop = Hop(self, tls=TLSPolicy("encrypt"), auth=("user", "pw"))
         hop.greet("STARTTLS")
         hop.reply("220 go ahead")
         hop.transport.clear()
@@ -567,7 +610,7 @@ class TLSTests(SynchronousTestCase):
         """
         Credentials are never sent in plain text.
         """
-        hop = Hop(self, tls="may", auth=("user", "pw"))
+        hop = Hop(self, tls=TLSPolicy("may"), auth=("user", "pw"))
         hop.greet("AUTH PLAIN")
         err = hop.error()
         self.assertFalse(err.permanent)
@@ -705,152 +748,6 @@ class BodyTests(SynchronousTestCase):
         self.assertTrue(hop.transport.no_delay)
 
 
-def san_certificate() -> bytes:
-    """
-    A self-signed certificate and key (PEM) for C{localhost} and
-    C{127.0.0.1} in subjectAltName.
-    """
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
-class RealTLSTests(TestCase):
-    """
-    The client against relay's own server over loopback TCP with a real
-    STARTTLS handshake (the only tests here that use the reactor).
-    """
-
-    def serve(self, san: bool = False) -> tuple[int, MemorySpool, Any]:
-        from twisted.internet import reactor, ssl
-
-        if san:
-            pem = san_certificate()
-            private = ssl.PrivateCertificate.loadPEM(pem)
-            server_ctx = private.options()
-            cert: Any = ssl.Certificate.loadPEM(pem)
-        else:
-            key = ssl.KeyPair.generate(size=2048)
-            private = key.selfSignedCert(1, CN="localhost")
-            server_ctx = private.options()
-            cert = ssl.Certificate(private.original)
-        spool = MemorySpool()
-        factory = SMTPServerFactory(
-            callbacks=Simple(), spool=spool, clock=reactor, tls_context_factory=server_ctx
-        )
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
-        self.addCleanup(port.stopListening)
-
-        async def closed() -> None:
-            # Wait for the server to see the client go (no fixed sleep).
-            from twisted.internet.task import deferLater
-
-            for _ in range(500):
-                if factory.sessions == 0:
-                    break
-                await deferLater(reactor, 0.01)
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(closed()))
-        return port.getHost().port, spool, cert  # type: ignore[attr-defined]
-
-    async def _encrypt(self) -> None:
-        from twisted.internet import reactor
-
-        port, spool, _ = self.serve()
-        client = RelayClient(reactor, hostname="relay.test", tls="encrypt", reply_timeout=10)
-        self.addCleanup(client.close_idle)
-        data = b"Subject: t\n\n.dot\r\nbare\rcr\n"
-        result = await client.send(f"127.0.0.1:{port}", envelope(data=data))
-        self.assertEqual([code.code for _, code in result.replies], [250])
-        (message,) = spool.messages_by_id.values()
-        body = message.data if message.data is not None else open(message.path or "", "rb").read()
-        self.assertTrue(body.endswith(b"Subject: t\r\n\r\n.dot\r\nbare\r\ncr\r\n"), body)
-
-    def test_encrypt_delivers(self) -> Any:
-        """
-        tls="encrypt" upgrades with STARTTLS (no verification) and the
-        message arrives with CRLF line endings, unstuffed by the server.
-        """
-        return Deferred.fromCoroutine(self._encrypt())
-
-    async def _verify_wrong_name(self) -> None:
-        from twisted.internet import reactor
-
-        port, spool, cert = self.serve()
-        client = RelayClient(
-            reactor, hostname="relay.test", tls="verify", trust_root=cert, reply_timeout=10
-        )
-        try:
-            await client.send(f"127.0.0.1:{port}", envelope())
-        except DeliveryError as e:
-            self.assertFalse(e.permanent)
-        else:
-            self.fail("delivered despite a certificate for another name")
-        self.assertEqual(spool.messages_by_id, {})
-        # Twisted logs (and otherwise ignores) service_identity's complaint
-        # about the missing subjectAltName; the client's own check refused.
-        from service_identity import CertificateError
-
-        self.flushLoggedErrors(CertificateError)
-
-    async def _verify_ok(self) -> None:
-        from twisted.internet import reactor
-
-        port, spool, cert = self.serve(san=True)
-        client = RelayClient(
-            reactor, hostname="relay.test", tls="verify", trust_root=cert, reply_timeout=10
-        )
-        self.addCleanup(client.close_idle)
-        result = await client.send(f"127.0.0.1:{port}", envelope())
-        self.assertEqual([r.code for _, r in result.replies], [250])
-        self.assertEqual(len(spool.messages_by_id), 1)
-
-    def test_verify_matching_name(self) -> Any:
-        """
-        tls="verify" delivers to a hop whose certificate names it in
-        subjectAltName (here IP 127.0.0.1).
-        """
-        return Deferred.fromCoroutine(self._verify_ok())
-
-    def test_verify_wrong_host_name(self) -> Any:
-        """
-        tls="verify" refuses a certificate whose name does not match the
-        hop (here a certificate for "localhost" at 127.0.0.1): transient
-        error, nothing delivered.
-        """
-        return Deferred.fromCoroutine(self._verify_wrong_name())
-
-
 class PooledHop:
     """
     A scripted next hop for connection reuse: every connection the client
@@ -860,11 +757,15 @@ class PooledHop:
 
     HOP = "192.0.2.1:25"
 
-    def __init__(self, test: SynchronousTestCase, **kwargs: Any) -> None:
+    def __init__(self, test: SynchronousTestCase, **settings: Any) -> None:
+        """
+        @param settings: L{ClientSettings} fields that differ from the
+            test's: no TLS.
+        """
         self.test = test
         self.reactor = MemoryReactorClock()
-        kwargs.setdefault("tls", "none")
-        self.client = RelayClient(self.reactor, hostname="relay.test", **kwargs)
+        base = ClientSettings(hostname="relay.test", tls=TLSPolicy("none"))
+        self.client = RelayClient(self.reactor, replace(base, **settings))
         self.connections: list[tuple[Any, TLSStringTransport]] = []
 
     def send(self, env: Envelope | None = None) -> list[Any]:
@@ -977,7 +878,7 @@ class ReuseTests(SynchronousTestCase):
         STARTTLS and the second EHLO happen once per connection; the
         reused connection goes straight to MAIL.
         """
-        hop = PooledHop(self, tls="encrypt")
+        hop = PooledHop(self, tls=TLSPolicy("encrypt"))
         result = hop.send()
         proto, transport = hop.greet("STARTTLS")
         hop.expect(transport, b"STARTTLS\r\n")
@@ -995,7 +896,7 @@ class ReuseTests(SynchronousTestCase):
         An idle connection is closed with QUIT after idle_timeout seconds;
         the next envelope connects afresh.
         """
-        hop = PooledHop(self, idle_timeout=5)
+        hop = PooledHop(self, pool=PoolLimits(idle_timeout=5))
         proto, transport = hop.first()
         hop.reactor.advance(4.9)
         hop.expect(transport, b"")
@@ -1085,7 +986,7 @@ class ReuseTests(SynchronousTestCase):
         After max_reuse transactions the connection is closed with QUIT and
         the next envelope connects afresh.
         """
-        hop = PooledHop(self, max_reuse=2)
+        hop = PooledHop(self, pool=PoolLimits(max_reuse=2))
         proto, transport = hop.first()
         result = hop.send()
         hop.transact(proto, transport, result)
@@ -1101,7 +1002,7 @@ class ReuseTests(SynchronousTestCase):
         At most max_idle_per_hop connections per hop stay idle; one more
         finishing is closed with QUIT.
         """
-        hop = PooledHop(self, max_idle_per_hop=1)
+        hop = PooledHop(self, pool=PoolLimits(max_idle_per_hop=1))
         first, second = hop.send(), hop.send()
         proto1, transport1 = hop.greet()
         proto2, transport2 = hop.greet()

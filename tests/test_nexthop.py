@@ -12,7 +12,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.delivery.nexthop import address_literal, make_router, route_recipients
+from relay.delivery.nexthop import address_literal, make_router, parse_hop, route_recipients
 from relay.model.address import EmailAddress
 
 
@@ -135,3 +135,27 @@ class RouteTests(SynchronousTestCase):
         self.successResultOf(route(rcpts("a@x.test"), ()))
         self.successResultOf(route(rcpts("a@y.test"), ()))
         self.assertEqual(len(made), 1)
+
+
+class ParseHopTests(SynchronousTestCase):
+    """
+    L{parse_hop} splits hops.
+    """
+
+    def test_forms(self) -> None:
+        """
+        Names, IPv4 and bracketed IPv6 (with or without the C{IPv6:} tag)
+        with ports; the port defaults to 25.
+        """
+        self.assertEqual(parse_hop("mx.example.com:2525"), ("mx.example.com", 2525))
+        self.assertEqual(parse_hop("192.0.2.1:25"), ("192.0.2.1", 25))
+        self.assertEqual(parse_hop("[2001:db8::1]:25"), ("2001:db8::1", 25))
+        self.assertEqual(parse_hop("[IPv6:2001:db8::1]:26"), ("2001:db8::1", 26))
+        self.assertEqual(parse_hop("mx.example.com"), ("mx.example.com", 25))
+
+    def test_malformed(self) -> None:
+        """
+        A bad port, an empty host or an unclosed bracket is a ValueError.
+        """
+        for hop in ("host:x", ":25", "host:0", "host:65536", "[2001:db8::1", "[::1]25"):
+            self.assertRaises(ValueError, parse_hop, hop)

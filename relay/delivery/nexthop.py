@@ -6,6 +6,7 @@ Otherwise its recipients are grouped by domain and each domain's mail
 exchangers are looked up with C{twisted.names} (RFC 5321 section 5.1):
 MX hosts by preference, the domain itself when it has no MX, nowhere when
 it has a null MX (RFC 7505), the address itself for an address literal.
+Hops are C{host:port} strings (L{parse_hop} splits them).
 """
 
 from __future__ import annotations
@@ -41,6 +42,30 @@ class Route:
 
 def _hop(host: str, port: int = SMTP_PORT) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_hop(hop: str) -> tuple[str, int]:
+    """
+    Split C{host:port} or C{[v6]:port} (also C{[IPv6:v6]:port}) into host
+    and port, the port defaulting to 25: the inverse of the hops this
+    module makes, and the form C{--smarthost} and C{next_hop_choices} take.
+
+    @raise ValueError: if C{hop} is malformed.
+    """
+    if hop.startswith("["):
+        end = hop.find("]")
+        if end < 0 or hop[end + 1 : end + 2] != ":":
+            raise ValueError(f"bad hop {hop!r}")
+        host, port = hop[1:end], hop[end + 2 :]
+        if host[:5].lower() == "ipv6:":
+            host = host[5:]
+    else:
+        host, sep, port = hop.rpartition(":")
+        if not sep:
+            host, port = hop, str(SMTP_PORT)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad hop {hop!r}")
+    return host, int(port)
 
 
 def address_literal(domain: str) -> str | None:

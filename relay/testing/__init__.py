@@ -15,6 +15,9 @@ L{RecordingCallbacks}.
 Doubles of the spool: L{MemorySpool} (an in-memory L{ISpool<relay.interfaces.ISpool>},
 from L{relay.spool.memory}), and for the disk spool L{FaultyFileSystem}
 and L{QueuedRunner}.
+
+Run the relay client against the real server (with a plugin) in memory:
+L{ClientHarness}, each of whose L{HarnessConnection}s checks its transcript.
 """
 
 from relay.spool.memory import MemoryMessageWriter, MemorySpool, allocate_ids
@@ -34,6 +37,7 @@ from relay.testing.callbacks import (
     make_envelope,
     make_session,
 )
+from relay.testing.client import ClientHarness, HarnessConnection, MemoryTransport
 from relay.testing.spool import FaultyFileSystem, QueuedRunner
 from relay.testing.transcript import (
     LOCAL_ADDRESS,
@@ -50,10 +54,13 @@ __all__ = [
     "Answer",
     "CallbackCall",
     "CheckAuthenticationCredentialsCall",
+    "ClientHarness",
     "FaultyFileSystem",
+    "HarnessConnection",
     "LOCAL_ADDRESS",
     "MemoryMessageWriter",
     "MemorySpool",
+    "MemoryTransport",
     "ProcessEnvelopeCall",
     "ProcessRecipientCall",
     "ProcessSenderCall",

@@ -1,0 +1,124 @@
+"""
+The message body on the wire: read in L{CHUNK_SIZE} chunks (from memory,
+or from its spool file off the reactor thread) and framed for DATA with
+CRLF line endings and exact dot-stuffing (L{relay.smtp.stuffing.DotStuffer})
+whatever the stored bytes hold.
+
+Reading (L{message_chunks}) and framing (L{write_data_body}) are apart so
+that another framing (BDAT, RFC 3030) or a change to the bytes on their
+way (a signature header) reads the same chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncGenerator, Callable
+
+from twisted.internet.defer import Deferred
+
+from relay.delivery.client_protocol import SMTPClientProtocol
+from relay.model.message import Message
+from relay.smtp.stuffing import DotStuffer
+
+CHUNK_SIZE = 64 * 1024
+
+#: C{f(callable, *args) -> Deferred}: runs C{callable} off the reactor
+#: thread (a thread pool); C{None} where the client reads synchronously.
+RunInThread = Callable[..., Any]
+
+
+async def _call(run_in_thread: RunInThread | None, f: Callable[..., Any], *args: Any) -> Any:
+    if run_in_thread is None:
+        return f(*args)
+    result = run_in_thread(f, *args)
+    if isinstance(result, Deferred):
+        result = await result
+    return result
+
+
+async def message_chunks(
+    message: Message, run_in_thread: RunInThread | None
+) -> AsyncGenerator[tuple[bytes, bool], None]:
+    """
+    The bytes of C{message} as stored, in chunks of L{CHUNK_SIZE} (the last
+    maybe shorter or empty), each with whether it is the last.
+
+    A message file is read one chunk per trip to the thread pool, opening
+    and closing included, so that a small message costs a single trip.
+    """
+    if message.data is not None:
+        data = message.data
+        last = max(len(data) - 1, 0) // CHUNK_SIZE * CHUNK_SIZE
+        for start in range(0, last, CHUNK_SIZE):
+            yield data[start : start + CHUNK_SIZE], False
+        yield data[last:], True
+        return
+    assert message.path is not None
+    reader = _FileReader(message.path)
+    try:
+        while True:
+            chunk = await _call(run_in_thread, reader.read)
+            yield chunk, reader.done
+            if reader.done:
+                return
+    finally:
+        if not reader.done:
+            await _call(run_in_thread, reader.close)
+
+
+async def write_data_body(
+    proto: SMTPClientProtocol, message: Message, run_in_thread: RunInThread | None
+) -> None:
+    """
+    Write the body of C{message} after a 354 and the end-of-data marker,
+    waiting while the hop does not read.  The last chunk and the marker go
+    out in one write: a separate small write would wait for the hop's
+    delayed ACK.
+    """
+    stuffer = DotStuffer()
+    data = message.data
+    if data is not None and len(data) <= CHUNK_SIZE:
+        # The common case (the spool keeps small messages in memory): one
+        # write, without the chunk reader's cost per message.
+        proto.write(stuffer.encode(data) + stuffer.finish())
+        return
+    chunks = message_chunks(message, run_in_thread)
+    try:
+        async for chunk, last in chunks:
+            if last:
+                proto.write(stuffer.encode(chunk) + stuffer.finish())
+            else:
+                proto.write(stuffer.encode(chunk))
+                await proto.writable()
+    finally:
+        # Closes the message file at once when the loop did not end.
+        await chunks.aclose()
+
+
+class _FileReader:
+    """
+    Read a message file in L{CHUNK_SIZE} chunks, opening it on the first
+    read and closing it on the read that reaches its end.
+
+    @ivar done: the end of the file was read (and the file is closed).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._file: Any = None
+        self.done = False
+
+    def read(self) -> bytes:
+        if self._file is None:
+            self._file = open(self._path, "rb")
+        chunk: bytes = self._file.read(CHUNK_SIZE)
+        # A buffered read of a regular file returns less than asked only
+        # at its end.
+        if len(chunk) < CHUNK_SIZE:
+            self.close()
+            self.done = True
+        return chunk
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
