@@ -16,8 +16,8 @@ Doubles of the spool: L{MemorySpool}, L{FaultyFileSystem},
 L{QueuedRunner}.
 """
 
+from relay.interfaces import Answer
 from relay.testing.callbacks import (
-    Answer,
     CallbackCall,
     CheckAuthenticationCredentialsCall,
     ProcessEnvelopeCall,
