@@ -7,35 +7,72 @@ reloads (L{IReloadable}).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Coroutine, Sequence, TypeVar, Union
 
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
+    from twisted.logger import Logger
+    from twisted.protocols.amp import CommandLocator
+
+    from relay.model.address import EmailAddress, Sender
+    from relay.model.argument import Argument
     from relay.model.entry import SpoolEntry
-    from relay.model.envelope import EnvelopeWithNextHop
+    from relay.model.envelope import Envelope, EnvelopeWithNextHop
+    from relay.model.results import (
+        AuthResult,
+        ConnectResult,
+        EnvelopeResult,
+        HeloResult,
+        RecipientResult,
+        SenderResult,
+    )
+    from relay.model.session import Session
+    from relay.simple import Defaults
+
+T = TypeVar("T")
+
+#: What a callback may return: its result, a L{Deferred} firing with it, or
+#: a coroutine returning it (an C{async def} callback).  The server accepts
+#: all three in one place (L{relay.smtp.callbacks.call_callback}).
+Answer = Union[T, Deferred[T], Coroutine[Any, Any, T]]
 
 
 class IServerCallbacks(Interface):
     """
     The policy of a relay: every decision about mail (async_smtp's
     C{Server_callbacks.S}).  Each callback may return its result, a
-    L{Deferred} firing with it, or a coroutine.  A callback that raises or
-    fails makes the server answer with a transient error (421 and close at
-    connect and HELO, 451 elsewhere) and log the failure.
+    L{Deferred} firing with it, or a coroutine (an L{Answer}).  A callback
+    that raises or fails makes the server answer with a transient error
+    (421 and close at connect and HELO, 451 elsewhere) and log the failure.
 
     C{log} is a L{twisted.logger.Logger} whose events carry the session id
     (and the envelope id, once there is one).
+
+    L{relay.simple.Simple} provides all of it; a plugin subclasses it and
+    overrides what needs a decision.
     """
 
-    def session_connect(log, session):  # type: ignore[no-untyped-def]
+    def configure(defaults: Defaults) -> None:
+        """
+        Take the relay's settings (host name, default route, AUTH checker,
+        clock), once, after the plugin is made and before any session.
+
+        The relay calls it only when the plugin has it, so a provider
+        written without L{relay.simple.Simple} that needs no settings runs
+        without one (it is declared here so that C{verifyObject} checks
+        the providers that have it: L{Simple} and those made from it).
+        """
+
+    def session_connect(log: Logger, session: Session) -> Answer[ConnectResult]:
         """
         A client connected.
 
         @return: L{relay.Accept} (greeting) or L{relay.Disconnect}.
         """
 
-    def session_helo(log, session, helo):  # type: ignore[no-untyped-def]
+    def session_helo(log: Logger, session: Session, helo: str) -> Answer[HeloResult]:
         """
         The client said HELO or EHLO C{helo}.
 
@@ -43,14 +80,22 @@ class IServerCallbacks(Interface):
             L{relay.Deny} (session stays open) or L{relay.Disconnect}.
         """
 
-    def process_sender(log, session, sender, sender_args):  # type: ignore[no-untyped-def]
+    def process_sender(
+        log: Logger, session: Session, sender: Sender, sender_args: Sequence[Argument]
+    ) -> Answer[SenderResult]:
         """
         MAIL FROM.
 
         @return: L{relay.Continue} or L{relay.Reject} (aborts this message).
         """
 
-    def process_recipient(log, session, sender, sender_args, recipient):  # type: ignore[no-untyped-def]
+    def process_recipient(
+        log: Logger,
+        session: Session,
+        sender: Sender,
+        sender_args: Sequence[Argument],
+        recipient: EmailAddress,
+    ) -> Answer[RecipientResult]:
         """
         RCPT TO.
 
@@ -58,7 +103,7 @@ class IServerCallbacks(Interface):
             left out; the envelope goes on).
         """
 
-    def process_envelope(log, session, envelope):  # type: ignore[no-untyped-def]
+    def process_envelope(log: Logger, session: Session, envelope: Envelope) -> Answer[EnvelopeResult]:
         """
         The message data was received.
 
@@ -66,16 +111,21 @@ class IServerCallbacks(Interface):
             L{relay.Quarantine}.
         """
 
-    def check_authentication_credentials(log, username, password):  # type: ignore[no-untyped-def]
+    def check_authentication_credentials(
+        log: Logger, username: str, password: str
+    ) -> Answer[AuthResult]:
         """
         AUTH: are these credentials valid?
 
         @return: L{relay.Allow} or L{relay.Deny}.
         """
 
-    def rpcs():  # type: ignore[no-untyped-def]
+    def rpcs() -> Sequence[CommandLocator]:
         """
-        @return: a list of AMP responders (L{twisted.protocols.amp.CommandLocator}
+        Called once, as the relay is made; it returns a plain value, not
+        an L{Answer}.
+
+        @return: the AMP responders (L{twisted.protocols.amp.CommandLocator}
             instances) served on the control endpoint beside relay's own.
         """
 

@@ -13,12 +13,13 @@ from typing import Any, Sequence
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.amp import CommandLocator
 from zope.interface import implementer
 
-from relay.interfaces import IServerCallbacks
+from relay.interfaces import Answer, IServerCallbacks
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
@@ -70,6 +71,11 @@ class Simple:
     Subclass it and override only the callbacks that need a decision.  The
     relay calls L{configure} with its settings after making the instance,
     so a subclass may have an C{__init__} of its own without arguments.
+
+    Each callback is annotated as returning an L{Answer} (a result, a
+    L{Deferred} of one, or a coroutine) so that an override may be a plain
+    method, return a L{Deferred}, or be an C{async def}; Simple's own
+    return plain results.
     """
 
     defaults: Defaults = Defaults()
@@ -80,17 +86,17 @@ class Simple:
         """
         self.defaults = defaults
 
-    def session_connect(self, log: Logger, session: Session) -> ConnectResult:
+    def session_connect(self, log: Logger, session: Session) -> Answer[ConnectResult]:
         clock = self.defaults.clock
         now = clock.seconds() if clock is not None else None
         return Accept(f"{self.defaults.hostname} ESMTP relay ready {formatdate(now)}")
 
-    def session_helo(self, log: Logger, session: Session, helo: str) -> HeloResult:
+    def session_helo(self, log: Logger, session: Session, helo: str) -> Answer[HeloResult]:
         return Continue(advertise_auth=self.defaults.checker is not None)
 
     def process_sender(
         self, log: Logger, session: Session, sender: Sender, sender_args: Sequence[Argument]
-    ) -> SenderResult:
+    ) -> Answer[SenderResult]:
         return Continue()
 
     def process_recipient(
@@ -100,10 +106,12 @@ class Simple:
         sender: Sender,
         sender_args: Sequence[Argument],
         recipient: EmailAddress,
-    ) -> RecipientResult:
+    ) -> Answer[RecipientResult]:
         return Continue()
 
-    def process_envelope(self, log: Logger, session: Session, envelope: Envelope) -> EnvelopeResult:
+    def process_envelope(
+        self, log: Logger, session: Session, envelope: Envelope
+    ) -> Answer[EnvelopeResult]:
         return Send(
             [
                 EnvelopeWithNextHop(
@@ -116,7 +124,7 @@ class Simple:
 
     def check_authentication_credentials(
         self, log: Logger, username: str, password: str
-    ) -> AuthResult | Deferred[AuthResult]:
+    ) -> Answer[AuthResult]:
         checker = self.defaults.checker
         if checker is None:
             return Deny()
@@ -130,7 +138,7 @@ class Simple:
 
         return d.addCallbacks(lambda _: Allow(), denied)
 
-    def rpcs(self) -> list[Any]:
+    def rpcs(self) -> Sequence[CommandLocator]:
         return []
 
 

@@ -17,7 +17,8 @@ from twisted.internet.task import Clock
 from relay.model.reply import Reply
 from relay.model.results import Accept, Continue, Reject
 from relay.smtp.data import DataReader
-from relay.smtp.server import MAX_LINE, MAX_PENDING_INPUT, MAX_PROTOCOL_ERRORS, SMTPServerFactory
+from relay.smtp.protocol import MAX_LINE, MAX_PENDING_INPUT, MAX_PROTOCOL_ERRORS
+from relay.smtp.server import SMTPServerFactory
 from relay.smtp.stuffing import DotStuffer
 from relay.testing import MemorySpool, ServerHarness
 from tests.test_server import MAIL_TXN, Recorder, ServerTestCase, b64
@@ -416,7 +417,7 @@ class SlowClientTests(ServerTestCase):
         however patient the idle timeout is.
         """
         h = self.harness()
-        self.assertEqual((h.factory.idle_timeout, h.factory.command_deadline), (300.0, 600.0))
+        self.assertEqual((h.factory.settings.idle_timeout, h.factory.settings.command_deadline), (300.0, 600.0))
         self.transcript(h, "< 220")
         sent = 0
         while not h.closed:
@@ -527,9 +528,9 @@ class AuthBruteForceTests(ServerTestCase):
         The numbers: two failures answered at once, then a 2 s delay each,
         the fifth failure closes the session.
         """
-        f = SMTPServerFactory(Recorder(), MemorySpool(), Clock())
+        s = SMTPServerFactory(Recorder(), MemorySpool(), Clock()).settings
         self.assertEqual(
-            (f.auth_failures_before_delay, f.auth_failure_delay, f.auth_max_failures), (2, 2.0, 5)
+            (s.auth_failures_before_delay, s.auth_failure_delay, s.auth_max_failures), (2, 2.0, 5)
         )
 
     def test_brute_force(self) -> None:

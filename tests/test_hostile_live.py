@@ -25,7 +25,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from relay.smtp.server import SMTPServerFactory, SMTPServerProtocol
+from relay.smtp.protocol import SMTPServerProtocol
+from relay.smtp.server import SMTPServerFactory
 from relay.testing import MemorySpool
 from tests import test_integration as integration
 from tests.test_integration import (

@@ -1,15 +1,18 @@
 """
-Tests for L{relay.smtp.server}: SMTP transcripts against L{SMTPServerProtocol}.
+Tests for the SMTP server (L{relay.smtp.server}, L{relay.smtp.protocol} and
+the session's parts): SMTP transcripts against L{SMTPServerProtocol}.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -33,7 +36,8 @@ from relay.model.results import (
     SenderResult,
 )
 from relay.model.session import Session
-from relay.smtp.server import SMTPServerFactory
+from relay.smtp.protocol import Mode
+from relay.smtp.server import ServerSettings, SMTPServerFactory
 from relay.testing import (
     MemorySpool,
     ProcessEnvelopeCall,
@@ -446,7 +450,7 @@ class RcptTests(ServerTestCase):
             < 250 2.1.5 Ok
             """,
         )
-        self.assertEqual(h.protocol._transaction.recipient_args[1][1][0].keyword, "NOTIFY")
+        self.assertEqual(h.protocol.mail.transaction.recipient_args[1][1][0].keyword, "NOTIFY")
 
     def test_rcpt_reject_goes_on(self) -> None:
         """
@@ -558,7 +562,7 @@ class DataTests(ServerTestCase):
         self.assertTrue(data.endswith(b"\r\n\r\nhello\r\n"))
         self.assertEqual(envelope.header("Subject"), "hi")
         self.assertEqual(len(envelope.header_values("Received")), 1)
-        self.assertIsNone(h.protocol._transaction)
+        self.assertIsNone(h.protocol.mail.transaction)
         self.transcript(h, "> RCPT TO:<x@y.z>\n< 503")
 
     def test_consume(self) -> None:
@@ -1274,3 +1278,95 @@ class VariantTests(ServerTestCase):
         self.transcript(h, "< 451 4.3.0\n< 250 2.0.0 Ok")
         self.assertEqual(self.entries(h), [])
         self.flushLoggedErrors(RuntimeError)
+
+
+class ModeTests(ServerTestCase):
+    """
+    The session's state is one L{Mode}, moving as its docstring says.
+    """
+
+    def test_transitions(self) -> None:
+        """
+        GREETING until C{session_connect} answers, COMMAND between
+        commands, WAITING while a callback is pending (input waits), DATA
+        during the message, WAITING while it is finished, DISCARDING for
+        the rest of an overlong line, and CLOSED after QUIT.
+        """
+        connect: Deferred[ConnectResult] = Deferred()
+        sender: Deferred[SenderResult] = Deferred()
+        envelope: Deferred[EnvelopeResult] = Deferred()
+        h = self.harness(
+            Recorder(
+                session_connect=lambda log, s: connect,
+                process_sender=lambda *args: sender,
+                process_envelope=lambda *args: envelope,
+            )
+        )
+        self.assertIs(h.protocol.mode, Mode.GREETING)
+        connect.callback(Accept("test.example ESMTP"))
+        self.assertIs(h.protocol.mode, Mode.COMMAND)
+        h.send("EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nNOOP\r\n")
+        self.assertIs(h.protocol.mode, Mode.WAITING)
+        sender.callback(Continue())
+        self.assertIs(h.protocol.mode, Mode.COMMAND)
+        h.send("RCPT TO:<b@example.com>\r\nDATA\r\n")
+        self.assertIs(h.protocol.mode, Mode.DATA)
+        h.send(MESSAGE)
+        self.assertIs(h.protocol.mode, Mode.WAITING)
+        envelope.callback(Consume())
+        self.assertIs(h.protocol.mode, Mode.COMMAND)
+        h.send("X" * 600)
+        self.assertIs(h.protocol.mode, Mode.DISCARDING)
+        h.send("X\r\nQUIT\r\n")
+        self.assertIs(h.protocol.mode, Mode.CLOSED)
+        codes = [line[:4] for line in h.lines() if line[3:4] == " "]
+        self.assertEqual(
+            codes, ["220 ", "250 ", "250 ", "250 ", "250 ", "354 ", "250 ", "500 ", "221 "]
+        )
+
+    def test_pregreet(self) -> None:
+        """
+        Input before the greeting moves GREETING to PREGREET; the greeting
+        due then closes the session instead.
+        """
+        connect: Deferred[ConnectResult] = Deferred()
+        h = self.harness(Recorder(session_connect=lambda log, s: connect))
+        h.send("EHLO early.example\r\n")
+        self.assertIs(h.protocol.mode, Mode.PREGREET)
+        connect.callback(Accept("test.example ESMTP"))
+        self.assertIs(h.protocol.mode, Mode.CLOSED)
+        self.transcript(h, "< 554 5.5.0 SMTP synchronization error: input sent before the greeting")
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_settings_and_changes(self) -> None:
+        """
+        The factory's settings are one frozen L{ServerSettings}: given
+        whole, with keyword changes on top, or as keywords alone.
+        """
+        base = ServerSettings(hostname="mx.example", max_recipients=5)
+        factory = SMTPServerFactory(TestPolicy(), MemorySpool(), Clock(), base, max_recipients=7)
+        self.assertEqual(factory.settings, ServerSettings(hostname="mx.example", max_recipients=7))
+        self.assertIs(SMTPServerFactory(TestPolicy(), MemorySpool(), Clock(), base).settings, base)
+        self.assertEqual(
+            SMTPServerFactory(TestPolicy(), MemorySpool(), Clock(), idle_timeout=5).settings,
+            ServerSettings(idle_timeout=5),
+        )
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, base, "hostname", "x")
+
+    def test_unknown_setting(self) -> None:
+        """
+        A keyword that is not a setting is a TypeError, not ignored.
+        """
+        self.assertRaises(
+            TypeError, SMTPServerFactory, TestPolicy(), MemorySpool(), Clock(), max_recipent=3
+        )
+
+    def test_sessions_read_the_settings(self) -> None:
+        """
+        Every session of a factory reads the factory's one settings object.
+        """
+        factory = SMTPServerFactory(TestPolicy(), MemorySpool(), Clock(), hostname="mx.example")
+        one, two = factory.buildProtocol(None), factory.buildProtocol(None)
+        self.assertIs(one.settings, factory.settings)
+        self.assertIs(two.settings, factory.settings)

@@ -5,7 +5,7 @@ recording plugin and the helpers that call one callback.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -38,7 +38,7 @@ from relay import (
     Simple,
     TLSInfo,
 )
-from relay.smtp.server import SMTPServerFactory
+from relay.smtp.server import ServerSettings, SMTPServerFactory
 from relay.testing import (
     CheckAuthenticationCredentialsCall,
     MemorySpool,
@@ -115,11 +115,11 @@ class ExportTests(SynchronousTestCase):
 
     def test_server_options_match_the_factory(self) -> None:
         """
-        L{ServerOptions} names exactly the settings of L{SMTPServerFactory}
-        (so that a new server setting cannot be forgotten by the kit).
+        L{ServerOptions} names exactly the fields of L{ServerSettings}, the
+        settings of L{SMTPServerFactory} (so that a new server setting
+        cannot be forgotten by the kit).
         """
-        parameters = inspect.signature(SMTPServerFactory.__init__).parameters
-        settings = set(parameters) - {"self", "callbacks", "spool", "clock"}
+        settings = {field.name for field in dataclasses.fields(ServerSettings)}
         self.assertEqual(set(ServerOptions.__annotations__), settings)
 
 

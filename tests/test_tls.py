@@ -958,7 +958,7 @@ class ServiceTests(SynchronousTestCase):
             smtp=["tcp:2525:interface=127.0.0.1", "implicit-tls:4650:interface=127.0.0.1"],
             tls_cert=self.files.cert, tls_key=self.files.key, **self.kwargs,
         )  # fmt: skip
-        context = top.factory.tls_context_factory
+        context = top.factory.settings.tls_context_factory
         self.assertIsInstance(context, ServerTLSContext)
         endpoint = top.getServiceNamed("smtp-1").endpoint
         self.assertIsInstance(endpoint, ImplicitTLSEndpoint)
@@ -1070,7 +1070,7 @@ class ReceiverTLSTests(SynchronousTestCase):
         receiver = self.make(files.cert, files.key)
         receiver.start()
         [(_, _, tls), (_, _, proxied), (_, _, plain)] = self.reactor.adoptedPorts
-        context = receiver.factory.tls_context_factory
+        context = receiver.factory.settings.tls_context_factory
         self.assertIsInstance(context, ServerTLSContext)
         self.assertIsInstance(tls, TLSMemoryBIOFactory)
         self.assertIs(tls.wrappedFactory, receiver.factory)

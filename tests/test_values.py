@@ -12,12 +12,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.exceptions import BrokenImplementation
 from zope.interface.verify import verifyObject
 
 from relay import (
     NULL_SENDER,
     Accept,
     Allow,
+    Consume,
     Continue,
     Deny,
     EmailAddress,
@@ -41,6 +44,7 @@ from relay.model.argument import (
 )
 from relay.model.reply import ReplyError
 from relay.simple import CallbacksError, Defaults
+from relay.testing import run_transcript
 
 LOG = Logger()
 
@@ -285,6 +289,78 @@ class SimpleTests(SynchronousTestCase):
         L{Simple} provides L{IServerCallbacks}.
         """
         self.assertTrue(verifyObject(IServerCallbacks, Simple()))
+
+    def test_interface_names(self):
+        """
+        L{IServerCallbacks} declares every callback the relay calls,
+        C{configure} included.
+        """
+        self.assertEqual(
+            set(IServerCallbacks.names()),
+            {
+                "configure",
+                "session_connect",
+                "session_helo",
+                "process_sender",
+                "process_recipient",
+                "process_envelope",
+                "check_authentication_credentials",
+                "rpcs",
+            },
+        )
+
+    def test_provider_without_configure(self):
+        """
+        A provider written without L{Simple} may leave out C{configure}:
+        C{verifyObject} then says so, but L{as_callbacks} keeps it as it is
+        and the relay serves it (C{configure} is called only when present).
+        """
+
+        @implementer(IServerCallbacks)
+        class Bare:
+            def session_connect(self, log, session):
+                return Accept("bare.example ESMTP")
+
+            def session_helo(self, log, session, helo):
+                return Continue()
+
+            def process_sender(self, log, session, sender, sender_args):
+                return Continue()
+
+            def process_recipient(self, log, session, sender, sender_args, recipient):
+                return Continue()
+
+            def process_envelope(self, log, session, envelope):
+                return Consume("taken")
+
+            def check_authentication_credentials(self, log, username, password):
+                return Deny()
+
+            def rpcs(self):
+                return []
+
+        bare = Bare()
+        self.assertRaises(BrokenImplementation, verifyObject, IServerCallbacks, bare)
+        self.assertIs(as_callbacks(bare), bare)
+        result = run_transcript(
+            bare,
+            """
+            < 220 bare.example ESMTP
+            > HELO client.example
+            < 250 localhost
+            > MAIL FROM:<a@example.com>
+            < 250
+            > RCPT TO:<b@example.org>
+            < 250
+            > DATA
+            < 354
+            > Subject: hi
+            >
+            > .
+            < 250 2.0.0 taken
+            """,
+        )
+        self.assertEqual(result.spooled, ())
 
     def test_partial_adapted(self):
         """

@@ -729,9 +729,10 @@ class Receiver:
             if listener.tls:
                 from relay.smtp.tls import implicit_tls_needs_certificate, tls_factory
 
-                if factory.tls_context_factory is None:
+                context = factory.settings.tls_context_factory
+                if context is None:
                     raise ValueError(implicit_tls_needs_certificate(listener.endpoint))
-                served = tls_factory(factory.tls_context_factory, served)
+                served = tls_factory(context, served)
             if listener.haproxy:
                 from relay.smtp.proxy import ProxyHeaderWrappingFactory
 

@@ -122,14 +122,6 @@ class Reply:
         return cls(250, text)
 
     @classmethod
-    def service_ready(cls, hostname: str, text: str = "ESMTP relay") -> Reply:
-        return cls(220, f"{hostname} {text}")
-
-    @classmethod
-    def closing(cls, hostname: str = "") -> Reply:
-        return cls(221, f"2.0.0 {hostname} closing connection".replace("  ", " "))
-
-    @classmethod
     def start_mail_input(cls) -> Reply:
         return cls(354, "End data with <CR><LF>.<CR><LF>")
 
@@ -152,10 +144,6 @@ class Reply:
     @classmethod
     def parameter_error(cls, text: str = "5.5.4 Syntax error in parameters or arguments") -> Reply:
         return cls(501, text)
-
-    @classmethod
-    def not_implemented(cls, text: str = "5.5.1 Command not implemented") -> Reply:
-        return cls(502, text)
 
     @classmethod
     def bad_sequence(cls, text: str = "5.5.1 Bad sequence of commands") -> Reply:

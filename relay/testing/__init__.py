@@ -20,9 +20,9 @@ Run the relay client against the real server (with a plugin) in memory:
 L{ClientHarness}, each of whose L{HarnessConnection}s checks its transcript.
 """
 
+from relay.interfaces import Answer
 from relay.spool.memory import MemoryMessageWriter, MemorySpool, allocate_ids
 from relay.testing.callbacks import (
-    Answer,
     CallbackCall,
     CheckAuthenticationCredentialsCall,
     ProcessEnvelopeCall,

@@ -20,7 +20,6 @@ from typing import (
     ParamSpec,
     Sequence,
     TypeVar,
-    Union,
     overload,
 )
 
@@ -32,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import FailTest
 from zope.interface import implementer
 
-from relay.interfaces import IServerCallbacks
+from relay.interfaces import Answer, IServerCallbacks
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
 from relay.model.envelope import Envelope
@@ -47,15 +46,11 @@ from relay.model.results import (
 )
 from relay.model.session import Session, TLSInfo
 from relay.simple import Defaults, Simple, as_callbacks
-from relay.smtp import server
+from relay.smtp.callbacks import call_callback as _call_callback
 from relay.testing.transcript import LOCAL_ADDRESS, REMOTE_ADDRESS, _address
 
 T = TypeVar("T")
 P = ParamSpec("P")
-
-#: What a callback may return: its result, a L{Deferred} firing with it, or
-#: a coroutine returning it (an C{async def} callback).
-Answer = Union[T, Deferred[T], Coroutine[Any, Any, T]]
 
 
 # -- what RecordingCallbacks records ------------------------------------
@@ -396,7 +391,7 @@ def call_callback_deferred(
     failing with what it raised.  For a callback that waits on the clock
     or on a L{Deferred} the test fires.
     """
-    return server.call_callback(functools.partial(callback, *args, **kwargs))
+    return _call_callback(functools.partial(callback, *args, **kwargs))
 
 
 # The overloads give the result type of each kind of callback: matched

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Mapping, TypedDict
+from typing import TYPE_CHECKING, Mapping, TypedDict, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import connectionDone
@@ -38,7 +38,8 @@ from relay.model.entry import ACTIVE, QUARANTINE, SpoolEntry
 from relay.model.message import Message
 from relay.model.reply import Reply
 from relay.simple import Defaults, as_callbacks
-from relay.smtp.server import SMTPServerFactory, SMTPServerProtocol
+from relay.smtp.protocol import SMTPServerProtocol
+from relay.smtp.server import SMTPServerFactory
 from relay.spool.memory import MemorySpool
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ REMOTE_ADDRESS = IPv4Address("TCP", "198.51.100.7", 40000)
 
 class ServerOptions(TypedDict, total=False):
     """
-    The settings of L{SMTPServerFactory} that a test may change (its
-    keyword arguments after C{callbacks}, C{spool} and C{clock}).
+    The settings of L{SMTPServerFactory} that a test may change: the
+    fields of L{relay.smtp.server.ServerSettings}, as keyword arguments.
     """
 
     hostname: str
@@ -248,7 +249,8 @@ class ServerHarness:
             if options or any(x is not None for x in (callbacks, defaults, spool, clock)):
                 raise TypeError("with factory=, give only remote= and local=")
             self.factory = factory
-            self.clock: Clock = factory.clock
+            # factory= shares the server of another harness, on a Clock.
+            self.clock: Clock = cast(Clock, factory.clock)
             self.spool: MemorySpool = factory.spool
         else:
             if callbacks is None:

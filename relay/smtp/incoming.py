@@ -1,0 +1,235 @@
+"""
+The message of one DATA command, from its first byte to the reply.
+
+While the client sends it, L{IncomingMessage} streams the decoded data
+into the spool's message writer (memory stays flat; reading pauses while
+the writer is full), keeps the header section for the checks, and stops
+keeping data past the size limit.  At the end of data it is finished: the
+limits are checked, the message is completed in the spool, the plugin's
+C{process_envelope} decides, and the message is spooled (or quarantined,
+or thrown away) before the client is told: 250 only once it is on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from relay.interfaces import IMessageWriter
+from relay.model.envelope import Envelope
+from relay.model.message import MAX_HEADER_BYTES, header_section, parse_header_block
+from relay.model.reply import Reply
+from relay.model.results import Consume, Quarantine, Reject, Send
+from relay.smtp.data import DataReader
+
+if TYPE_CHECKING:
+    from relay.smtp.protocol import SMTPServerProtocol
+    from relay.smtp.transaction import Transaction
+
+#: More C{Received} fields than this is a mail loop (RFC 5321 section 6.3).
+MAX_RECEIVED = 50
+
+
+def spool_error(failure: Failure) -> Reply:
+    """
+    The reply for a spool that failed: 452 when the disk is full (the
+    client tries again later, perhaps elsewhere), else 451.
+    """
+    exc = failure.value
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Reply.insufficient_storage()
+    return Reply.local_error()
+
+
+class IncomingMessage:
+    """
+    One message being received, then finished.
+
+    @ivar reader: the DATA decoder that feeds it.
+    """
+
+    def __init__(
+        self, protocol: SMTPServerProtocol, writer: IMessageWriter, received: bytes
+    ) -> None:
+        """
+        Begin the message with C{received}, the C{Received} header field
+        this server adds.
+
+        @param writer: where the spool receives the data.
+        """
+        self._protocol = protocol
+        self._writer: IMessageWriter | None = writer
+        self._received = received
+        # The start of the data, up to the end of the header section.
+        self._head = b""
+        self._head_done = False
+        # Past the size limit: the rest of the data is read and dropped.
+        self._too_big = False
+        self._write_failure: Failure | None = None
+        self.reader = DataReader(self.receive, reject_bare_lf=protocol.settings.reject_bare_lf)
+        self._write(received)
+
+    def receive(self, data: bytes) -> None:
+        """
+        Decoded data (the L{DataReader}'s sink).
+        """
+        if not self._head_done:
+            self._head += data[:MAX_HEADER_BYTES]
+            if (
+                b"\r\n\r\n" in self._head
+                or self._head.startswith(b"\r\n")
+                or len(self._head) >= MAX_HEADER_BYTES
+            ):
+                self._head_done = True
+        if self._too_big:
+            return
+        if self.reader.size > self._protocol.settings.max_message_size:
+            self._too_big = True
+            self.abort()
+            return
+        self._write(data)
+
+    def abort(self) -> None:
+        """
+        Throw the message away: the writer is aborted, later data ignored.
+        """
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.abort()
+            except Exception:
+                self._protocol.log.failure("aborting the message writer failed")
+        self._protocol.writer_done()
+
+    def _write(self, data: bytes) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        try:
+            stop = writer.write(data)
+        except Exception:
+            self._write_failure = Failure()
+            self._protocol.log.failure("writing the message failed", self._write_failure)
+            self.abort()
+            return
+        if stop:
+            self._protocol.pause_for_writer(writer.drained)
+
+    async def finish(self, t: Transaction) -> None:
+        """
+        The data ended: check it, complete it in the spool, ask the plugin,
+        do what it says, and reply.
+        """
+        protocol = self._protocol
+        headers = self._checked_headers()
+        if headers is None:
+            return
+        try:
+            writer, self._writer = self._writer, None
+            assert writer is not None
+            message = await writer.finish(headers)
+        except Exception:
+            protocol.log.failure("finishing the message failed")
+            protocol.reply(spool_error(Failure()))
+            return
+        envelope = Envelope(
+            id=t.id,
+            sender=t.sender,
+            sender_args=t.sender_args,
+            recipients=t.recipients,
+            message=message,
+            rejected_recipients=t.rejected,
+            recipient_args=t.recipient_args,
+        )
+        try:
+            result = await protocol.callback("process_envelope", protocol.session, envelope)
+        except Exception:
+            protocol.log.failure("process_envelope failed")
+            self._discard(message)
+            protocol.reply(Reply.local_error())
+            return
+        if protocol.closed:
+            # The client is gone and will retry: do not keep a copy it was
+            # never told about.
+            self._discard(message)
+            return
+        await self._carry_out(result, message, t)
+
+    def _checked_headers(self) -> tuple[tuple[str, str], ...] | None:
+        """
+        The message's header fields, ours first, if it passes the checks
+        that need no plugin; else the refusal is sent, and C{None}.
+        """
+        protocol = self._protocol
+        reader = self.reader
+        if self._write_failure is not None:
+            refusal = spool_error(self._write_failure)
+        elif self._too_big or reader.size > protocol.settings.max_message_size:
+            refusal = Reply.exceeded_storage()
+        elif reader.bare_lf_seen and protocol.settings.reject_bare_lf:
+            refusal = Reply.mailbox_unavailable("5.6.2 Bare LF not allowed")
+        else:
+            headers = parse_header_block(self._received) + parse_header_block(
+                header_section(self._head)
+            )
+            received = sum(1 for name, _ in headers if name.lower() == "received")
+            if received <= MAX_RECEIVED:
+                return headers
+            refusal = Reply.transaction_failed("5.4.6 Too many Received headers: mail loop")
+        self.abort()
+        protocol.reply(refusal)
+        return None
+
+    async def _carry_out(self, result: object, message: Any, t: Transaction) -> None:
+        """
+        Do what C{process_envelope} answered, then tell the client.
+        """
+        protocol = self._protocol
+        received_from = f"{protocol.session.helo} [{protocol.session.remote_host}]"
+        spool = protocol.factory.spool
+        if isinstance(result, Consume):
+            self._discard(message)
+            protocol.reply(Reply.ok(f"2.0.0 {result.ok_msg}"))
+        elif isinstance(result, Reject):
+            self._discard(message)
+            on_rejected = protocol.factory.on_rejected
+            if on_rejected is not None:
+                on_rejected()
+            protocol.reply(result.reply)
+        elif isinstance(result, (Send, Quarantine)):
+            try:
+                if isinstance(result, Send):
+                    await spool.enqueue(result.envelopes, received_from=received_from)
+                else:
+                    await spool.quarantine(
+                        result.envelopes, result.reason, received_from=received_from
+                    )
+            except Exception:
+                failure = Failure()
+                protocol.log.failure("spooling failed", failure)
+                self._discard(message)
+                protocol.reply(spool_error(failure))
+                return
+            if isinstance(result, Send):
+                protocol.log.info("queued {envelope_id}", count=len(result.envelopes))
+                protocol.reply(Reply.ok(f"2.0.0 Ok: queued as {t.id}"))
+            else:
+                protocol.log.info("quarantined: {reason}", reason=result.reason)
+                protocol.reply(result.reply)
+        else:
+            protocol.log.error("process_envelope returned {result!r}", result=result)
+            self._discard(message)
+            protocol.reply(Reply.local_error())
+
+    def _discard(self, message: Any) -> None:
+        protocol = self._protocol
+        try:
+            d = protocol.factory.spool.discard(message)
+        except Exception:
+            protocol.log.failure("discard failed")
+            return
+        if isinstance(d, Deferred):
+            d.addErrback(lambda f: protocol.log.failure("discard failed", f))
