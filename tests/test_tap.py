@@ -390,7 +390,7 @@ class StartupErrorTests(SynchronousTestCase):
         """
         A missing spool directory is created with mode 0700 (parents too).
         """
-        from relay.service import prepare_directories
+        from relay.app.directories import prepare_directories
 
         spool = os.path.join(self.base, "var", "spool", "relay")
         prepare_directories(spool, os.path.join(self.base, "q"))
@@ -446,12 +446,12 @@ class StartupErrorTests(SynchronousTestCase):
         """
         import errno
 
-        from relay import service
+        from relay.app import directories
 
         def refuse(directory: str) -> None:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), directory)
 
-        self.patch(service, "_write_probe", refuse)
+        self.patch(directories, "_write_probe", refuse)
         spool = os.path.join(self.base, "spool")
         self.assertEqual(
             self.exit_line(), f"twistd relay: --spool {spool}: not writable: Read-only file system"

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
@@ -30,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.app._compat import start_tls
 from relay.model.argument import Argument, find
 from relay.model.envelope import Envelope
 from relay.model.reply import Reply, ReplyError
@@ -237,7 +237,7 @@ class SMTPClientProtocol(Protocol):
 
     def start_tls(self, creator: Any) -> None:
         assert self.transport is not None
-        self.transport.startTLS(creator)  # type: ignore[attr-defined]
+        start_tls(self.transport, creator)
         self.tls = True
 
     def close(self) -> None:
@@ -662,6 +662,10 @@ class _Session:
         raise self._fail("EHLO/HELO refused", reply)
 
     def _tls_creator(self) -> Any:
+        # pyOpenSSL on first use: a relay whose next hops never offer
+        # STARTTLS does without it (see relay.app._compat.keep_openssl_out).
+        from twisted.internet import ssl
+
         if self.client.tls == "verify":
             return ssl.optionsForClientTLS(self.host, trustRoot=self.client._trust_root)
         return ssl.CertificateOptions(verify=False)
