@@ -10,7 +10,7 @@ sent, so that a client trusting only the root can verify the server.
 
 pyOpenSSL is imported only when TLS is used: a receiver process without
 C{--tls-cert} imports this module (for L{plain_description}) but must not
-load OpenSSL (see L{relay.app.receiver._without_tls}).
+load OpenSSL (see L{relay.app._compat.keep_openssl_out}).
 """
 
 from __future__ import annotations

@@ -392,7 +392,7 @@ class CrashTests(TestCase):
         crasher.stop()
 
         acknowledged = {tag for tag, s in status.items() if s == "acknowledged"}
-        spool = relay.spool.disk
+        spool = relay.spool
 
         empty_since: list[float] = []
 
@@ -596,7 +596,7 @@ class DiskFullTests(TestCase):
         for code, text in refusals:
             self.assertTrue(is_storage_refusal(code, text), (code, text, relay.tail()))
 
-        spool = relay.spool.disk
+        spool = relay.spool
         await poll(lambda: not spool_files(spool, "tmp"), "spool/tmp to empty", 10)
         entries = {name[: -len(".json")] for name in os.listdir(os.path.join(spool, "active"))}
         bodies = {name[: -len(".eml")] for name in os.listdir(os.path.join(spool, "messages"))}
