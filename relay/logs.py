@@ -34,6 +34,7 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.app._compat import flatten_event, twistd_log_file
 from relay.model.entry import Attempt, SpoolEntry
 
 # The keys every line has (or may have); a structured field of the same name
@@ -190,13 +191,11 @@ def portable(event: LogEvent) -> LogEvent:
     flattened from the original values first, so that it reads as it would
     have here (C{{peer!r}} is the address's C{repr}, not its text's).
 
-    Uses twisted.logger's private C{flattenEvent} (here only; what
-    C{eventAsJSON} does itself): C{tests.test_logs} notices a change.
+    Uses twisted.logger's private C{flattenEvent} (what C{eventAsJSON} does
+    itself), through L{relay.app._compat}.
     """
-    from twisted.logger._flatten import flattenEvent
-
     flat = dict(event)
-    flattenEvent(flat)
+    flatten_event(flat)
     copy: LogEvent = {}
     for key, value in flat.items():
         if key == "log_failure" and isinstance(value, Failure):
@@ -262,12 +261,12 @@ def json_observer() -> JSONLogObserver:
     twistd calls it with no arguments, before it daemonises and before
     standard output is redirected to the log, and ignores C{--logfile} and
     C{--nodaemon} for a custom logger.  So this reads them from the twistd
-    logger that called (L{_twistd_log_file}) and chooses as twistd does:
+    logger that called (L{relay.app._compat.twistd_log_file}) and chooses as twistd does:
     standard output with C{--nodaemon} (C{-n}) or C{--logfile -}, else the
     C{--logfile} file (C{twistd.log} by default), rotated on C{SIGUSR1}.  A
     daemon has no standard output (twistd points it at C{/dev/null}).
     """
-    nodaemon, path = _twistd_log_file(sys._getframe(1))
+    nodaemon, path = twistd_log_file(sys._getframe(1))
     if path == "-":
         if not nodaemon:
             sys.exit("Daemons cannot log to stdout, exiting!")
@@ -275,25 +274,6 @@ def json_observer() -> JSONLogObserver:
     if nodaemon and not path:
         return JSONLogObserver(sys.stdout)
     return JSONLogObserver(_log_file(path or "twistd.log"))
-
-
-def _twistd_log_file(frame: Any) -> tuple[bool, str]:
-    """
-    C{(nodaemon, logfile)} of the twistd C{AppLogger} whose C{start} called
-    the factory in C{frame}'s caller; C{(True, "")} (standard output) when
-    the caller is not twistd.
-
-    twistd's private C{_nodaemon} and C{_logfilename}: used here only, and
-    C{tests.test_logs} runs twistd's own logger to notice a change.
-    """
-    from twisted.application.app import AppLogger
-
-    caller = frame.f_locals.get("self") if frame is not None else None
-    if not isinstance(caller, AppLogger):
-        return True, ""
-    # Twisted's non-Unix AppLogger never daemonises.
-    nodaemon = bool(getattr(caller, "_nodaemon", True))
-    return nodaemon, str(getattr(caller, "_logfilename", "") or "")
 
 
 def _log_file(path: str) -> Any:

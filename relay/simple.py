@@ -8,7 +8,7 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
@@ -16,7 +16,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.amp import CommandLocator
 from zope.interface import implementer
 
 from relay.interfaces import Answer, IServerCallbacks
@@ -37,6 +36,9 @@ from relay.model.results import (
     SenderResult,
 )
 from relay.model.session import Session
+
+if TYPE_CHECKING:
+    from twisted.protocols.amp import CommandLocator
 
 
 @dataclass

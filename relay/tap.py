@@ -15,12 +15,15 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
 from twisted.python import usage
 
+from relay.app._compat import check_server_endpoint
+from relay.app.auth import bytes_users
+from relay.app.settings import DEFAULT_SMTP as _DEFAULT_SMTP
+from relay.app.settings import RELAY_TLS_MODES, Settings, SettingsError, tls_needed
 from relay.model.retry import parse_interval, parse_retry_intervals
 from relay.simple import CallbacksError, load_callbacks
 from relay.spool.layout import control_in_spool
 
-DEFAULT_SMTP = "tcp:8025:interface=127.0.0.1"
-RELAY_TLS_MODES = ("none", "may", "encrypt", "verify")
+DEFAULT_SMTP = _DEFAULT_SMTP[0]
 __all__ = ["Options", "makeService", "parse_interval", "parse_retry_intervals", "parse_smarthost"]
 
 # A DNS host name (RFC 1123 labels; "_" is tolerated, as resolvers do).
@@ -190,19 +193,30 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         if not endpoint.strip():
             raise usage.UsageError("--smtp needs an endpoint description")
-        from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
-
-        from relay.smtp.tls import plain_description
-
-        try:
-            _parseServer(plain_description(endpoint) or endpoint, None)
-        except Exception as e:
-            raise usage.UsageError(f"--smtp: bad endpoint {endpoint!r}: {e}") from None
+        # Checked in postOptions: reading it imports Twisted's endpoints,
+        # which must wait until we know whether TLS is needed.
         self["smtp"].append(endpoint)
 
     def postOptions(self) -> None:
         if not self["smtp"]:
             self["smtp"] = [DEFAULT_SMTP]
+        if self["control"] is None:
+            self["control"] = control_in_spool(self["spool"])
+
+        # First, before anything imports the reactor: without TLS to
+        # serve, Twisted's TCP transport comes without pyOpenSSL.
+        from relay.app.build import import_twisted
+
+        endpoints = (*self["smtp"], self["control"], self["metrics"])
+        import_twisted(tls_needed(self["tls-cert"], endpoints), bool(self["control"]))
+
+        from relay.smtp.tls import plain_description
+
+        for endpoint in self["smtp"]:
+            try:
+                check_server_endpoint(plain_description(endpoint) or endpoint)
+            except Exception as e:
+                raise usage.UsageError(f"--smtp: bad endpoint {endpoint!r}: {e}") from None
 
         name = self["callbacks"]
         # As twistd -y users expect, a plugin module in the current
@@ -217,14 +231,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--callbacks {name}: {e}") from None
         self["callbacks-name"] = name
 
-        if self["control"] is None:
-            self["control"] = control_in_spool(self["spool"])
-
         if self["metrics"] is not None:
-            from twisted.internet.endpoints import _parseServer  # type: ignore[attr-defined]
-
             try:
-                _parseServer(self["metrics"], None)
+                check_server_endpoint(self["metrics"])
             except Exception as e:
                 raise usage.UsageError(
                     f"--metrics: bad endpoint {self['metrics']!r}: {e}"
@@ -268,7 +277,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 if plain_description(endpoint) is not None:
                     raise usage.UsageError(implicit_tls_needs_certificate(endpoint))
         else:
-            from relay.service import load_tls_context
+            from relay.app.build import load_tls_context
 
             try:
                 self["tls-context"] = load_tls_context(cert, key)
@@ -276,7 +285,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError(f"--tls-cert/--tls-key: cannot load: {e}") from None
 
         if self["receivers"]:
-            from relay.app.receiver import parse_listener
+            from relay.app.listener import parse_listener
 
             for endpoint in self["smtp"]:
                 try:
@@ -285,7 +294,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     raise usage.UsageError(f"--smtp with --receivers: {e}") from None
 
         checkers = self.get("credCheckers") or []
-        self["checker"] = _bytes_users(checkers[0]) if checkers else None
+        self["checker"] = bytes_users(checkers[0]) if checkers else None
 
     def opt_auth(self, description: str) -> None:
         try:
@@ -298,24 +307,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     opt_auth.__doc__ = strcred.AuthOptionMixin.opt_auth.__doc__
 
 
-def _bytes_users(checker: Any) -> Any:
-    """
-    The C{memory:} strcred checker keeps user names and passwords as text,
-    but the relay (like L{twisted.cred.credentials.UsernamePassword} users
-    generally) checks bytes: store them as UTF-8 bytes.
-    """
-    from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-
-    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
-        checker.users = {
-            (k.encode("utf-8") if isinstance(k, str) else k): (
-                v.encode("utf-8") if isinstance(v, str) else v
-            )
-            for k, v in checker.users.items()
-        }
-    return checker
-
-
 def makeService(options: Options):  # type: ignore[no-untyped-def]
     """
     Make the relay's service from parsed L{Options}.  Whatever stops it
@@ -323,45 +314,20 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     start) ends the process here, before twistd starts logging or goes to
     the background, with one line naming the problem.
     """
-    from relay.service import StartupError, prepare_directories
+    from relay.app.build import build_relay, default_reactor
+    from relay.app.directories import StartupError, prepare_directories
     from relay.spool.lock import SpoolLocked, check_unlocked
 
     try:
         prepare_directories(options["spool"], options["quarantine"])
         check_unlocked(options["spool"])
-        return _make(options)
+        settings = Settings.from_options(options)
+        return build_relay(
+            settings, default_reactor(settings), checker=options["checker"],
+            # Loaded once, when the options were checked.
+            tls_context=options.get("tls-context"),
+        )  # fmt: skip
     except CallbacksError as e:
         raise SystemExit(f"twistd relay: --callbacks {options['callbacks-name']}: {e}") from None
-    except (StartupError, SpoolLocked) as e:
+    except (StartupError, SpoolLocked, SettingsError) as e:
         raise SystemExit(f"twistd relay: {e}") from None
-
-
-def _make(options: Options):  # type: ignore[no-untyped-def]
-    from relay.service import makeService as _makeService
-
-    return _makeService(
-        smtp=tuple(options["smtp"]),
-        spool=options["spool"],
-        quarantine=options["quarantine"],
-        control=options["control"],
-        # Receivers import the plugin by its name.
-        callbacks=options["callbacks-name"] if options["receivers"] else options["callbacks"],
-        smarthost=options["smarthost"],
-        retry_intervals=options["retry-intervals"],
-        max_message_size=options["max-message-size"],
-        max_recipients=options["max-recipients"],
-        max_sessions=options["max-sessions"],
-        max_send_jobs=options["max-send-jobs"],
-        hostname=options["hostname"],
-        tls_cert=options["tls-cert"],
-        tls_key=options["tls-key"],
-        relay_tls=options["relay-tls"],
-        checker=options["checker"],
-        idle_timeout=options["idle-timeout"],
-        reject_bare_lf=bool(options["reject-bare-lf"]),
-        auth_requires_tls=not options["allow-auth-without-tls"],
-        bounce=not options["no-bounce"],
-        metrics=options["metrics"],
-        receivers=options["receivers"],
-        auth=tuple(options["auth-descriptions"]),
-    )

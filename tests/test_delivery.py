@@ -668,6 +668,26 @@ class SchedulerTests(SynchronousTestCase):
         s.send_now(waiting.id)
         self.assertEqual(list(s.due), [waiting.id])
 
+    def test_known_and_unscheduled(self) -> None:
+        """
+        L{DeliveryScheduler.is_known} is true for an entry being delivered,
+        due, or scheduled later, and false for one it never heard of;
+        L{DeliveryScheduler.unschedule} forgets a scheduled attempt.
+        """
+        s = self.make(max_send_jobs=1)
+        self.client.behaviour["mx1:25"] = None
+        delivering, due = self.enqueue(s, *[make_envelope(envelope_id=f"e{i}") for i in range(2)])
+        s.schedule("later-0", self.clock.seconds() + 60)
+        self.assertEqual(
+            [s.is_known(i) for i in (delivering.id, due.id, "later-0", "nosuch-0")],
+            [True, True, True, False],
+        )
+        s.unschedule("later-0")
+        s.unschedule("nosuch-0")
+        self.assertFalse(s.is_known("later-0"))
+        self.clock.advance(60)
+        self.assertEqual(len(self.client.sent), 1)
+
     def test_update_failure_keeps_entry(self) -> None:
         """
         A spool error while recording the outcome is logged and the entry
@@ -915,7 +935,7 @@ class WiringTests(SynchronousTestCase):
         (waiting for running deliveries) is done, so that deliveries can
         still record their outcome.
         """
-        from relay.service import ThreadPoolService
+        from relay.app.services import ThreadPoolService
 
         class FakePool:
             started = True
@@ -924,10 +944,9 @@ class WiringTests(SynchronousTestCase):
                 self.started = False
 
         pool = FakePool()
-        service = ThreadPoolService(pool)  # type: ignore[arg-type]
-        service.running = 1
         blocker: Deferred[None] = Deferred()
-        service.stop_after = lambda: blocker  # type: ignore[attr-defined]
+        service = ThreadPoolService(pool, stop_after=lambda: blocker)  # type: ignore[arg-type]
+        service.running = 1
         d = defer.maybeDeferred(service.stopService)
         self.assertNoResult(d)
         self.assertTrue(pool.started)

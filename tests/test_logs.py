@@ -31,7 +31,8 @@ from twisted.logger import (
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from relay.app.receiver import ReceiverPool, ReceiverProcess
+from relay.app.pool import ReceiverPool, ReceiverProcess
+from relay.app.settings import Settings
 from relay.logs import (
     FIXED_KEYS,
     JSONLogObserver,
@@ -399,7 +400,8 @@ class ReceiverEventTests(SynchronousTestCase):
 
         out = io.StringIO()
         pool = ReceiverPool(
-            count=1, listeners=[], settings={}, reactor=Clock(), publisher=JSONLogObserver(out)
+            count=1, listeners=[], settings=Settings(), reactor=Clock(),
+            publisher=JSONLogObserver(out),
         )
         pool.message(ReceiverProcess(pool, 1), json.dumps({"t": "log", "event": text}).encode())
         [line] = [strict_loads(x) for x in out.getvalue().splitlines()]

@@ -1,7 +1,8 @@
 """
-Tests for L{relay.app.receiver}: C{--receivers N}, the master's receiver pool,
-the master<->receiver messages, a receiver's own side, and the real
-C{twistd relay --receivers 2}.
+Tests for C{--receivers N}: the listeners (L{relay.app.listener}), the
+master's receiver pool (L{relay.app.pool}), the master<->receiver messages
+(L{relay.app.channel}), a receiver's own side (L{relay.app.receiver}), and
+the real C{twistd relay --receivers 2}.
 """
 
 from __future__ import annotations
@@ -24,17 +25,12 @@ from twisted.logger import Logger, eventAsJSON
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relay.app.receiver import (
-    CHANNEL_FD,
-    FIRST_LISTENER_FD,
-    Listener,
-    MasterReport,
-    Receiver,
-    ReceiverPool,
-    callbacks_name,
-    parse_listener,
-    receiver_settings,
-)
+from relay.app.channel import CHANNEL_FD, FIRST_LISTENER_FD, StartMessage
+from relay.app.listener import Listener, parse_listener
+from relay.app.pool import ReceiverPool
+from relay.app.receiver import MasterReport, Receiver
+from relay.app.settings import Settings, callbacks_name
+from relay.interfaces import ISpoolObserver
 from relay.model.address import EmailAddress, Sender
 from relay.model.entry import ACTIVE, QUARANTINE, entry_for
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
@@ -150,7 +146,7 @@ class PoolTests(SynchronousTestCase):
         self.rejected: list[None] = []
         self.restarted: list[None] = []
         self.logged: list[dict[str, Any]] = []
-        self.settings = receiver_settings(spool="/s", hostname="relay.test", grace=7.0)
+        self.settings = Settings(spool="/s", hostname="relay.test", receiver_grace=7.0)
 
     def spawn(self, protocol: Any, executable: str, argv: list[str], env: Any, childFDs: Any) -> Any:
         transport = FakeProcessTransport(100 + len(self.spawned))
@@ -158,7 +154,7 @@ class PoolTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return transport
 
-    def make(self, count: int = 2, wait_for: Any = None) -> ReceiverPool:
+    def make(self, count: int = 2, wait_for: Any = None, **kw: Any) -> ReceiverPool:
         pool = ReceiverPool(
             count=count,
             listeners=[parse_listener("tcp:0:interface=127.0.0.1")],
@@ -173,12 +169,15 @@ class PoolTests(SynchronousTestCase):
             executable="/usr/bin/python-for-test",
             publisher=self.logged.append,
             grace=7.0,
+            **kw,
         )
         self.addCleanup(pool._close_sockets)
         return pool
 
     def test_needs_a_receiver(self) -> None:
-        self.assertRaises(ValueError, ReceiverPool, count=0, listeners=[], settings={}, reactor=self.clock)
+        self.assertRaises(
+            ValueError, ReceiverPool, count=0, listeners=[], settings=Settings(), reactor=self.clock
+        )
 
     def test_starts_receivers_with_sockets_and_settings(self) -> None:
         pool = self.make()
@@ -198,13 +197,13 @@ class PoolTests(SynchronousTestCase):
             line = protocol.transport.written
             self.assertTrue(line.endswith(b"\n"))
             self.assertEqual(line.count(b"\n"), 1)
-            settings = json.loads(line)
-            self.assertEqual(settings["number"], number)
-            self.assertEqual(settings["hostname"], "relay.test")
-            self.assertEqual(settings["grace"], 7.0)
-            self.assertEqual(settings["path"], [p for p in sys.path if isinstance(p, str)])
-            [listener] = settings["listeners"]
-            self.assertEqual(Listener.from_json(listener).port, 0)
+            start = StartMessage.from_line(line)
+            self.assertEqual(start.number, number)
+            self.assertEqual(start.settings, self.settings)
+            self.assertEqual(start.settings.receiver_grace, 7.0)
+            self.assertEqual(list(start.path), [p for p in sys.path if isinstance(p, str)])
+            [listener] = start.listeners
+            self.assertEqual(listener.port, 0)
         # The socket listens: a client connects (it waits in the backlog).
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
@@ -252,11 +251,14 @@ class PoolTests(SynchronousTestCase):
         their entries, before C{on_spooled}; an entry without one gets
         C{None}.
         """
-        pool = self.started(1)
         remembered: list[tuple[str, bytes | None, int]] = []
-        pool.remember = lambda entry, message: remembered.append(
-            (entry.id, message.data if message is not None else None, len(self.spooled))
+        pool = self.make(
+            1,
+            remember=lambda entry, message: remembered.append(
+                (entry.id, message.data if message is not None else None, len(self.spooled))
+            ),
         )
+        pool.startService()
         a, b = make_entry("a"), make_entry("b")
         line = json.dumps(
             {
@@ -272,9 +274,9 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(self.spooled, [[a, b]])
 
     def test_bad_message_logged(self) -> None:
-        pool = self.started(1)
         errors: list[Any] = []
-        pool.log = Logger(observer=errors.append)
+        self.make(1, log=Logger(observer=errors.append)).startService()
+        del errors[:]  # the start's own lines
         self.spawned[0][0].childDataReceived(CHANNEL_FD, b'not json\n{"t": "nonsense"}\n')
         self.assertEqual([e["receiver"] for e in errors], [1, 1])
         self.assertTrue(all(e["log_failure"] is not None for e in errors))
@@ -294,9 +296,9 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(event["log_system"], "receiver-2 relay.smtp.server#warn")
 
     def test_output_logged(self) -> None:
-        pool = self.started(1)
         events: list[dict[str, Any]] = []
-        pool.log = Logger(observer=events.append)
+        self.make(1, log=Logger(observer=events.append)).startService()
+        del events[:]  # the start's own lines
         protocol = self.spawned[0][0]
         protocol.childDataReceived(2, b"Traceback (most recent\ncall last)")
         protocol.childConnectionLost(2)
@@ -324,6 +326,27 @@ class PoolTests(SynchronousTestCase):
         protocol.processEnded(Failure(ProcessDone(0)))
         self.clock.advance(1.0)
         self.assertIsNot(self.spawned[-1][0], protocol)
+
+    def test_reload_while_waiting(self) -> None:
+        """
+        A receiver waiting to be restarted is not running for SIGHUP (it
+        reads the files when it starts); once restarted and listening it
+        gets the next one.
+        """
+        pool = self.started(1)
+        self.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.assertEqual(
+            self.successResultOf(pool.reload(None)),
+            "No receiver runs: each reads the files when it starts",
+        )
+        self.clock.advance(1.0)
+        restarted = self.spawned[-1][0]
+        restarted.childDataReceived(CHANNEL_FD, b'{"t": "listening"}\n')
+        self.assertEqual(
+            self.successResultOf(pool.reload(None)), "SIGHUP passed on to receivers 1"
+        )
+        self.assertEqual(restarted.transport.signals, ["HUP"])
+        self.assertEqual(self.spawned[0][0].transport.signals, [])
 
     def test_stop(self) -> None:
         pool = self.started()
@@ -391,7 +414,6 @@ class MasterReportTests(SynchronousTestCase):
         """
         from zope.interface.verify import verifyObject
 
-        from relay.interfaces import ISpoolObserver
 
         verifyObject(ISpoolObserver, MasterReport(lambda m: None))
 
@@ -448,28 +470,29 @@ class ReceiverTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.sent: list[dict[str, Any]] = []
         base = os.path.abspath(self.mktemp())
-        self.settings = receiver_settings(
-            number=2,
-            listeners=[
-                parse_listener("tcp:2525:interface=127.0.0.1").to_json(),
-                parse_listener("haproxy:tcp6:2526").to_json(),
-            ],
+        self.settings = Settings(
             spool=os.path.join(base, "spool"),
             quarantine=os.path.join(base, "quarantine"),
             callbacks=f"{__name__}.Policy",
             hostname="relay.test",
             smarthost="mx.example.net:25",
-            retry_intervals=[60, 120],
+            retry_intervals=(60, 120),
             max_message_size=1000,
             max_recipients=3,
             max_sessions=4,
             idle_timeout=9.0,
             reject_bare_lf=True,
             auth_requires_tls=False,
-            tls_cert=None,
-            tls_key=None,
-            auth=["memory:alice:secret"],
-            grace=5.0,
+            auth=("memory:alice:secret",),
+            receiver_grace=5.0,
+        )
+        self.start = StartMessage(
+            number=2,
+            settings=self.settings,
+            listeners=(
+                parse_listener("tcp:2525:interface=127.0.0.1"),
+                parse_listener("haproxy:tcp6:2526"),
+            ),
         )
 
     def make(self) -> Receiver:
@@ -478,11 +501,11 @@ class ReceiverTests(SynchronousTestCase):
             s = socket.socket()
             self.addCleanup(s.close)
             fds.append(os.dup(s.fileno()))
-        return Receiver(self.settings, self.reactor, self.sent.append, fds, run_in_thread=synchronous)
+        return Receiver(self.start, self.reactor, self.sent.append, fds, run_in_thread=synchronous)
 
     def test_configured_like_the_master(self) -> None:
         receiver = self.make()
-        factory = receiver.build()
+        factory = receiver.factory
         plugin = factory.callbacks
         self.assertIsInstance(plugin, Policy)
         defaults = plugin.configured
@@ -504,12 +527,12 @@ class ReceiverTests(SynchronousTestCase):
         self.assertIsNone(factory.settings.tls_context_factory)
         self.assertIsInstance(factory.spool, ObservedSpool)
         self.assertIsInstance(factory.spool.observer, MasterReport)
-        self.assertEqual(factory.spool.spool.path, self.settings["spool"])
+        self.assertEqual(factory.spool.spool.path, self.settings.spool)
         factory.on_rejected()
         self.assertEqual(self.sent, [{"t": "rejected"}])
 
     def test_adopts_sockets(self) -> None:
-        from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
+        from relay.app._compat import HAProxyWrappingFactory
 
         receiver = self.make()
         fds = list(receiver.fds)
@@ -606,6 +629,11 @@ class ReceiversTwistdTests(TestCase):
         for pid in pids.values():
             self.addCleanup(_kill_if_alive, pid)
         yield self.wait_listening(process, output, port)
+        # Without --tls-cert, neither the master nor a receiver loads pyOpenSSL.
+        from tests.test_compat import cryptography_loaded
+
+        for pid in (process.pid, *pids.values()):
+            self.assertFalse(cryptography_loaded(pid), pid)
 
         count = 8
         bodies = [

@@ -26,6 +26,7 @@ from relay.delivery.scheduler import DeliveryScheduler
 from relay.simple import Simple
 from relay.tap import Options
 from relay.tap import makeService as tapMakeService
+from tests.test_receivers import FakeProcessTransport
 
 
 class FakeFactory(Factory):
@@ -220,11 +221,11 @@ class MakeServiceTests(SynchronousTestCase):
                 "--auth", "memory:alice:secret",
             ]
         )  # fmt: skip
-        self.patch(relay_service, "DEFAULT_SMTP", ("unused",))
         from twisted.internet import reactor
 
         top = tapMakeService(options)
         self.assertTrue(IService.providedBy(top))
+        self.assertEqual([s.name for s in top if s.name.startswith("smtp-")], ["smtp-0"])
         kwargs = top.factory.kwargs
         self.assertIs(kwargs["clock"], reactor)
         self.assertEqual(kwargs["hostname"], "tap.test")
@@ -256,17 +257,42 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(services[0], MultiService)
 
 
+class SpawningReactor(MemoryReactorClock):
+    """
+    A memory reactor that records the processes it is asked to spawn
+    (L{IReactorProcess}), connecting each protocol to a fake transport.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any, **kw: Any) -> Any:
+        transport = FakeProcessTransport(100 + len(self.spawned))
+        self.spawned.append(protocol)
+        protocol.makeConnection(transport)
+        return transport
+
+
 class ReceiversServiceTests(SynchronousTestCase):
     """
     L{relay_service.makeService} with C{receivers}: the master's tree.
     """
 
-    setUp = MakeServiceTests.setUp
     _restore = MakeServiceTests._restore
     make = MakeServiceTests.make
 
+    def setUp(self) -> None:
+        MakeServiceTests.setUp(self)  # type: ignore[arg-type]
+        self.reactor = SpawningReactor()
+
     def test_tree(self) -> None:
-        from relay.app.receiver import ReceiverPool
+        """
+        The master opens no SMTP listener of its own: a receiver pool has
+        the endpoints, and the settings the receivers get (max_sessions
+        shared among them, absolute paths, the plugin and AUTH by name).
+        """
+        from relay.app.pool import ReceiverPool
 
         top = self.make(
             smtp=["tcp:0:interface=127.0.0.1", "haproxy:tcp6:0:interface=\\:\\:1"],
@@ -281,18 +307,18 @@ class ReceiversServiceTests(SynchronousTestCase):
         self.assertEqual(names, ["threadpool", "spool", "receivers", "control", "reload"])
         pool = top.receivers
         self.assertIsInstance(pool, ReceiverPool)
-        self.assertIsNone(getattr(top, "factory", None))
+        self.assertIsNone(top.factory)
         self.assertEqual(pool.count, 3)
         self.assertEqual([x.haproxy for x in pool.listeners], [False, True])
         settings = pool.settings
-        self.assertEqual(settings["callbacks"], f"{__name__}.Policy")
-        self.assertEqual(settings["auth"], ["memory:alice:secret"])
-        self.assertEqual(settings["max_sessions"], 4)  # 10 shared by 3, rounded up
-        self.assertEqual(settings["hostname"], "relay.test")
-        self.assertEqual(settings["smarthost"], "mx.example.com:25")
-        self.assertEqual(settings["retry_intervals"], [60])
-        self.assertEqual(settings["spool"], os.path.join(self.base, "spool"))
-        self.assertEqual(settings["quarantine"], os.path.join(self.base, "quarantine"))
+        self.assertEqual(settings.callbacks, f"{__name__}.Policy")
+        self.assertEqual(settings.auth, ("memory:alice:secret",))
+        self.assertEqual(settings.max_sessions, 4)  # 10 shared by 3, rounded up
+        self.assertEqual(settings.hostname, "relay.test")
+        self.assertEqual(settings.smarthost, "mx.example.com:25")
+        self.assertEqual(settings.retry_intervals, (60,))
+        self.assertEqual(settings.spool, os.path.join(self.base, "spool"))
+        self.assertEqual(settings.quarantine, os.path.join(self.base, "quarantine"))
         # The master's own plugin (for its RPCs) is configured as before,
         # with a checker made from the description.
         self.assertIsInstance(top.callbacks, Policy)
@@ -300,11 +326,14 @@ class ReceiversServiceTests(SynchronousTestCase):
         self.assertEqual(self.reactor.tcpServers, [])
 
     def test_start_stop(self) -> None:
+        """
+        The receivers start once the spool is recovered; the sockets are
+        the master's, closed when the pool stops.
+        """
         top = self.make(smtp=["tcp:0:interface=127.0.0.1"], receivers=1)
-        spawned: list[Any] = []
-        top.receivers.spawn = lambda protocol, *args, **kw: spawned.append(protocol)
         top.privilegedStartService()
         top.startService()
+        spawned = self.reactor.spawned
         try:
             self.assertEqual(top.spool.calls, ["lock", "recover"])
             # After recovery, the receiver is started; nothing listens here.
@@ -312,11 +341,16 @@ class ReceiversServiceTests(SynchronousTestCase):
             self.assertEqual(self.reactor.tcpServers, [])
             self.assertEqual(len(top.receivers.sockets), 1)
         finally:
+            d = top.stopService()
             spawned[0].processEnded(Failure(ProcessDone(0)))
-            self.successResultOf(top.stopService())
+            self.successResultOf(d)
         self.assertEqual(top.receivers.sockets, [])
 
     def test_refusals(self) -> None:
+        """
+        What receivers cannot work with is refused when the relay is made,
+        with the reason.
+        """
         for kwargs, text in (
             (dict(smtp=["unix:/tmp/relay.sock"]), "only tcp:, tcp6: and haproxy:"),
             (dict(callbacks=Policy()), "dotted name"),
@@ -334,16 +368,13 @@ class ReceiversServiceTests(SynchronousTestCase):
         stream and the scheduler like locally received ones; a restart
         rescans the active queue for entries the scheduler does not know.
         """
+        from relay.app.build import receiver_pool
+        from relay.app.services import SpoolRecovery
+        from relay.app.settings import Settings
         from relay.control.events import EventBus
-
-        top = self.make(smtp=["tcp:0:interface=127.0.0.1"], receivers=1)
-        pool = top.receivers
 
         class Scheduler:
             running = True
-            timers = {"known-0": None}
-            jobs: dict[str, Any] = {}
-            due: list[str] = []
 
             def __init__(self) -> None:
                 self.events = EventBus(Clock())
@@ -352,12 +383,18 @@ class ReceiversServiceTests(SynchronousTestCase):
             def notify(self, entries: Any) -> None:
                 self.notified.append([e.id for e in entries])
 
+            def is_known(self, entry_id: str) -> bool:
+                return entry_id == "known-0"
+
             # The news the master passes on, as the real scheduler takes it.
             spooled = DeliveryScheduler.spooled
             quarantined = DeliveryScheduler.quarantined
 
         scheduler = Scheduler()
-        top.delivery = scheduler
+        disk = FakeDiskSpool(os.path.join(self.base, "spool"), None, self.reactor)
+        disk.entries = lambda queue: succeed([Entry("known-0"), Entry("new-0")])  # type: ignore[attr-defined]
+        settings = Settings(smtp=("tcp:0:interface=127.0.0.1",), receivers=1, hostname="relay.test")
+        pool = receiver_pool(settings, disk, scheduler, SpoolRecovery(disk), self.reactor)
         seen: list[Any] = []
         scheduler.events.subscribe(lambda e: seen.append((e.kind, e.entry_id, e.fields)))
         a, b = Entry("a-0"), Entry("b-0")
@@ -369,11 +406,14 @@ class ReceiversServiceTests(SynchronousTestCase):
         )
         self.assertEqual(scheduler.notified, [["a-0", "b-0"]])
 
-        top.spool.entries = lambda queue: succeed([Entry("known-0"), Entry("new-0")])
         pool.on_restart()
         self.assertEqual(scheduler.notified[-1], ["new-0"])
 
     def test_metrics_count_receivers(self) -> None:
+        """
+        With metrics, the receivers' policy rejections and open sessions
+        (as they report them) are the relay's.
+        """
         top = self.make(
             smtp=["tcp:0:interface=127.0.0.1"], receivers=2, metrics="tcp:0:interface=127.0.0.1"
         )
@@ -382,13 +422,70 @@ class ReceiversServiceTests(SynchronousTestCase):
         value = top.metrics.registry.get_sample_value("relay_messages_total", {"outcome": "rejected"})
         self.assertEqual(value, 1.0)
 
-        class Process:
-            sessions = 2
-
-        pool.processes = {1: Process(), 2: Process()}
+        top.privilegedStartService()
+        top.startService()
+        for process in self.reactor.spawned:
+            process.childDataReceived(3, b'{"t": "sessions", "n": 2}\n')
         self.assertEqual(top.metrics.registry.get_sample_value("relay_sessions"), 4.0)
+        d = top.stopService()
+        for process in self.reactor.spawned:
+            process.processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(d)
 
 
 class Entry:
     def __init__(self, entry_id: str) -> None:
         self.id = entry_id
+
+
+class SpoolRecoveryTests(SynchronousTestCase):
+    """
+    L{SpoolRecovery}: what waits for the spool's recovery.
+    """
+
+    def test_waiters(self) -> None:
+        """
+        Waiting before and during the recovery fires once it is done;
+        waiting afterwards fires at once.
+        """
+        from twisted.internet.defer import Deferred
+
+        from relay.app.services import SpoolRecovery
+
+        recovering: Deferred[None] = Deferred()
+
+        class Spool:
+            def recover(self) -> Deferred[None]:
+                return recovering
+
+        recovery = SpoolRecovery(Spool())
+        early = recovery.wait()
+        recovery.run()
+        during = recovery.wait()
+        self.assertNoResult(early)
+        self.assertNoResult(during)
+        recovering.callback(None)
+        self.successResultOf(early)
+        self.successResultOf(during)
+        self.successResultOf(recovery.wait())
+
+    def test_failure_logged_waiters_go_on(self) -> None:
+        """
+        A failed recovery is logged; what waits for it goes on (the
+        scheduler loads what is there).
+        """
+        from twisted.internet.defer import fail
+
+        from relay.app.services import SpoolRecovery
+
+        class Spool:
+            def recover(self) -> Any:
+                return fail(OSError("disk gone"))
+
+        recovery = SpoolRecovery(Spool())
+        waiting = recovery.wait()
+        with capturedLogs() as events:
+            recovery.run()
+        self.successResultOf(waiting)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertTrue(any("recovery failed" in str(e.get("log_format")) for e in events))

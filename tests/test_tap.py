@@ -128,6 +128,42 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNotNone(options["tls-context"].getContext())
 
 
+class TLSLoadedOnceTests(SynchronousTestCase):
+    def test_tls_context_loaded_once(self) -> None:
+        """
+        The certificate and key are read once, when the options are
+        checked: the relay serves that context.
+        """
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+
+        from relay.app import build
+
+        cert = ssl.KeyPair.generate(size=2048).selfSignedCert(1, CN="relay.test")
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        certfile, keyfile = os.path.join(base, "cert.pem"), os.path.join(base, "key.pem")
+        with open(certfile, "wb") as f:
+            f.write(cert.dumpPEM())
+        with open(keyfile, "wb") as f:
+            f.write(cert.privateKey.dump(crypto.FILETYPE_PEM))
+        loads: list[tuple[str, str]] = []
+        original = build.load_tls_context
+
+        def counting(cert_path: str, key_path: str) -> object:
+            loads.append((cert_path, key_path))
+            return original(cert_path, key_path)
+
+        self.patch(build, "load_tls_context", counting)
+        options = parse(
+            "--tls-cert", certfile, "--tls-key", keyfile, "--hostname", "relay.test",
+            "--spool", os.path.join(base, "spool"), "--quarantine", os.path.join(base, "q"),
+        )  # fmt: skip
+        top = tapMakeService(options)
+        self.assertIs(top.factory.settings.tls_context_factory, options["tls-context"])
+        self.assertEqual(loads, [(certfile, keyfile)])
+
+
 class BadOptionsTests(SynchronousTestCase):
     def assertBad(self, name: str, *argv: str) -> None:
         with self.assertRaises(usage.UsageError) as cm:
@@ -390,7 +426,7 @@ class StartupErrorTests(SynchronousTestCase):
         """
         A missing spool directory is created with mode 0700 (parents too).
         """
-        from relay.service import prepare_directories
+        from relay.app.directories import prepare_directories
 
         spool = os.path.join(self.base, "var", "spool", "relay")
         prepare_directories(spool, os.path.join(self.base, "q"))
@@ -446,12 +482,12 @@ class StartupErrorTests(SynchronousTestCase):
         """
         import errno
 
-        from relay import service
+        from relay.app import directories
 
         def refuse(directory: str) -> None:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), directory)
 
-        self.patch(service, "_write_probe", refuse)
+        self.patch(directories, "_write_probe", refuse)
         spool = os.path.join(self.base, "spool")
         self.assertEqual(
             self.exit_line(), f"twistd relay: --spool {spool}: not writable: Read-only file system"

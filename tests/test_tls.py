@@ -43,11 +43,16 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from relay.app.receiver import Listener, Receiver, ReceiverPool, parse_listener, receiver_settings
+from relay.app.build import load_tls_context
+from relay.app.channel import StartMessage
+from relay.app.listener import Listener, parse_listener
+from relay.app.pool import ReceiverPool
+from relay.app.receiver import Receiver
 from relay.app.reload import ReloadError, ReloadService
+from relay.app.settings import Settings
 from relay.interfaces import IReloadable
 from relay.model.results import Continue
-from relay.service import load_tls_context, makeService
+from relay.service import makeService
 from relay.smtp.proxy import ProxyHeaderWrappingFactory
 from relay.smtp.server import SMTPServerFactory
 from relay.smtp.tls import (
@@ -992,7 +997,7 @@ class ServiceTests(SynchronousTestCase):
         )  # fmt: skip
         pool = top.receivers
         self.assertEqual([x.tls for x in pool.listeners], [True])
-        self.assertEqual(pool.settings["tls_cert"], self.files.cert)
+        self.assertEqual(pool.settings.tls_cert, self.files.cert)
         self.assertEqual(top.getServiceNamed("reload").reloadables, (pool,))
 
 
@@ -1040,25 +1045,25 @@ class ReceiverTLSTests(SynchronousTestCase):
         import socket
 
         base = os.path.abspath(self.mktemp())
-        settings = receiver_settings(
-            number=1,
-            listeners=[
-                parse_listener("implicit-tls:465:interface=127.0.0.1").to_json(),
-                parse_listener("haproxy:implicit-tls:466").to_json(),
-                parse_listener("tcp:25").to_json(),
-            ],
+        settings = Settings(
             spool=os.path.join(base, "spool"), quarantine=os.path.join(base, "quarantine"),
             callbacks="relay.simple.Simple", hostname="relay.test", max_message_size=1000,
             max_recipients=3, max_sessions=4, idle_timeout=9.0, reject_bare_lf=False,
             auth_requires_tls=True, tls_cert=cert, tls_key=key,
         )  # fmt: skip
+        listeners = (
+            parse_listener("implicit-tls:465:interface=127.0.0.1"),
+            parse_listener("haproxy:implicit-tls:466"),
+            parse_listener("tcp:25"),
+        )
         fds = []
         for _ in range(3):
             s = socket.socket()
             self.addCleanup(s.close)
             fds.append(os.dup(s.fileno()))
         self.reactor = MemoryReactorClock()
-        return Receiver(settings, self.reactor, lambda message: None, fds, run_in_thread=QueuedRunner())
+        start = StartMessage(number=1, settings=settings, listeners=listeners)
+        return Receiver(start, self.reactor, lambda message: None, fds, run_in_thread=QueuedRunner())
 
     def test_wraps_in_tls(self) -> None:
         """
@@ -1104,7 +1109,7 @@ class PoolReloadTests(SynchronousTestCase):
 
         self.pool = ReceiverPool(
             count=2, listeners=[parse_listener("tcp:0:interface=127.0.0.1")],
-            settings=receiver_settings(), reactor=Clock(), spawn=spawn,
+            settings=Settings(), reactor=Clock(), spawn=spawn,
         )  # fmt: skip
         self.addCleanup(self.pool._close_sockets)
 
@@ -1147,7 +1152,7 @@ class WithoutOpenSSLTests(SynchronousTestCase):
         """
         The modules a receiver without TLS imports (the reload service and
         the TLS helpers included) import with pyOpenSSL blocked, as
-        L{relay.app.receiver._without_tls} blocks it.
+        L{relay.app._compat.keep_openssl_out} blocks it.
         """
         code = (
             "import sys; sys.modules['OpenSSL'] = None\n"

@@ -117,12 +117,8 @@ class ControlLocator(amp.CommandLocator):
         return found
 
     def _unschedule(self, entry_id: str) -> None:
-        timers = getattr(self.scheduler, "timers", None)
-        if timers is None:
-            return
-        timer = timers.pop(entry_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        if self.scheduler is not None:
+            self.scheduler.unschedule(entry_id)
 
     def _require_scheduler(self) -> Any:
         if self.scheduler is None:

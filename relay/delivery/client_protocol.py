@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.app._compat import start_tls
 from relay.model.reply import Reply, ReplyError
 from relay.smtp import eager
 
@@ -156,7 +157,7 @@ class SMTPClientProtocol(Protocol):
         C{IOpenSSLClientConnectionCreator}).
         """
         assert self.transport is not None
-        self.transport.startTLS(creator)  # type: ignore[attr-defined]
+        start_tls(self.transport, creator)
         self.tls = True
 
     def close(self) -> None:

@@ -17,11 +17,6 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from service_identity import CertificateError, VerificationError
-from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
-from service_identity.pyopenssl import extract_patterns
-from twisted.internet import ssl
-
 #: The C{--relay-tls} modes, weakest first.
 TLS_MODES = ("none", "may", "encrypt", "verify")
 
@@ -63,6 +58,10 @@ class TLSPolicy:
         """
         The C{IOpenSSLClientConnectionCreator} for STARTTLS to C{host}.
         """
+        # pyOpenSSL on first use: a relay whose next hops never offer
+        # STARTTLS does without it (see relay.app._compat.keep_openssl_out).
+        from twisted.internet import ssl
+
         if self.mode == "verify":
             return ssl.optionsForClientTLS(host, trustRoot=self.trust_root)
         return ssl.CertificateOptions(verify=False)
@@ -79,6 +78,10 @@ class TLSPolicy:
         """
         if self.mode != "verify":
             return None
+        from service_identity import CertificateError, VerificationError
+        from service_identity.hazmat import DNS_ID, IPAddress_ID, verify_service_identity
+        from service_identity.pyopenssl import extract_patterns
+
         try:
             ipaddress.ip_address(host)
             svcid: Any = IPAddress_ID(host)

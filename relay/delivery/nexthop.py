@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.names import error as dns_error
 
 from relay.model.address import EmailAddress
 
@@ -141,6 +140,9 @@ def resolve_domain(resolver: Any, domain: str) -> Deferred[tuple[tuple[str, ...]
         return (hops, None, False)
 
     def failed(failure: Any) -> tuple[tuple[str, ...], str | None, bool]:
+        # Here, not at the top: a relay with a smarthost needs no twisted.names.
+        from twisted.names import error as dns_error
+
         if failure.check(dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
             return ((), f"5.1.2 domain {domain} not found", True)
         return ((), f"4.4.3 lookup of {domain} failed: {failure.getErrorMessage()}", False)

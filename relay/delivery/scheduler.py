@@ -253,10 +253,25 @@ class DeliveryScheduler(Service):
         """
         Deliver C{entry_id} at once, whatever its schedule.
         """
-        old = self.timers.pop(entry_id, None)
-        if old is not None and old.active():
-            old.cancel()
+        self.unschedule(entry_id)
         self._became_due(entry_id)
+
+    def unschedule(self, entry_id: str) -> None:
+        """
+        Forget the next attempt scheduled for C{entry_id} (it is being
+        frozen or removed); a delivery under way goes on.
+        """
+        timer = self.timers.pop(entry_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def is_known(self, entry_id: str) -> bool:
+        """
+        Is C{entry_id} scheduled, due or being delivered?  (Entries found
+        in the active queue that are not, say after a receiver died before
+        it could tell about them, need L{notify}.)
+        """
+        return entry_id in self.timers or entry_id in self.jobs or entry_id in self._due_ids
 
     # -- one delivery ----------------------------------------------------
 

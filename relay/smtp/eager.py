@@ -10,44 +10,14 @@ bench/RESULTS.md).  L{write} sends at once when the transport is a plain
 TCP connection with nothing buffered, and hands whatever the kernel did not
 take (or any transport it does not know) to C{transport.write}, so that
 ordering, producers and errors stay Twisted's.
+
+Knowing that nothing is buffered takes the TCP transport's private
+buffers: the function itself lives with relay's other uses of Twisted
+internals, in L{relay.app._compat} (as C{eager_write}).
 """
 
 from __future__ import annotations
 
-import errno
-from typing import Any
+from relay.app._compat import eager_write as write
 
-from twisted.internet import tcp
-
-_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS)
-
-
-def write(transport: Any, data: bytes) -> None:
-    """
-    Write C{data} to C{transport}: straight to its socket when that is safe
-    (a L{tcp.Connection}, connected, not TLS, nothing waiting in its
-    buffers), else through C{transport.write}.
-    """
-    if (
-        type(transport) in _PLAIN
-        and transport.connected
-        and not transport.disconnecting
-        and not transport.TLS
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-    ):
-        try:
-            sent = transport.socket.send(data)
-        except OSError as e:
-            if e.errno not in _RETRY:
-                # Let Twisted find and report the error on its own path.
-                transport.write(data)
-                return
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-_PLAIN = frozenset({tcp.Server, tcp.Client})
+__all__ = ["write"]

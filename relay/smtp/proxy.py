@@ -21,13 +21,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.haproxy import _info
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
+
+# Twisted's PROXY-protocol parsers and wrapper are private (see relay.app._compat).
+from relay.app._compat import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+    InvalidProxyHeader,
+    ProxyInfo,
+    V1Parser,
+    V2Parser,
+)
 
 PREFIX = "haproxy:"
 HEADER_TIMEOUT = 5.0  # Postfix's smtpd_upstream_proxy_timeout
@@ -46,7 +51,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
     _buffer = b""
     _seen = 0  # header bytes so far
     _timeout: Any = None
-    _proxyInfo: _info.ProxyInfo | None
+    _proxyInfo: ProxyInfo | None
 
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper.makeConnection, except that the wrapped protocol

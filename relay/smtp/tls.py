@@ -10,7 +10,7 @@ sent, so that a client trusting only the root can verify the server.
 
 pyOpenSSL is imported only when TLS is used: a receiver process without
 C{--tls-cert} imports this module (for L{plain_description}) but must not
-load OpenSSL (see L{relay.app.receiver._without_tls}).
+load OpenSSL (see L{relay.app._compat.keep_openssl_out}).
 """
 
 from __future__ import annotations
@@ -244,9 +244,15 @@ def server_endpoint(reactor: Any, description: str, context: Any) -> IStreamServ
 
     @raise ValueError: for C{implicit-tls:} without a C{context}.
     """
+    plain = plain_description(description)
+    if plain is None and description[: len(_HAPROXY)].lower() != _HAPROXY:
+        # Neither implicit TLS nor PROXY: Twisted's own (the PROXY
+        # protocol's modules are imported only for haproxy: listeners).
+        from twisted.internet.endpoints import serverFromString
+
+        return serverFromString(reactor, description)
     from relay.smtp.proxy import server_endpoint as plain_endpoint
 
-    plain = plain_description(description)
     if plain is None:
         return plain_endpoint(reactor, description)
     if context is None:

@@ -212,11 +212,12 @@ class InteropCase(TestCase):
     # -- relay ----------------------------------------------------------------
 
     @inlineCallbacks
-    def start_relay(self, name: str, smarthost: str, *extra: str) -> Any:
+    def start_relay(self, name: str, smarthost: str, *extra: str, certificate: bool = True) -> Any:
         """
-        Start C{twistd -n relay} with STARTTLS (this test's certificate),
-        AUTH for alice (password C{secret}) and C{smarthost} as its next
-        hop; wait until it listens and return its port.
+        Start C{twistd -n relay} with STARTTLS (this test's certificate,
+        unless not C{certificate}), AUTH for alice (password C{secret}) and
+        C{smarthost} as its next hop; wait until it listens and return its
+        port.
         """
         port = free_port()
         directory = os.path.join(self.base, name)
@@ -232,8 +233,7 @@ class InteropCase(TestCase):
             "--hostname", f"{name}.test",
             "--smarthost", smarthost,
             "--retry-intervals", "1m",
-            "--tls-cert", self.cert,
-            "--tls-key", self.key,
+            *(["--tls-cert", self.cert, "--tls-key", self.key] if certificate else []),
             "--auth", "memory:alice:secret",
             *extra,
         ]  # fmt: skip
@@ -748,6 +748,33 @@ class PostfixTests(InteropCase):
         self.assertIn("by relay.test (relay) with ESMTP", received[1])
         self.assertIn("status=sent (delivered to maildir)", self.read(self.maillog))
         yield self.poll(lambda: not self.spool_files("relay"), "relay's spool to empty")
+
+
+    @inlineCallbacks
+    def test_relay_without_certificate_starttls_to_postfix(self) -> Any:
+        """
+        A relay without a certificate of its own (so started without
+        pyOpenSSL) still delivers to Postfix over the STARTTLS Postfix
+        offers: pyOpenSSL loads when the first next hop offers it.
+        """
+        postfix_port = yield self.start_postfix()
+        relay_port = yield self.start_relay(
+            "plain", f"127.0.0.1:{postfix_port}", certificate=False
+        )
+        data = (
+            b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: lazy TLS\r\n"
+            b"Message-ID: <lazy-tls@example.com>\r\n\r\nhello\r\n"
+        )
+        refused = yield self.send(relay_port, data)
+        self.assertEqual(refused, {})
+        new = os.path.join(self.maildir, "bob", "new")
+        [path] = yield self.poll(
+            lambda: files_under(new),
+            lambda: f"the message in {new}:\n{self.read(self.relay_logs['plain'])[-3000:]}",
+        )
+        with open(path, "rb") as f:
+            received = received_headers(f.read())
+        self.assertIn("by postfix.test (Postfix) with ESMTPS", received[0])
 
 
 class ProxyProtocolTests(InteropCase):
