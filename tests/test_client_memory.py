@@ -11,15 +11,9 @@ server takes, byte for byte.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from dataclasses import replace
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import ssl
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,6 +25,7 @@ from relay.model.reply import Reply
 from relay.model.results import Continue, Reject
 from relay.simple import Defaults, Simple
 from relay.testing import ClientHarness, TranscriptMismatch, make_envelope
+from tests.pki import certificate
 
 SETTINGS = ClientSettings(hostname="relay.test", tls=TLSPolicy("none"))
 
@@ -251,41 +246,6 @@ class DeliveryTests(SynchronousTestCase):
 
 
 # -- TLS ------------------------------------------------------------------------------
-
-
-def certificate(*names: str, san: bool = True) -> bytes:
-    """
-    A self-signed certificate (a CA of its own) and its key, PEM: its
-    common name is the first of C{names}, its subjectAltName (unless not
-    C{san}) all of them, DNS names or IP addresses.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    )
-    if san:
-        entries: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                entries.append(x509.DNSName(name))
-        builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
-    cert = builder.sign(key, hashes.SHA256())
-    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
 
 
 def tls_harness(

@@ -12,7 +12,7 @@ import shlex
 from twisted.python import reflect
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_tls import CertificateFiles
+from tests.pki import CertificateFiles
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 

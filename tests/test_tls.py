@@ -11,7 +11,6 @@ L{twisted.test.iosim}); only the C{twistd} tests at the end use loopback.
 
 from __future__ import annotations
 
-import datetime
 import os
 import signal
 import smtplib
@@ -20,10 +19,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import (
@@ -74,145 +70,10 @@ from relay.testing import (
     TLSStringTransport,
 )
 from tests import test_integration
+from tests.pki import CertificateFiles, key_pem, pki
 from tests.test_integration import ROOT, free_port
 from tests.test_receivers import FakeProcessTransport
 from tests.test_server import MESSAGE, Recorder
-
-# -- certificates ---------------------------------------------------------------
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _certificate(
-    subject: str, public_key: Any, issuer: str, issuer_key: Any, *, ca: bool
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(_name(issuer))
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-    )
-    if not ca:
-        import ipaddress
-
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(subject), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-def _pem(certificate: x509.Certificate) -> bytes:
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: Any, password: bytes | None = None) -> bytes:
-    encryption: Any = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    )
-
-
-class PKI:
-    """
-    A root CA and an intermediate CA it signed; L{write} makes server
-    certificates signed by the intermediate.
-    """
-
-    def __init__(self) -> None:
-        self.root_key = ec.generate_private_key(ec.SECP256R1())
-        self.root = _certificate(
-            "Relay Test Root", self.root_key.public_key(), "Relay Test Root", self.root_key, ca=True
-        )
-        self.intermediate_key = ec.generate_private_key(ec.SECP256R1())
-        self.intermediate = _certificate(
-            "Relay Test Intermediate", self.intermediate_key.public_key(), "Relay Test Root",
-            self.root_key, ca=True,
-        )  # fmt: skip
-
-    def write(
-        self, cert_path: str, key_path: str, name: str = "relay.test", chain: bool = True
-    ) -> None:
-        """
-        Write a server certificate for C{name} (followed by the
-        intermediate when C{chain}) and its key.
-        """
-        key = ec.generate_private_key(ec.SECP256R1())
-        leaf = _certificate(name, key.public_key(), "Relay Test Intermediate",
-                            self.intermediate_key, ca=False)  # fmt: skip
-        with open(cert_path, "wb") as f:
-            f.write(_pem(leaf) + (_pem(self.intermediate) if chain else b""))
-        with open(key_path, "wb") as f:
-            f.write(_key_pem(key))
-
-    def trust_root(self) -> ssl.Certificate:
-        return ssl.Certificate.loadPEM(_pem(self.root))
-
-    def write_root(self, path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(_pem(self.root))
-
-    def write_intermediate(self, path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(_pem(self.intermediate))
-
-
-_pki: PKI | None = None
-
-
-def pki() -> PKI:
-    """
-    The CAs, made once for the module (the server certificates are made
-    per test).
-    """
-    global _pki
-    if _pki is None:
-        _pki = PKI()
-    return _pki
-
-
-class CertificateFiles:
-    """
-    A test's certificate and key files, in its temporary directory.
-    """
-
-    def __init__(self, test: SynchronousTestCase) -> None:
-        base = os.path.abspath(test.mktemp())
-        os.makedirs(base)
-        self.base = base
-        self.cert = os.path.join(base, "fullchain.pem")
-        self.key = os.path.join(base, "privkey.pem")
-
-    def write(self, name: str = "relay.test", chain: bool = True) -> CertificateFiles:
-        pki().write(self.cert, self.key, name, chain)
-        return self
-
 
 # -- in-memory TLS ----------------------------------------------------------------
 
@@ -331,7 +192,7 @@ class ChainTests(SynchronousTestCase):
         open(empty, "wb").close()
         encrypted = os.path.join(files.base, "encrypted.pem")
         with open(encrypted, "wb") as f:
-            f.write(_key_pem(ec.generate_private_key(ec.SECP256R1()), b"secret"))
+            f.write(key_pem(ec.generate_private_key(ec.SECP256R1()), b"secret"))
         missing = os.path.join(files.base, "missing.pem")
         for cert, key, named, reason in (
             (missing, files.key, missing, "No such file"),

@@ -61,9 +61,9 @@ def make_certificate(directory: str) -> tuple[str, str]:
     Write a self-signed certificate for C{localhost} and C{127.0.0.1} and
     its key as PEM files in C{directory}; return their paths.
     """
-    from tests.test_client import san_certificate
+    from tests.pki import certificate
 
-    pem = san_certificate()
+    pem = certificate("localhost", "127.0.0.1")
     split = pem.index(b"-----BEGIN", pem.index(b"-----END CERTIFICATE-----"))
     cert_path = os.path.join(directory, "cert.pem")
     key_path = os.path.join(directory, "key.pem")
