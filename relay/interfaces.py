@@ -209,7 +209,29 @@ class ISpool(Interface):
 
     def entries(queue):  # type: ignore[no-untyped-def]
         """
+        Every entry of C{queue}, read whole: for small queues and tests;
+        listings stream instead.
+
         @return: a L{Deferred} firing with the L{SpoolEntry}s of C{queue}.
+        """
+
+    def count(queue):  # type: ignore[no-untyped-def]
+        """
+        How many entries C{queue} holds, and the creation time of its
+        oldest, without reading them (a million entries cost a directory
+        listing).
+
+        @return: a L{Deferred} firing with a
+            L{relay.spool.reader.QueueCount}.
+        """
+
+    def due(before, limit):  # type: ignore[no-untyped-def]
+        """
+        The active entries due before C{before}, soonest first, at most
+        C{limit}, without reading them: what the scheduler takes into
+        memory (the rest wait on disk).
+
+        @return: a L{Deferred} firing with C{(due time, entry id)} pairs.
         """
 
     def get(entry_id):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ DATA = b"Subject: hi\r\nMessage-ID: <x@example.org>\r\n\r\nbody\r\n"
 def entry(sender: Sender) -> SpoolEntry:
     return SpoolEntry(
         id="e-0", queue="active", envelope_id="e", sender=sender, sender_args=(),
-        recipients=(), next_hop_choices=(), retry_intervals=(), created_at=0.0,
+        recipients=(), next_hop_choices=(), created_at=0.0,
         next_attempt_at=0.0, message_size=len(DATA), received_from="helo [192.0.2.9]",
     )
 

@@ -243,9 +243,9 @@ class ControlMixin:
         )["done"]
         self.assertEqual(done, [self.b.id])  # type: ignore[attr-defined]
         entry = self.successResultOf(self.spool.get(self.b.id))  # type: ignore[attr-defined]
-        self.assertEqual((entry.queue, entry.retry_intervals), (ACTIVE, (5.0, 7.5)))  # type: ignore[attr-defined]
+        self.assertEqual((entry.queue, entry.schedule, entry.step), (ACTIVE, (5.0, 7.5), 0))  # type: ignore[attr-defined]
         untouched = self.successResultOf(self.spool.get(self.a.id))  # type: ignore[attr-defined]
-        self.assertEqual(untouched.retry_intervals, (60, 300.5))  # type: ignore[attr-defined]
+        self.assertEqual(untouched.schedule, (60, 300.5))  # type: ignore[attr-defined]
 
     def test_send_all(self) -> None:
         """

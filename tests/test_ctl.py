@@ -48,7 +48,7 @@ def make_entry(
         sender_args=(),
         recipients=[EmailAddress.parse(r) for r in recipients],
         next_hop_choices=hops,
-        retry_intervals=(60.0,),
+        schedule=(60.0,),
         created_at=created,
         next_attempt_at=next_attempt,
         message_size=size,
@@ -106,10 +106,8 @@ EXIM = (
 JSON = """\
 [
   {
-    "attempts": [],
     "created_at": 1699999700.0,
     "envelope_id": "aaaa",
-    "failed_recipients": [],
     "id": "aaaa-0",
     "message_size": 1536,
     "next_attempt_at": 1700000120.0,
@@ -117,19 +115,14 @@ JSON = """\
       "mx.example.net:25"
     ],
     "queue": "active",
-    "reason": null,
-    "received_from": null,
-    "recipient_args": [],
     "recipients": [
       "a@example.com"
     ],
-    "rejected_recipients": [],
-    "retry_intervals": [
+    "schedule": [
       60.0
     ],
     "sender": "s@example.org",
-    "sender_args": [],
-    "version": 1
+    "version": 2
   }
 ]
 """

@@ -180,7 +180,7 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(len(self.client.sent), 1)
         stored = self.spool.entries_by_id[entry.id]
         self.assertEqual(stored.next_attempt_at, 1060)
-        self.assertEqual(stored.retry_intervals, (120,))
+        self.assertEqual((stored.schedule, stored.step), ((60, 120), 1))
         self.assertEqual(stored.attempts[0].code, 421)
         self.assertEqual(stored.attempts[0].hop, "mx1:25")
         self.clock.advance(59.9)
@@ -314,7 +314,7 @@ class SchedulerTests(SynchronousTestCase):
         [entry] = self.enqueue(s, make_envelope(intervals=()))
         stored = self.spool.entries_by_id[entry.id]
         self.assertEqual(stored.next_attempt_at, 1030)
-        self.assertEqual(stored.retry_intervals, (90,))
+        self.assertEqual((stored.schedule, stored.step), ((), 1))
         self.clock.advance(30)
         self.clock.advance(90)
         self.assertEqual(self.spool.entries_by_id[entry.id].queue, FROZEN)

@@ -152,7 +152,7 @@ class SpoolContractMixin:
         self.assertEqual(entry.message_size, len(DATA))
         self.assertEqual(entry.received_from, "helo [1.2.3.4]")
         self.assertEqual(entry.next_hop_choices, ("mx.example.net:25",))
-        self.assertEqual(entry.retry_intervals, (60.0, 300.5))
+        self.assertEqual((entry.schedule, entry.step), ((60.0, 300.5), 0))
         self.assertEqual(str(entry.sender), "s@example.org")
         self.assertEqual(entry.recipient_args, (("a@example.com", (Argument("NOTIFY", "FAILURE"),)),))
         self.assertEqual(self.done(s.entries(ACTIVE)), [entry])
@@ -243,7 +243,8 @@ class SpoolContractMixin:
         changed = dataclasses.replace(
             entry,
             next_attempt_at=2000.25,
-            retry_intervals=(300.5,),
+            schedule=(300.5,),
+            step=1,
             recipients=(),
             failed_recipients=(("a@example.com", "550 5.1.1 no such user"),),
             attempts=(
@@ -507,7 +508,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual(self.files("tmp"), [])
         with open(os.path.join(self.root, "spool", "active", "env1-0.json")) as f:
             data = json.load(f)
-        self.assertEqual(data["version"], 1)
+        self.assertEqual(data["version"], 2)
         self.assertEqual(data["sender"], "s@example.org")
         self.assertEqual(data["recipients"], ["a@example.com"])
         self.assertEqual(data["sender_args"], [["SIZE", "100"], ["SMTPUTF8", None]])
@@ -1348,7 +1349,7 @@ class CodecTests(SynchronousTestCase):
         """
         entry = self.entry()
         data = json.loads(json.dumps(entry_to_json(entry)))
-        self.assertEqual(data["version"], 1)
+        self.assertEqual(data["version"], 2)
         self.assertEqual(entry_from_json(data), entry)
         self.assertEqual(entry_from_json(data, FROZEN).queue, FROZEN)
 
@@ -1371,7 +1372,7 @@ class CodecTests(SynchronousTestCase):
         Metadata of another version, or of none, is refused, as is a file
         that is not a JSON object.
         """
-        self.assertRaises(ValueError, entry_from_json, {"version": 2})
+        self.assertRaises(ValueError, entry_from_json, {"version": 3})
         self.assertRaises(ValueError, entry_from_json, {"version": True})
         self.assertRaises(ValueError, entry_from_json, {})
         self.assertRaises(ValueError, decode_entry, b"[1]\n")
@@ -1497,3 +1498,181 @@ class RecentEntriesTests(SynchronousTestCase):
         recent.changing(entry.id, later)
         later.callback(frozen)
         self.assertIsNone(recent.entry(entry.id))  # not held before: not held now
+
+
+V1_ENTRY = {
+    "version": 1,
+    "id": "envv1-0",
+    "queue": "active",
+    "envelope_id": "envv1",
+    "sender": "s@example.org",
+    "sender_args": [["SIZE", "100"]],
+    "recipients": ["a@example.com", "b@example.com"],
+    "next_hop_choices": ["mx.example.net:25"],
+    "retry_intervals": [600.0, 1200.0, 2400.0],
+    "created_at": 1000.0,
+    "next_attempt_at": 1900.0,
+    "message_size": 2048,
+    "recipient_args": [["a@example.com", [["NOTIFY", "FAILURE"]]]],
+    "rejected_recipients": [],
+    "failed_recipients": [["c@example.com", "550 5.1.1 no such user"]],
+    "attempts": [
+        {"at": 1000.0 + 100 * i, "hop": "mx.example.net:25", "code": 451,
+         "reply": f"451 4.3.0 try {i}", "recipients": ["a@example.com"]}
+        for i in range(9)
+    ],  # fmt: skip
+    "reason": None,
+    "received_from": "client [192.0.2.1]",
+}
+
+
+class FormatMigrationTests(SynchronousTestCase):
+    """
+    Version 1 metadata (the whole remaining schedule and every attempt in
+    each file) is read as version 2 with nothing lost that delivery needs,
+    and written back as version 2.
+    """
+
+    def test_v1_carried_forward(self) -> None:
+        """
+        The remaining intervals become the entry's own schedule from step
+        0; the first and the last five attempts are kept with the count of
+        all nine; the failed recipient counts as reported (version 1
+        bounced it when it froze the entry); the rest is as it was.
+        """
+        entry = entry_from_json(V1_ENTRY)
+        self.assertEqual((entry.schedule, entry.step), ((600.0, 1200.0, 2400.0), 0))
+        self.assertEqual(entry.intervals_left((60.0,)), (600.0, 1200.0, 2400.0))
+        self.assertEqual(entry.attempt_count, 9)
+        self.assertEqual([a.reply[-1] for a in entry.attempts], ["0", "4", "5", "6", "7", "8"])
+        self.assertEqual(entry.failed_recipients, (("c@example.com", "550 5.1.1 no such user"),))
+        self.assertEqual(entry.reported, ("c@example.com",))
+        self.assertEqual(entry.unreported, ())
+        self.assertEqual([str(r) for r in entry.recipients], ["a@example.com", "b@example.com"])
+        self.assertEqual(entry.next_hop_choices, ("mx.example.net:25",))
+        self.assertEqual(entry.sender_args, (Argument("SIZE", "100"),))
+        self.assertEqual(entry.recipient_args, (("a@example.com", (Argument("NOTIFY", "FAILURE"),)),))
+        self.assertEqual((entry.created_at, entry.next_attempt_at), (1000.0, 1900.0))
+        self.assertEqual(entry.moved_at, 1800.0)  # the last attempt
+        self.assertEqual(entry.received_from, "client [192.0.2.1]")
+        written = json.loads(encode_entry(entry))
+        self.assertEqual(written["version"], FILE_VERSION)
+        self.assertEqual(decode_entry(encode_entry(entry)), entry)
+
+    def test_v1_schedules(self) -> None:
+        """
+        A version 1 entry never tried and given no intervals uses the
+        relay's default schedule; one tried with none left has used its
+        schedule up, whatever the default is.
+        """
+        fresh = entry_from_json(dict(V1_ENTRY, retry_intervals=[], attempts=[]))
+        self.assertEqual(fresh.intervals_left((60.0, 120.0)), (60.0, 120.0))
+        used_up = entry_from_json(dict(V1_ENTRY, retry_intervals=[]))
+        self.assertEqual(used_up.intervals_left((60.0, 120.0)), ())
+
+    def test_v2_is_compact(self) -> None:
+        """
+        A version 2 file leaves out what is at its default, stores no copy
+        of the default schedule, and keeps at most six attempt records
+        whatever the number of attempts.
+        """
+        entry = entry_from_json(V1_ENTRY)
+        for i in range(100):
+            entry = entry.with_attempts(
+                [Attempt(3000.0 + i, "mx:25", 451, "451 4.3.0 busy", ("a@example.com",))]
+            )
+        data = encode_entry(entry)
+        self.assertEqual(entry.attempt_count, 109)
+        self.assertEqual(len(entry.attempts), 6)
+        self.assertLess(len(data), 1400)
+        fresh = MemorySpool().enqueue([make_envelope()]).result[0]
+        plain = json.loads(encode_entry(dataclasses.replace(fresh, schedule=())))
+        self.assertNotIn("schedule", plain)
+        self.assertNotIn("attempts", plain)
+        self.assertNotIn("reason", plain)
+
+
+class IdTests(SynchronousTestCase):
+    """
+    Envelope ids carry their creation time and sort by it.
+    """
+
+    def test_time_round_trip(self) -> None:
+        """
+        L{id_time} reads back the time L{new_id} put in, to the
+        millisecond, for an envelope id and an entry id.
+        """
+        from relay.model.entry import id_time, new_id
+
+        made = new_id(1_700_000_123.456)
+        self.assertEqual(len(made), 16)
+        self.assertTrue(is_safe_id(made))
+        self.assertEqual(id_time(made), 1_700_000_123.456)
+        self.assertEqual(id_time(made + "-7"), 1_700_000_123.456)
+        self.assertIsNone(id_time("env1-0"))
+        self.assertIsNone(id_time("ABCDEFGHIJKLMNOP-0"))
+
+    def test_sorted_by_time(self) -> None:
+        """
+        Ids sort as their times do (the alphabet is in ASCII order), and
+        ids made in one millisecond differ.
+        """
+        from relay.model.entry import new_id
+
+        times = [1e9, 1.5e9, 1.7e9, 1.7e9 + 0.001, 4e9]
+        ids = [new_id(t) for t in times]
+        self.assertEqual(sorted(ids), ids)
+        self.assertEqual(len({new_id(1.7e9) for _ in range(1000)}), 1000)
+
+
+class DueScanTests(SynchronousTestCase):
+    """
+    What comes due is found from the active queue's directory alone: file
+    names and modification times, which the spool keeps equal to each
+    waiting entry's next attempt.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.path = self.mktemp()
+        self.spool = DiskSpool(self.path, synchronous, self.clock)
+
+    def test_mtime_is_next_attempt(self) -> None:
+        """
+        An update of an active entry sets its file's mtime to its next
+        attempt; L{DiskSpool.due} lists what is due before a time, soonest
+        first, up to a limit, without reading any entry.
+        """
+        entries = self.successResultOf(
+            self.spool.enqueue([make_envelope(f"e{i}") for i in range(5)])
+        )
+        for i, entry in enumerate(entries):
+            self.successResultOf(
+                self.spool.update(dataclasses.replace(entry, next_attempt_at=5000.0 + 10 * (4 - i)))
+            )
+        path = self.spool.layout.metadata_path(ACTIVE, entries[0].id)
+        self.assertEqual(os.stat(path).st_mtime, 5040.0)
+        due = self.successResultOf(self.spool.due(5031.0, 10))
+        self.assertEqual(due, [(5000.0, entries[4].id), (5010.0, entries[3].id),
+                               (5020.0, entries[2].id), (5030.0, entries[1].id)])  # fmt: skip
+        self.assertEqual(self.successResultOf(self.spool.due(6000.0, 2)),
+                         [(5000.0, entries[4].id), (5010.0, entries[3].id)])  # fmt: skip
+        self.assertEqual(self.successResultOf(self.spool.due(5000.0, 10)), [])
+
+    def test_count_reads_no_entry(self) -> None:
+        """
+        L{DiskSpool.count} counts a queue and reads the oldest creation
+        time from the ids, even when every metadata file is unreadable.
+        """
+        from relay.model.entry import new_id
+
+        old, young = new_id(1_600_000_000.0), new_id(1_700_000_000.0)
+        self.successResultOf(self.spool.enqueue([make_envelope(young), make_envelope(old)]))
+        for name in os.listdir(self.spool.layout.queue_dir(ACTIVE)):
+            with open(os.path.join(self.spool.layout.queue_dir(ACTIVE), name), "w") as f:
+                f.write("not json")
+        count = self.successResultOf(self.spool.count(ACTIVE))
+        self.assertEqual(count, (2, 1_600_000_000.0))
+        self.assertEqual(self.successResultOf(self.spool.count(FROZEN)), (0, None))
+        self.failureResultOf(self.spool.count("nowhere"), ValueError)

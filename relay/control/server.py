@@ -194,7 +194,8 @@ class ControlLocator(amp.CommandLocator):
         for entry in entries:
             changes: dict[str, Any] = {"next_attempt_at": now}
             if retry_intervals is not None:
-                changes["retry_intervals"] = tuple(retry_intervals)
+                changes["schedule"] = tuple(retry_intervals)
+                changes["step"] = 0
             if entry.queue == FROZEN:
                 changes["reason"] = None
             updated = await self.spool.update(dataclasses.replace(entry, **changes))

@@ -36,7 +36,7 @@ from relay.model.address import EmailAddress
 from relay.model.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
-from relay.model.retry import DEFAULT_RETRY_INTERVALS, effective_intervals, next_attempt
+from relay.model.retry import DEFAULT_RETRY_INTERVALS, next_attempt
 
 Router = Callable[[Sequence[EmailAddress], Sequence[str]], "Deferred[list[Route]]"]
 
@@ -393,10 +393,7 @@ class DeliveryScheduler(Service):
         all_failed = tuple(entry.failed_recipients) + tuple(failed)
         step: tuple[float, Sequence[float]] | None = None
         if remaining:
-            intervals = effective_intervals(
-                entry.retry_intervals, len(entry.attempts), self.default_retry_intervals
-            )
-            step = next_attempt(intervals, now)
+            step = next_attempt(entry.intervals_left(self.default_retry_intervals), now)
         # The lines say what happened on the wire, so they come before the
         # spool records it: a recipient that was sent stays logged as sent
         # even if recording that fails (and it goes out again).
@@ -410,11 +407,8 @@ class DeliveryScheduler(Service):
             self.events.emit("delivered", entry.id, created_at=entry.created_at)
             return
         updated = dataclasses.replace(
-            entry,
-            recipients=tuple(remaining),
-            failed_recipients=all_failed,
-            attempts=tuple(entry.attempts) + tuple(attempts),
-        )
+            entry, recipients=tuple(remaining), failed_recipients=all_failed
+        ).with_attempts(attempts)
         if not remaining:
             # Issue 3: a permanent failure freezes the entry (kept for the
             # operator, not retried), after telling the sender if we can.
@@ -433,8 +427,8 @@ class DeliveryScheduler(Service):
                 reason += " (bounced)"
             await self._freeze(updated, reason)
             return
-        at, rest = step
-        updated = dataclasses.replace(updated, retry_intervals=rest, next_attempt_at=at)
+        at, _ = step
+        updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
         self.events.emit(
             "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error

@@ -5,10 +5,9 @@ retry schedule and the record of its delivery attempts.
 
 from __future__ import annotations
 
-import base64
 import os
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple, Sequence
 
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
@@ -22,12 +21,66 @@ QUARANTINE = "quarantine"
 QUEUES = (ACTIVE, FROZEN, REMOVED, QUARANTINE)
 
 
-def new_id() -> str:
+#: Attempt records an entry keeps: the first, and the last ones.
+KEEP_LAST_ATTEMPTS = 5
+
+# 42 bits of milliseconds since the epoch (until the year 2109), then 38
+# random bits: 80 bits, 16 base32 characters.
+_TIME_BITS = 42
+_RANDOM_BITS = 38
+# Base32 digits in ASCII order, so that ids sort as their values do.
+_B32 = "234567abcdefghijklmnopqrstuvwxyz"
+_B32_VALUE = {c: i for i, c in enumerate(_B32)}
+
+
+def new_id(now: float | None = None) -> str:
     """
-    A fresh id for an envelope: 16 lower-case base32 characters (80 random
-    bits), safe in file names and log lines.
+    A fresh id for an envelope: 16 lower-case base32 characters, safe in
+    file names and log lines.  The first 42 bits are the time in
+    milliseconds, the other 38 are random: ids sort by creation time, and
+    L{id_time} reads the time back, so that listings by age, C{--older}
+    filters and the oldest-entry metric need not open the entry's file.
+    Ids made in the same millisecond differ by 38 random bits (and the
+    spool claims each name exclusively).
+
+    @param now: the time to put in the id (seconds since the epoch); the
+        system's clock when C{None} (ids are names, not schedules: an
+        injected clock does not matter to them).
     """
-    return base64.b32encode(os.urandom(10)).decode("ascii").lower()
+    import time
+
+    millis = int((time.time() if now is None else now) * 1000) & ((1 << _TIME_BITS) - 1)
+    value = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(5), "big") >> 2
+    return "".join(_B32[(value >> shift) & 31] for shift in range(75, -1, -5))
+
+
+def id_time(entry_id: str) -> float | None:
+    """
+    The creation time (seconds since the epoch) that an id made by
+    L{new_id} carries, for an envelope id or a spool entry id
+    (C{<envelope id>-<n>}); C{None} for ids of another form (a plugin's
+    own envelope ids).
+    """
+    head = entry_id.split("-", 1)[0]
+    if len(head) != 16:
+        return None
+    value = 0
+    for c in head:
+        digit = _B32_VALUE.get(c)
+        if digit is None:
+            return None
+        value = (value << 5) | digit
+    return (value >> _RANDOM_BITS) / 1000.0
+
+
+class QueueCount(NamedTuple):
+    """
+    How many entries a queue holds, and the creation time of the oldest
+    (C{None} when empty, or when no entry id says it).
+    """
+
+    entries: int
+    oldest: float | None
 
 
 @dataclass(frozen=True)
@@ -56,15 +109,37 @@ class SpoolEntry:
     """
     One envelope in the spool.
 
+    Its recipients are pending (C{recipients}: to be tried), delivered
+    (C{delivered_recipients}) or failed for good (C{failed_recipients}, with
+    the reply); delivered and failed recipients are I{settled}: they are not
+    tried again, and a failed one is reported to the sender once
+    (C{reported}).  An entry with no pending recipient left is settled.
+
     @ivar id: the spool id, unique in the spool (C{<envelope_id>-<n>}).
     @ivar queue: one of L{QUEUES}.
     @ivar envelope_id: the id of the received envelope it came from.
-    @ivar recipients: recipients still to be delivered.
-    @ivar failed_recipients: C{(recipient, reply text)} for recipients that
-        failed permanently (the material for a bounce).
-    @ivar retry_intervals: the retry intervals not used yet.
+    @ivar recipients: recipients still to be delivered (pending).
+    @ivar next_hop_choices: where the plugin sent it (C{host:port} strings,
+        tried in order); empty: the default route, decided at each attempt
+        (the current C{--smarthost}, else the MX of each recipient domain).
+    @ivar schedule: the entry's own retry schedule (seconds between
+        attempts); empty: the relay's default schedule, as configured when
+        the attempt is made.
+    @ivar step: how many intervals of the schedule are used up.
+    @ivar created_at: when it was accepted.
     @ivar next_attempt_at: when delivery is due (seconds since the epoch,
         from the injected clock).
+    @ivar moved_at: when it came into the queue it is in (for the expiry
+        of settled and removed entries).
+    @ivar failed_recipients: C{(recipient, reply text)} for recipients that
+        failed permanently, or whose retries ran out.
+    @ivar reported: the failed recipients the sender has been told about
+        (or that no report is sent for): never reported twice.
+    @ivar delivered_recipients: recipients a next hop took.
+    @ivar attempts: the first attempt record and the last
+        L{KEEP_LAST_ATTEMPTS} (one record per group of recipients that got
+        the same answer in one attempt).
+    @ivar attempt_count: how many attempt records there have been in all.
     @ivar reason: why it is quarantined or frozen, if it is.
     @ivar received_from: who sent it (C{helo [address]}), for logs and DSNs.
     """
@@ -76,14 +151,19 @@ class SpoolEntry:
     sender_args: Sequence[Argument]
     recipients: Sequence[EmailAddress]
     next_hop_choices: Sequence[str]
-    retry_intervals: Sequence[float]
     created_at: float
     next_attempt_at: float
     message_size: int
+    schedule: Sequence[float] = ()
+    step: int = 0
+    moved_at: float | None = None
     recipient_args: Sequence[tuple[str, tuple[Argument, ...]]] = ()
     rejected_recipients: Sequence[EmailAddress] = ()
     failed_recipients: Sequence[tuple[str, str]] = ()
+    reported: Sequence[str] = ()
+    delivered_recipients: Sequence[str] = ()
     attempts: Sequence[Attempt] = field(default=())
+    attempt_count: int = 0
     reason: str | None = None
     received_from: str | None = None
 
@@ -92,15 +172,21 @@ class SpoolEntry:
             "sender_args",
             "recipients",
             "next_hop_choices",
-            "retry_intervals",
+            "schedule",
             "recipient_args",
             "rejected_recipients",
             "failed_recipients",
+            "reported",
+            "delivered_recipients",
             "attempts",
         ):
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if self.attempt_count < len(self.attempts):
+            object.__setattr__(self, "attempt_count", len(self.attempts))
+        if self.moved_at is None:
+            object.__setattr__(self, "moved_at", self.created_at)
 
     @property
     def last_error(self) -> str | None:
@@ -109,9 +195,50 @@ class SpoolEntry:
                 return attempt.reply
         return None
 
+    @property
+    def settled(self) -> bool:
+        """
+        No recipient is pending: every one was delivered or failed.
+        """
+        return not self.recipients
+
+    @property
+    def unreported(self) -> tuple[tuple[str, str], ...]:
+        """
+        The failed recipients the sender has not been told about.
+        """
+        told = set(self.reported)
+        return tuple((r, text) for r, text in self.failed_recipients if r not in told)
+
+    @property
+    def uses_default_route(self) -> bool:
+        return not self.next_hop_choices
+
+    def intervals_left(self, default: Sequence[float]) -> tuple[float, ...]:
+        """
+        The retry intervals not used yet: the rest of the entry's own
+        schedule, or of C{default} (the relay's) when it has none.
+        """
+        schedule = tuple(self.schedule) or tuple(default)
+        return schedule[self.step :]
+
+    def with_attempts(self, attempts: Sequence[Attempt]) -> SpoolEntry:
+        """
+        This entry with C{attempts} recorded: kept are the first record
+        ever and the last L{KEEP_LAST_ATTEMPTS}, and the count of all.
+        """
+        if not attempts:
+            return self
+        records = tuple(self.attempts) + tuple(attempts)
+        count = self.attempt_count + len(attempts)
+        if len(records) > KEEP_LAST_ATTEMPTS + 1:
+            records = records[:1] + records[-KEEP_LAST_ATTEMPTS:]
+        return replace(self, attempts=records, attempt_count=count)
+
     def envelope(self, message: Message) -> Envelope:
         """
-        The envelope this entry holds, with its message.
+        The envelope this entry holds (its pending recipients), with its
+        message.
         """
         return Envelope(
             id=self.envelope_id,
@@ -145,7 +272,7 @@ def entry_for(
         sender_args=env.sender_args,
         recipients=env.recipients,
         next_hop_choices=envelope.next_hop_choices,
-        retry_intervals=envelope.retry_intervals,
+        schedule=envelope.retry_intervals,
         created_at=now,
         next_attempt_at=now,
         message_size=env.message.size,

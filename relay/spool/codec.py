@@ -12,8 +12,16 @@ encoder (in L{_ENCODERS}) and one decoder (in L{_DECODERS}) here, and a
 bump of L{FILE_VERSION}; nothing outside this module changes (a format
 that is not a JSON object would be told apart by its first byte, in
 L{decode_entry}).
-L{entry_to_json} stays version 1: it is what operators and the other
-processes read, and it does not change with the file format.
+L{entry_to_json} is the current version too (it is what travels to
+the master, over the control endpoint and out of C{relayctl status
+--format json}).
+
+Version 2 (the current one) is compact: fields at their default are left
+out, the retry schedule is stored by reference (none: the relay's default)
+and position (C{step}), and only the first and the last few attempt
+records are kept, with their count.  Version 1 files (which repeated the
+whole remaining schedule and every attempt) are read and carried forward
+(see L{_from_v1}); they are written as version 2 at their next change.
 """
 
 from __future__ import annotations
@@ -26,7 +34,11 @@ from relay.model.argument import Argument
 from relay.model.entry import Attempt, SpoolEntry
 
 #: the version L{encode_entry} writes
-FILE_VERSION = 1
+FILE_VERSION = 2
+
+#: C{step} of a version 1 entry whose schedule was used up: past the end
+#: of any schedule
+_EXHAUSTED = 1 << 30
 
 
 def _args_to_json(args: Iterable[Argument]) -> list[list[str | None]]:
@@ -52,40 +64,59 @@ def _peer_from_json(data: Any) -> tuple[str, int] | None:
     return str(host), int(port)
 
 
-def _to_v1(entry: SpoolEntry) -> dict[str, Any]:
-    return {
-        "version": 1,
+def _attempt_to_json(a: Attempt) -> dict[str, Any]:
+    data: dict[str, Any] = {"at": a.at, "hop": a.hop, "code": a.code, "reply": a.reply}
+    if a.recipients:
+        data["recipients"] = list(a.recipients)
+    if a.address is not None:
+        data["address"] = list(a.address)
+    return data
+
+
+def _attempt_from_json(a: dict[str, Any]) -> Attempt:
+    return Attempt(
+        at=float(a["at"]),
+        hop=a["hop"],
+        code=a.get("code"),
+        reply=a["reply"],
+        recipients=tuple(a.get("recipients", ())),
+        address=_peer_from_json(a.get("address")),
+    )
+
+
+def _to_v2(entry: SpoolEntry) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "version": 2,
         "id": entry.id,
         "queue": entry.queue,
         "envelope_id": entry.envelope_id,
         "sender": str(entry.sender),
-        "sender_args": _args_to_json(entry.sender_args),
         "recipients": [str(r) for r in entry.recipients],
-        "next_hop_choices": list(entry.next_hop_choices),
-        "retry_intervals": list(entry.retry_intervals),
         "created_at": entry.created_at,
         "next_attempt_at": entry.next_attempt_at,
         "message_size": entry.message_size,
+    }
+    optional: dict[str, Any] = {
+        "sender_args": _args_to_json(entry.sender_args),
+        "next_hop_choices": list(entry.next_hop_choices),
+        "schedule": list(entry.schedule),
+        "step": entry.step,
         "recipient_args": [[addr, _args_to_json(args)] for addr, args in entry.recipient_args],
         "rejected_recipients": [str(r) for r in entry.rejected_recipients],
         "failed_recipients": [[r, text] for r, text in entry.failed_recipients],
-        "attempts": [
-            {
-                "at": a.at,
-                "hop": a.hop,
-                "code": a.code,
-                "reply": a.reply,
-                "recipients": list(a.recipients),
-                "address": list(a.address) if a.address is not None else None,
-            }
-            for a in entry.attempts
-        ],
+        "reported": list(entry.reported),
+        "delivered_recipients": list(entry.delivered_recipients),
+        "attempts": [_attempt_to_json(a) for a in entry.attempts],
+        "attempt_count": entry.attempt_count if entry.attempt_count != len(entry.attempts) else 0,
         "reason": entry.reason,
         "received_from": entry.received_from,
+        "moved_at": entry.moved_at if entry.moved_at != entry.created_at else None,
     }
+    data.update((key, value) for key, value in optional.items() if value)
+    return data
 
 
-def _from_v1(data: dict[str, Any], queue: str | None) -> SpoolEntry:
+def _from_v2(data: dict[str, Any], queue: str | None) -> SpoolEntry:
     sender_text = data["sender"]
     sender = NULL_SENDER if not sender_text else Sender(_address(sender_text))
     return SpoolEntry(
@@ -96,43 +127,72 @@ def _from_v1(data: dict[str, Any], queue: str | None) -> SpoolEntry:
         sender_args=_args_from_json(data.get("sender_args", ())),
         recipients=tuple(_address(r) for r in data["recipients"]),
         next_hop_choices=tuple(data.get("next_hop_choices", ())),
-        retry_intervals=tuple(float(i) for i in data.get("retry_intervals", ())),
+        schedule=tuple(float(i) for i in data.get("schedule", ())),
+        step=int(data.get("step", 0)),
         created_at=float(data["created_at"]),
         next_attempt_at=float(data["next_attempt_at"]),
+        moved_at=float(data["moved_at"]) if data.get("moved_at") is not None else None,
         message_size=int(data["message_size"]),
         recipient_args=tuple(
             (str(addr), _args_from_json(args)) for addr, args in data.get("recipient_args", ())
         ),
         rejected_recipients=tuple(_address(r) for r in data.get("rejected_recipients", ())),
         failed_recipients=tuple((str(r), str(t)) for r, t in data.get("failed_recipients", ())),
-        attempts=tuple(
-            Attempt(
-                at=float(a["at"]),
-                hop=a["hop"],
-                code=a.get("code"),
-                reply=a["reply"],
-                recipients=tuple(a.get("recipients", ())),
-                address=_peer_from_json(a.get("address")),
-            )
-            for a in data.get("attempts", ())
-        ),
+        reported=tuple(str(r) for r in data.get("reported", ())),
+        delivered_recipients=tuple(str(r) for r in data.get("delivered_recipients", ())),
+        attempts=tuple(_attempt_from_json(a) for a in data.get("attempts", ())),
+        attempt_count=int(data.get("attempt_count", 0)),
         reason=data.get("reason"),
         received_from=data.get("received_from"),
     )
 
 
+def _from_v1(data: dict[str, Any], queue: str | None) -> SpoolEntry:
+    """
+    A version 1 document, carried forward: its remaining retry intervals
+    become the entry's own schedule from step 0 (or the default schedule
+    when it was never tried and had none, or a used-up one when it was
+    tried and had none left, as version 1 read them); of its attempts the
+    first and the last few are kept with their count; its failed
+    recipients count as reported (version 1 bounced them when it froze
+    the entry, and its repeated bounces were the bug version 2 mends).
+    """
+    intervals = tuple(float(i) for i in data.get("retry_intervals", ()))
+    attempts = tuple(_attempt_from_json(a) for a in data.get("attempts", ()))
+    if intervals:
+        schedule, step = intervals, 0
+    else:
+        schedule, step = (), (_EXHAUSTED if attempts else 0)
+    failed = tuple((str(r), str(t)) for r, t in data.get("failed_recipients", ()))
+    created_at = float(data["created_at"])
+    document = dict(
+        data,
+        version=2,
+        schedule=list(schedule),
+        step=step,
+        attempts=[],
+        reported=[r for r, _ in failed],
+        moved_at=max([created_at] + [a.at for a in attempts]),
+    )
+    entry = _from_v2(document, queue)
+    return entry.with_attempts(attempts)
+
+
 #: the document of an entry, by the version it is written in
-_ENCODERS: dict[int, Callable[[SpoolEntry], dict[str, Any]]] = {1: _to_v1}
+_ENCODERS: dict[int, Callable[[SpoolEntry], dict[str, Any]]] = {2: _to_v2}
 #: the entry a document holds, by the version the document says it is in
-_DECODERS: dict[int, Callable[[dict[str, Any], str | None], SpoolEntry]] = {1: _from_v1}
+_DECODERS: dict[int, Callable[[dict[str, Any], str | None], SpoolEntry]] = {
+    1: _from_v1,
+    2: _from_v2,
+}
 
 
 def entry_to_json(entry: SpoolEntry) -> dict[str, Any]:
     """
-    The JSON-able form of a L{SpoolEntry} (version 1; see
+    The JSON-able form of a L{SpoolEntry} (the current version; see
     L{entry_from_json}).
     """
-    return _to_v1(entry)
+    return _ENCODERS[FILE_VERSION](entry)
 
 
 def entry_from_json(data: dict[str, Any], queue: str | None = None) -> SpoolEntry:

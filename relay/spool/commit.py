@@ -415,7 +415,10 @@ class Committer:
         try:
             # fsynced before it replaces acknowledged metadata; the
             # directory is not: a lost rename only brings the old state back
-            write_new(fs, tmp, encode_entry(entry), sync=True)
+            # A waiting entry's mtime is its next attempt: the scheduler
+            # finds what comes due from the directory alone.
+            mtime = entry.next_attempt_at if queue == ACTIVE else None
+            write_new(fs, tmp, encode_entry(entry), sync=True, mtime=mtime)
             fs.rename(tmp, layout.metadata_path(queue, entry.id))
         except BaseException:
             # the old metadata stands

@@ -23,14 +23,21 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.interfaces import ISpool
-from relay.model.entry import ACTIVE, QUARANTINE, SpoolEntry
+from relay.model.entry import ACTIVE, QUARANTINE, QueueCount, SpoolEntry
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
 from relay.spool.commit import Batcher, Commit, Committer, Finish
 from relay.spool.fs import FileSystem, unlink_if_present
 from relay.spool.layout import SpoolLayout, is_safe_id
 from relay.spool.lock import SpoolLock
-from relay.spool.reader import QueueListing, find_entry, read_message, read_queue
+from relay.spool.reader import (
+    QueueListing,
+    count_queue,
+    due_entries,
+    find_entry,
+    read_message,
+    read_queue,
+)
 from relay.spool.recent import RecentEntries
 from relay.spool.writer import SPILL_THRESHOLD, DiskMessageWriter
 
@@ -177,6 +184,16 @@ class DiskSpool:
             return entries
 
         return self._run(self._entries_sync, queue).addCallback(report)
+
+    def count(self, queue: str) -> Deferred[QueueCount]:
+        try:
+            self.layout.queue_dir(queue)
+        except ValueError:
+            return defer.fail()
+        return self._run(count_queue, self.layout, queue)
+
+    def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
+        return self._run(due_entries, self.layout, before, limit)
 
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         entry = self._recent.entry(entry_id)

@@ -63,6 +63,14 @@ class FileSystem:
     def close(self, fd: int) -> None:
         os.close(fd)
 
+    def set_mtime(self, fd: int, when: float) -> None:
+        """
+        Set the modification time of the open file C{fd} (a waiting
+        entry's metadata carries its next attempt time there: see
+        L{relay.spool.reader.due_entries}).
+        """
+        os.utime(fd, (when, when))
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
@@ -115,13 +123,19 @@ class FileSystem:
         shutil.copyfile(src, dst)
 
 
-def write_new(fs: FileSystem, path: str, data: bytes, sync: bool) -> None:
+def write_new(
+    fs: FileSystem, path: str, data: bytes, sync: bool, mtime: float | None = None
+) -> None:
     """
-    Create C{path} (it must not exist) with C{data}, fsynced if C{sync}.
+    Create C{path} (it must not exist) with C{data}, fsynced if C{sync},
+    with the modification time C{mtime} if given (set before the fsync, so
+    that it is as durable as the data).
     """
     fd = fs.create(path)
     try:
         fs.write(fd, data)
+        if mtime is not None:
+            fs.set_mtime(fd, mtime)
         if sync:
             fs.fsync(fd)
     finally:

@@ -19,7 +19,15 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from relay.interfaces import IMessageWriter, ISpool
-from relay.model.entry import ACTIVE, QUARANTINE, QUEUES, SpoolEntry, entry_for
+from relay.model.entry import (
+    ACTIVE,
+    QUARANTINE,
+    QUEUES,
+    QueueCount,
+    SpoolEntry,
+    entry_for,
+    id_time,
+)
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
 
@@ -148,6 +156,21 @@ class MemorySpool:
                 key=lambda e: (e.created_at, e.id),
             )
         )
+
+    def count(self, queue: str) -> Deferred[QueueCount]:
+        if queue not in QUEUES:
+            return defer.fail(ValueError(f"no such queue {queue!r}"))
+        entries = [e for e in self.entries_by_id.values() if e.queue == queue]
+        times = [t for t in (id_time(e.id) for e in entries) if t is not None]
+        return defer.succeed(QueueCount(len(entries), min(times) if times else None))
+
+    def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
+        waiting = sorted(
+            (e.next_attempt_at, e.id)
+            for e in self.entries_by_id.values()
+            if e.queue == ACTIVE and e.next_attempt_at < before
+        )
+        return defer.succeed(waiting[:limit])
 
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         try:

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.interfaces import IMessageWriter, ISpool, ISpoolObserver
-from relay.model.entry import SpoolEntry
+from relay.model.entry import QueueCount, SpoolEntry
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
 
@@ -70,6 +70,14 @@ class ObservedSpool:
 
     def entries(self, queue: str) -> Deferred[list[SpoolEntry]]:
         d: Deferred[list[SpoolEntry]] = self.spool.entries(queue)
+        return d
+
+    def count(self, queue: str) -> Deferred[QueueCount]:
+        d: Deferred[QueueCount] = self.spool.count(queue)
+        return d
+
+    def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
+        d: Deferred[list[tuple[float, str]]] = self.spool.due(before, limit)
         return d
 
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:

@@ -7,9 +7,10 @@ the disk spool's thread side.  Everything here blocks.
 
 from __future__ import annotations
 
+import heapq
 import os
 
-from relay.model.entry import QUEUES, SpoolEntry
+from relay.model.entry import ACTIVE, QUEUES, QueueCount, SpoolEntry, id_time
 from relay.model.message import MAX_HEADER_BYTES, Message, header_section, parse_header_block
 from relay.spool.codec import decode_entry
 from relay.spool.layout import SpoolLayout, is_safe_id
@@ -56,6 +57,69 @@ def read_queue(layout: SpoolLayout, queue: str) -> QueueListing:
             errors.append((layout.metadata_path(queue, entry_id), e))
     entries.sort(key=lambda e: (e.created_at, e.id))
     return entries, errors
+
+
+def count_queue(layout: SpoolLayout, queue: str) -> QueueCount:
+    """
+    How many entries C{queue} holds and when the oldest was created, from
+    the names of its metadata files alone: nothing is opened or parsed, so
+    that counting a million entries costs a directory listing.  The oldest
+    creation time is what the entry ids say (L{relay.model.entry.id_time});
+    entries whose ids do not say it (a plugin's own envelope ids) are
+    counted but give no age.
+
+    @raise ValueError: if there is no such queue.
+    """
+    directory = layout.queue_dir(queue)
+    count = 0
+    oldest: str | None = None
+    try:
+        with os.scandir(directory) as names:
+            for item in names:
+                name = item.name
+                if not name.endswith(".json"):
+                    continue
+                count += 1
+                if oldest is None or name < oldest:
+                    oldest = name
+    except FileNotFoundError:
+        return QueueCount(0, None)
+    # Ids sort by their time, so the smallest name is the oldest id; one
+    # whose id says no time is no evidence of age.
+    return QueueCount(count, id_time(oldest[: -len(".json")]) if oldest else None)
+
+
+def due_entries(layout: SpoolLayout, before: float, limit: int) -> list[tuple[float, str]]:
+    """
+    The active entries due before C{before}, soonest first, at most
+    C{limit} of them: C{(due time, entry id)} from the names and the
+    modification times of the metadata files (the spool sets a waiting
+    entry's mtime to its next attempt time), so that finding what comes
+    due among a million entries opens none of them and keeps only
+    C{limit} in memory.  The time is a hint: the entry itself says when it
+    is due, and the scheduler checks when it reads it.
+    """
+    directory = layout.queue_dir(ACTIVE)
+    found: list[tuple[float, str]] = []  # a max-heap of the soonest, negated
+    try:
+        with os.scandir(directory) as names:
+            for item in names:
+                name = item.name
+                if not name.endswith(".json"):
+                    continue
+                try:
+                    at = item.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # delivered or moved while we looked
+                if at >= before:
+                    continue
+                if len(found) < limit:
+                    heapq.heappush(found, (-at, name))
+                elif -found[0][0] > at:
+                    heapq.heapreplace(found, (-at, name))
+    except FileNotFoundError:
+        return []
+    return sorted((-at, name[: -len(".json")]) for at, name in found)
 
 
 def find_queue(layout: SpoolLayout, entry_id: str) -> str:

@@ -34,7 +34,7 @@ class FaultyFileSystem(FileSystem):
 
     The steps are C{create}, C{write}, C{close} (which closes the
     descriptor before failing, as close(2) does), C{fsync} (of a
-    descriptor or a path), C{syncfs}, C{link}, C{rename}, C{unlink} and
+    descriptor or a path), C{syncfs}, C{set_mtime}, C{link}, C{rename}, C{unlink} and
     C{copy}.
 
     @ivar steps: C{(step, path)} of every step tried, in order.
@@ -82,6 +82,10 @@ class FaultyFileSystem(FileSystem):
         path = self._paths.pop(fd, "")
         super().close(fd)
         self.step("close", path)
+
+    def set_mtime(self, fd: int, when: float) -> None:
+        self.step("set_mtime", self._paths.get(fd, ""))
+        super().set_mtime(fd, when)
 
     def fsync(self, fd: int) -> None:
         self.step("fsync", self._paths.get(fd, ""))
