@@ -729,9 +729,10 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
 
     def test_update_fsyncs_before_rename(self) -> None:
         """
-        C{update} fsyncs the new metadata before renaming it over the old
-        one, and leaves the directory unsynced (losing that rename only
-        brings the old state back).
+        C{update} fsyncs the new metadata (with its mtime set to the next
+        attempt) before renaming it over the old one, and leaves the
+        directory unsynced (losing that rename only brings the old state
+        back).
         """
         fs = FaultyFileSystem()
         s = self.spool_with(fs)
@@ -744,6 +745,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
             [
                 ("create", "tmp/env1-0.json"),
                 ("write", "tmp/env1-0.json"),
+                ("set_mtime", "tmp/env1-0.json"),
                 ("fsync", "tmp/env1-0.json"),
                 ("close", "tmp/env1-0.json"),
                 ("rename", "active/env1-0.json"),
