@@ -35,10 +35,15 @@ L{Batcher}).  Per batch (L{Committer.commit_batch}):
 Because step 2 ends before step 3 begins, nothing becomes visible in
 C{active/} or the quarantine before its message and metadata are durable.
 
-C{update} fsyncs the new metadata before renaming it over the old (else a
-power loss could leave an empty file where an acknowledged entry was),
-but not the directory: a lost rename brings back the previous state, which
-only repeats a delivery attempt.  C{move} (operator commands, freezing) is
+C{update} is batched too (L{Committer.update_batch}): the new metadata of
+every update requested while the previous batch ran is written beside
+its queue, made durable at once (one C{syncfs}, or an fsync of each file)
+and only then renamed over the old (else a power loss could leave an
+empty file where an acknowledged entry was); the directory is not
+fsynced: a lost rename brings back the previous state, which only repeats
+a delivery attempt.  (A destination that is down defers every entry for
+it: a thousand deferrals a second cost a handful of syncs, not a thousand
+fsyncs.)  C{move} (operator commands, freezing) is
 rare and fsyncs both directories.  C{finish} is batched like commits: the
 metadata files are unlinked and their directories fsynced once per batch,
 and only then the message files unlinked, unsynced (a message file that
@@ -157,6 +162,18 @@ class Commit(Job):
     consumed: list[str] = dataclasses.field(default_factory=list)
     #: (metadata in tmp, its place in the queue directory)
     renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class Update(Job):
+    """
+    One C{update}: its C{result} is the entry as written (in the queue it
+    is in).
+    """
+
+    entry: SpoolEntry | None = None
+    #: (the new metadata beside its queue, its place in the queue directory)
+    rename: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -399,32 +416,59 @@ class Committer:
 
     # -- update and move -------------------------------------------------------
 
-    def update(self, entry: SpoolEntry) -> SpoolEntry:
+    def update_batch(self, jobs: list[Update]) -> None:
         """
-        Replace C{entry}'s metadata, in the queue it is in.
-
-        @return: the entry, in that queue.
+        Replace the metadata of a batch of entries, each in the queue it is
+        in (see the module docstring), setting each job's C{result} or
+        C{error}.
         """
         fs = self.fs
         layout = self.layout
-        queue = find_queue(layout, entry.id)
-        if entry.queue != queue:
-            entry = dataclasses.replace(entry, queue=queue)
-        tmp = layout.metadata_tmp(queue, entry.id)
-        unlink_if_present(fs, tmp)
-        try:
-            # fsynced before it replaces acknowledged metadata; the
-            # directory is not: a lost rename only brings the old state back
-            # A waiting entry's mtime is its next attempt: the scheduler
-            # finds what comes due from the directory alone.
-            mtime = entry.next_attempt_at if queue == ACTIVE else None
-            write_new(fs, tmp, encode_entry(entry), sync=True, mtime=mtime)
-            fs.rename(tmp, layout.metadata_path(queue, entry.id))
-        except BaseException:
-            # the old metadata stands
-            remove_all(fs, [tmp])
-            raise
-        return entry
+        written: list[Update] = []
+        for job in jobs:
+            assert job.entry is not None
+            entry = job.entry
+            try:
+                queue = find_queue(layout, entry.id)
+                if entry.queue != queue:
+                    entry = dataclasses.replace(entry, queue=queue)
+                tmp = layout.metadata_tmp(queue, entry.id)
+                unlink_if_present(fs, tmp)
+                # A waiting entry's mtime is its next attempt: the scheduler
+                # finds what comes due from the directory alone.
+                mtime = entry.next_attempt_at if queue == ACTIVE else None
+                job.rename = (tmp, layout.metadata_path(queue, entry.id))
+                write_new(fs, tmp, encode_entry(entry), sync=not self.use_syncfs, mtime=mtime)
+            except Exception as e:
+                job.fail(e)
+                if job.rename is not None:
+                    remove_all(fs, [job.rename[0]])
+            else:
+                job.result = entry
+                written.append(job)
+        if not written:
+            return
+        if self.use_syncfs:
+            try:
+                fs.syncfs(layout.path, self.lock.directory_fd)
+                if layout.quarantine_elsewhere and any(
+                    job.result.queue == QUARANTINE for job in written
+                ):
+                    fs.syncfs(layout.quarantine_path)
+            except Exception as e:
+                # the old metadata stands, for every entry of the batch
+                for job in written:
+                    job.fail(e)
+                remove_all(fs, [job.rename[0] for job in written if job.rename])
+                return
+        for job in written:
+            assert job.rename is not None
+            tmp, dest = job.rename
+            try:
+                fs.rename(tmp, dest)
+            except Exception as e:
+                job.fail(e)
+                remove_all(fs, [tmp])
 
     def move(self, entry_id: str, queue: str) -> SpoolEntry:
         """

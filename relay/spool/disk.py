@@ -26,7 +26,7 @@ from relay.interfaces import ISpool
 from relay.model.entry import ACTIVE, QUARANTINE, QueueCount, SpoolEntry
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
-from relay.spool.commit import Batcher, Commit, Committer, Finish
+from relay.spool.commit import Batcher, Commit, Committer, Finish, Update
 from relay.spool.fs import FileSystem, unlink_if_present
 from relay.spool.layout import SpoolLayout, is_safe_id
 from relay.spool.lock import SpoolLock
@@ -96,6 +96,7 @@ class DiskSpool:
         )
         self._commits = Batcher(run_in_thread, self._committer.commit_batch)
         self._finishes = Batcher(run_in_thread, self._committer.finish_batch)
+        self._updates = Batcher(run_in_thread, self._committer.update_batch)
         self._entry_locks: dict[str, defer.DeferredLock] = {}
         self._recent = RecentEntries() if remember else RecentEntries(max_entries=0)
 
@@ -208,9 +209,10 @@ class DiskSpool:
         return self._run(read_message, self.layout, entry_id, self.spill_threshold)
 
     def update(self, entry: SpoolEntry) -> Deferred[SpoolEntry]:
-        return self._recent.changing(
-            entry.id, self._serialized(entry.id, self._run, self._committer.update, entry)
-        )
+        def submit() -> Deferred[SpoolEntry]:
+            return self._updates.submit(Update(entry=entry))
+
+        return self._recent.changing(entry.id, self._serialized(entry.id, submit))
 
     def move(self, entry_id: str, queue: str) -> Deferred[SpoolEntry]:
         try:
