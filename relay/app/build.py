@@ -368,7 +368,7 @@ def delivery_scheduler(
         spool=disk,
         client=client,
         clock=reactor,
-        route=make_router(resolver),
+        route=make_router(resolver, settings.smarthost),
         max_send_jobs=settings.max_send_jobs,
         default_retry_intervals=settings.retry_intervals,
         bounce=settings.bounce,

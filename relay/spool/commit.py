@@ -311,7 +311,10 @@ class Committer:
             tmp = layout.metadata_tmp(c.queue, entry_id)
             unlink_if_present(fs, tmp)
             c.created.append(tmp)
-            write_new(fs, tmp, encode_entry(entry), sync_each)
+            # mtime = next attempt (see update_batch): due now, by the
+            # spool's clock, which need not be the system's
+            mtime = entry.next_attempt_at if c.queue == ACTIVE else None
+            write_new(fs, tmp, encode_entry(entry), sync_each, mtime=mtime)
             c.renames.append((tmp, layout.metadata_path(c.queue, entry_id)))
             entries.append(entry)
         c.result = entries
