@@ -828,7 +828,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         """
         If the directory cannot be fsynced after the metadata went, the
         message file stays (a power loss could bring the entry back), for
-        C{recover} to remove at the next start.
+        the sweep after the next start to remove.
         """
         fs = FaultyFileSystem()
         s = self.spool_with(fs)
@@ -837,7 +837,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.successResultOf(s.finish(entry.id))
         self.assertEqual(self.files("active"), [])
         self.assertEqual(self.files("messages"), ["env1-0.eml"])
-        self.assertEqual(self.successResultOf(s.recover()), 1)
+        self.assertEqual(self.successResultOf(s.sweep(before=float("inf"))), 1)
         self.assertEqual(self.files("messages"), [])
 
     def test_fresh_entries_need_no_disk_reads(self) -> None:
@@ -1165,20 +1165,41 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
 
     def test_recover(self) -> None:
         """
-        C{recover} removes leftovers in C{tmp/} and messages no entry
-        refers to, and keeps everything acknowledged.
+        C{recover} removes leftovers in C{tmp/}; the sweep removes
+        messages no entry refers to that were made before the given time
+        (a newer one may be a commit under way), and keeps everything
+        acknowledged.
         """
         s = self.spool()
         [entry] = self.successResultOf(s.enqueue([make_envelope()]))
         root = os.path.join(self.root, "spool")
-        for name in ("tmp/m1.eml", "tmp/x-0.json", "messages/orphan-0.eml"):
+        for name in ("tmp/m1.eml", "tmp/x-0.json", "messages/orphan-0.eml",
+                     "messages/arriving-0.eml"):  # fmt: skip
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"junk")
-        self.assertEqual(self.successResultOf(s.recover()), 3)
+        os.utime(os.path.join(root, "messages/orphan-0.eml"), (1000.0, 1000.0))
+        os.utime(os.path.join(root, "messages/arriving-0.eml"), (3000.0, 3000.0))
+        self.assertEqual(self.successResultOf(s.recover()), 2)
         self.assertEqual(self.files("tmp"), [])
-        self.assertEqual(self.files("messages"), ["env1-0.eml"])
+        self.assertEqual(self.successResultOf(s.sweep(before=2000.0)), 1)
+        self.assertEqual(self.files("messages"), ["arriving-0.eml", "env1-0.eml"])
         self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
         self.assertEqual(self.successResultOf(s.recover()), 0)
+
+    def test_sweep_after_lock(self) -> None:
+        """
+        By default the sweep spares every file made since the spool's lock
+        was taken (minus the filesystem's clock margin): a relay does not
+        remove what its own commits under way, or its receivers', made.
+        """
+        s = self.spool()
+        s.lock()
+        self.addCleanup(s.unlock)
+        self.successResultOf(s.recover())  # makes the directories
+        with open(os.path.join(self.root, "spool", "messages", "fresh-0.eml"), "wb") as f:
+            f.write(b"in flight")
+        self.assertEqual(self.successResultOf(s.sweep()), 0)
+        self.assertEqual(self.files("messages"), ["fresh-0.eml"])
 
     def test_restart(self) -> None:
         """

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from relay.control.events import EventBus
 from relay.delivery.bounce import make_bounce
 from relay.delivery.due import DueQueue
+from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
 from relay.delivery.nexthop import Route
 from relay.interfaces import ISpoolObserver
 from relay.logs import (
@@ -83,6 +84,8 @@ class DeliveryScheduler(Service):
         log: Logger | None = None,
         events: EventBus | None = None,
         due: Callable[..., DueQueue] = DueQueue,
+        bounced_lifetime: float = BOUNCED_LIFETIME,
+        removed_lifetime: float = REMOVED_LIFETIME,
     ) -> None:
         self.spool = spool
         self.events = events if events is not None else EventBus(clock)
@@ -103,6 +106,8 @@ class DeliveryScheduler(Service):
         self.queue = due(spool, clock, self._pump, busy=self.jobs.__contains__)
         # sent now by an operator, whatever their schedule says
         self._forced: set[str] = set()
+        self.bounced_lifetime = bounced_lifetime
+        self.expiry = Expiry(spool, clock, self.events, bounced_lifetime, removed_lifetime)
         self.again: set[str] = set()
         self.stopping = False
         self._hop_locks: dict[str, DeferredSemaphore] = {}
@@ -115,13 +120,18 @@ class DeliveryScheduler(Service):
         d: Deferred[Any] = defer.maybeDeferred(self.wait_for) if self.wait_for else defer.succeed(None)
         # No loading of the active queue: the due queue's first scan finds
         # what is due (and only that), however many entries wait.
-        d.addCallback(lambda _: None if self.stopping else self.queue.start())
+        d.addCallback(lambda _: None if self.stopping else self._start_queues())
         d.addErrback(lambda f: self.log.failure("Cannot start delivering", f))
+
+    def _start_queues(self) -> None:
+        self.queue.start()
+        self.expiry.start()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self.stopping = True
         self.queue.stop()
+        self.expiry.stop()
         done: Deferred[None] = Deferred()
         done.addCallback(self._close_idle_connections)
         if not self.jobs:
@@ -466,6 +476,10 @@ class DeliveryScheduler(Service):
             reason = "permanent failure: " + last
         if bounced:
             reason += " (bounced)"
+        if self.bounced_lifetime <= 0:
+            # --bounced-lifetime 0: nothing is kept once settled.
+            await self.expiry.remove(dataclasses.replace(entry, queue=FROZEN, reason=reason), 0)
+            return
         await self._freeze(entry, reason)
 
     def _log_outcomes(

@@ -521,9 +521,9 @@ class Committer:
 
     def recover(self) -> list[str]:
         """
-        Remove what no acknowledged entry needs: everything in C{tmp/},
-        partial files beside the quarantine, and message files that no
-        metadata refers to.
+        At start-up, before anything else writes to the spool, remove what
+        no acknowledged entry needs and that is quick to find: everything
+        in C{tmp/}, and partial files beside the quarantine.
 
         @return: the paths removed.
         """
@@ -541,18 +541,62 @@ class Committer:
         for path in layout.partial_quarantine_files():
             fs.unlink(path)
             removed.append(path)
-        referenced = {queue: set(layout.entry_ids(queue)) for queue in QUEUES}
-        every_id = {i for ids in referenced.values() for i in ids}
-        for entry_id in layout.message_ids():
-            if entry_id not in every_id:
-                path = layout.message_path(entry_id)
-                fs.unlink(path)
-                removed.append(path)
-        for entry_id in layout.quarantined_message_ids():
-            if entry_id not in referenced[QUARANTINE]:
-                path = layout.quarantined_message_path(entry_id)
-                fs.unlink(path)
-                removed.append(path)
-        for d in (layout.tmp_dir, layout.messages_dir, layout.quarantine_path):
+        for d in (layout.tmp_dir, layout.quarantine_path):
             fs.fsync_path(d)
         return removed
+
+    def sweep(self, before: float) -> list[str]:
+        """
+        Remove message files that no metadata refers to (a crash between
+        a commit's steps, or after a finish removed the metadata), made
+        before C{before}: a message file made since may belong to a commit
+        under way (here or in a receiver), whose metadata is not in its
+        queue yet.  It
+        looks each message up in the queues rather than holding every
+        id, so that a million entries cost time in a background thread,
+        not memory; nothing waits for it.
+
+        @return: the paths removed.
+        """
+        layout = self.layout
+        fs = self.fs
+        removed = []
+
+        def orphaned(entry_id: str, queues: tuple[str, ...]) -> bool:
+            return not any(os.path.exists(layout.metadata_path(q, entry_id)) for q in queues)
+
+        for directory, queues in (
+            (layout.messages_dir, QUEUES),
+            (layout.quarantine_path, (QUARANTINE,)),
+        ):
+            try:
+                names = os.scandir(directory)
+            except FileNotFoundError:
+                continue
+            with names:
+                for item in names:
+                    if not item.name.endswith(".eml"):
+                        continue
+                    entry_id = item.name[: -len(".eml")]
+                    path = item.path
+                    if _newer(path, before) or not orphaned(entry_id, queues):
+                        continue
+                    # a second look: a move between queues may have been
+                    # under way
+                    if orphaned(entry_id, queues):
+                        unlink_if_present(fs, path)
+                        removed.append(path)
+        if removed:
+            fs.fsync_path(layout.messages_dir)
+        return removed
+
+
+def _newer(path: str, since: float) -> bool:
+    """
+    Was C{path} made (or changed) since C{since}?  Gone counts as new:
+    there is nothing to remove.
+    """
+    try:
+        return os.lstat(path).st_mtime >= since
+    except FileNotFoundError:
+        return True

@@ -14,6 +14,7 @@ file I/O runs through C{run_in_thread}, never on the reactor thread
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -35,6 +36,7 @@ from relay.spool.reader import (
     count_queue,
     due_entries,
     find_entry,
+    oldest_by_mtime,
     read_message,
     read_queue,
 )
@@ -123,19 +125,29 @@ class DiskSpool:
 
     def recover(self) -> Deferred[int]:
         """
-        At start-up, before anything else uses the spool: remove what no
-        acknowledged entry needs (everything in C{tmp/}, and message files
-        that no metadata refers to), logging each.
+        At start-up, before deliveries and receivers begin: remove what no
+        acknowledged entry needs and is quick to find (what the previous
+        process left in C{tmp/}), logging each.  The message files that no
+        metadata refers to are left to L{sweep}, which may take long in a
+        large spool and need not be waited for.
 
         @return: a L{Deferred} firing with how many files were removed.
         """
+        return self._run(self._committer.recover).addCallback(_report)
 
-        def report(removed: list[str]) -> int:
-            for path in removed:
-                log.info("spool recovery: removed unacknowledged {path}", path=path)
-            return len(removed)
+    def sweep(self, before: float | None = None) -> Deferred[int]:
+        """
+        Remove the message files that no metadata refers to, made before
+        C{before} (by default: before this relay took the lock, so that
+        what a commit under way made stays), logging each (see
+        L{Committer.sweep}).
 
-        return self._run(self._committer.recover).addCallback(report)
+        @return: a L{Deferred} firing with how many files were removed.
+        """
+        if before is None:
+            taken_at = self._lock.taken_at
+            before = taken_at if taken_at is not None else time.time() - SpoolLock.CLOCK_MARGIN
+        return self._run(self._committer.sweep, before).addCallback(_report)
 
     def remember(self, entry: SpoolEntry, message: Message | None) -> None:
         """
@@ -195,6 +207,15 @@ class DiskSpool:
 
     def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         return self._run(due_entries, self.layout, before, limit)
+
+    def unchanged_since(
+        self, queue: str, before: float, limit: int
+    ) -> Deferred[list[tuple[float, str]]]:
+        try:
+            self.layout.queue_dir(queue)
+        except ValueError:
+            return defer.fail()
+        return self._run(oldest_by_mtime, self.layout, queue, before, limit)
 
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         entry = self._recent.entry(entry_id)
@@ -277,3 +298,9 @@ class DiskSpool:
             return result
 
         return lock.run(f, *args).addBoth(release)
+
+
+def _report(removed: list[str]) -> int:
+    for path in removed:
+        log.info("spool recovery: removed unacknowledged {path}", path=path)
+    return len(removed)
