@@ -325,3 +325,41 @@ class TwistdRelayTests(TestCase):
         self.assertEqual((out, code), ("", 1))
         self.assertIn("nosuchid", err)
         self.assertNotIn("Traceback", err)
+
+    @inlineCallbacks
+    def test_dkim_signed_by_receivers(self) -> Any:
+        """
+        With C{--dkim-keys} and a receiver process, the receiver signs: the
+        bytes the next hop receives verify (dkimpy, against the records
+        C{relayctl dkim-record} prints); after a SIGHUP with a bad keys file
+        the failure is logged with its line and the keys in use still sign.
+        """
+        from tests.test_dkim import DNSStub, load_keys, standard_keys, verified
+
+        files = standard_keys(self)
+        dns = DNSStub(load_keys(files.path))
+        sink, sink_port = self.start_sink()
+        port = free_port()
+        process, output = self.start_twistd(
+            "first", port, smarthost=f"127.0.0.1:{sink_port}",
+            extra=("--retry-intervals", "1m", "--dkim-keys", files.path, "--receivers", "1"),
+        )  # fmt: skip
+        yield self.wait_listening(process, output, port)
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        yield self.poll(lambda: sink.envelopes, lambda: f"the message at the sink: {self.output(output)}")
+        self.assertEqual(
+            verified(self, sink.envelopes[0].message.data, dns),
+            [("example.com", "s1", "rsa-sha256"), ("example.com", "e1", "ed25519-sha256")],
+        )
+
+        files.write("example.com s1 rsa.pem\nexample.com\n")
+        process.send_signal(signal.SIGHUP)
+        yield self.poll(
+            lambda: "DKIM keys not reloaded" in self.output(output), "the reload to fail"
+        )
+        self.assertIn(f"{files.path} line 2: expected DOMAIN SELECTOR", self.output(output))
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        yield self.poll(lambda: len(sink.envelopes) == 2, "the second message at the sink")
+        self.assertEqual(len(verified(self, sink.envelopes[1].message.data, dns)), 2)

@@ -93,6 +93,8 @@ class Settings:
         receiver processes on the C{smtp} sockets (L{relay.app.pool}).
     @ivar receiver_grace: seconds a stopping receiver lets its open
         sessions finish.
+    @ivar dkim_keys: the DKIM keys file (L{relay.dkim.keys}), or C{None}:
+        nothing is signed.
     """
 
     smtp: tuple[str, ...] = DEFAULT_SMTP
@@ -120,6 +122,7 @@ class Settings:
     metrics: str | None = None
     receivers: int = 0
     receiver_grace: float = 30.0
+    dkim_keys: str | None = None
 
     def __post_init__(self) -> None:
         # Sequences become tuples (the value stays frozen all the way
@@ -188,6 +191,7 @@ class Settings:
             quarantine=os.path.abspath(self.quarantine),
             tls_cert=absolute(self.tls_cert),
             tls_key=absolute(self.tls_key),
+            dkim_keys=absolute(self.dkim_keys),
             max_sessions=-(-self.max_sessions // max(1, self.receivers)),
         )
 
@@ -226,6 +230,7 @@ class Settings:
             removed_lifetime=options["removed-lifetime"],
             metrics=options["metrics"],
             receivers=receivers,
+            dkim_keys=options.get("dkim-keys"),
         )
 
     def to_json(self) -> dict[str, Any]:
