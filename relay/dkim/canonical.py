@@ -54,7 +54,7 @@ class LineEndings:
             self._pending_cr = True
         if not chunk:
             return b""
-        if b"\r" in chunk or b"\n" in chunk:
+        if chunk.count(b"\n") != chunk.count(CRLF) or chunk.count(b"\r") != chunk.count(CRLF):
             chunk = chunk.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
         self._at_line_start = chunk.endswith(b"\n")
         return chunk
@@ -95,7 +95,11 @@ class RelaxedBodyHash:
                 self._hash_start_of_line()
             return
         self._line = data[end + 2 :]
-        lines = compress_whitespace(strip_trailing_whitespace(data[: end + 2]))
+        lines = data[: end + 2]
+        if b"\t" in lines or b"  " in lines or b" \r\n" in lines:
+            # (Most text has neither tabs nor runs of spaces nor blanks at
+            # line ends: then the substitutions change nothing.)
+            lines = compress_whitespace(strip_trailing_whitespace(lines))
         if self._line_started:
             # The end of a line whose start is hashed: never an empty line.
             first = lines.find(CRLF) + 2
