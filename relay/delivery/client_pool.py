@@ -15,12 +15,31 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorPluggableNameResolver, IStreamClientEndpoint
+from zope.interface import implementer
 
 from relay.delivery.client_protocol import SMTPClientFactory, SMTPClientProtocol
 from relay.delivery.client_result import DeliveryError
 from relay.delivery.client_session import ClientSession
 from relay.delivery.client_settings import ClientSettings, PoolLimits
+
+
+@implementer(IReactorPluggableNameResolver)
+class _ResolvingReactor:
+    """
+    The reactor, with another name resolver: what C{HostnameEndpoint}
+    resolves host names with (it takes the resolver from its reactor).
+    """
+
+    def __init__(self, reactor: Any, resolver: Any) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+
+    def installNameResolver(self, resolver: Any) -> Any:
+        raise NotImplementedError("the name resolver of the relay client is fixed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
 
 
 class ConnectionPool:
@@ -29,10 +48,16 @@ class ConnectionPool:
 
     @param reactor: an C{IReactorTCP} and C{IReactorTime}.
     @param settings: the client's settings (timeouts, L{PoolLimits}).
+    @param name_resolver: the C{IHostnameResolver} of host names (the
+        C{--resolver} servers, L{relay.delivery.dns.NamesHostnameResolver});
+        C{None}: the reactor's (the system's C{getaddrinfo}).
     """
 
-    def __init__(self, reactor: Any, settings: ClientSettings) -> None:
+    def __init__(self, reactor: Any, settings: ClientSettings, name_resolver: Any = None) -> None:
         self._reactor = reactor
+        self._resolving = (
+            _ResolvingReactor(reactor, name_resolver) if name_resolver is not None else reactor
+        )
         self._settings = settings
         # hop -> idle sessions (most recently parked last), each with its
         # idle timer.
@@ -51,7 +76,7 @@ class ConnectionPool:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+            return HostnameEndpoint(self._resolving, host, port, timeout=timeout)
         if ip.version == 4:
             return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
         return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
@@ -76,6 +101,9 @@ class ConnectionPool:
         """
         An idle session with C{hop} still fit for use, taken out of the
         pool, or C{None}.
+
+        @param hop: the hop, or the L{ClientSession.pool_key} of sessions
+            opened under a TLS policy of their own.
         """
         pool = self._idle.get(hop)
         while pool:
@@ -97,8 +125,8 @@ class ConnectionPool:
         Keep C{session} idle for the next envelope to its hop, if its
         connection may be reused and the pool has room.
         """
-        hop = session.hop
-        limits = self.limits_for(hop)
+        hop = session.pool_key
+        limits = self.limits_for(session.hop)
         if (
             not session.proto.clean
             or session.transactions >= limits.max_reuse
@@ -127,9 +155,9 @@ class ConnectionPool:
             entry[1].cancel()
 
     def _expire(self, session: ClientSession) -> None:
-        for entry in list(self._idle.get(session.hop, ())):
+        for entry in list(self._idle.get(session.pool_key, ())):
             if entry[0] is session:
-                self._forget(session.hop, entry)
+                self._forget(session.pool_key, entry)
         session.proto.on_lost = None
         session.proto.quit()
 
