@@ -361,7 +361,7 @@ def delivery_scheduler(
     from relay.delivery.scheduler import DeliveryScheduler
 
     lookup, name_resolver = dns_lookup(settings, reactor)
-    policies = tls_policies(settings, reactor, run_in_thread, lookup)
+    policies = tls_policies(settings, reactor, run_in_thread, lookup, name_resolver)
     dead = DeadHosts(reactor)
     rules = MXRules(
         dead=dead,
@@ -435,7 +435,11 @@ def check_ca_file(path: str) -> None:
 
 
 def tls_policies(
-    settings: Settings, reactor: Any, run_in_thread: Callable[..., Any], lookup: Any
+    settings: Settings,
+    reactor: Any,
+    run_in_thread: Callable[..., Any],
+    lookup: Any,
+    name_resolver: Any = None,
 ) -> Any:
     """
     What chooses the TLS policy of each hop
@@ -464,7 +468,8 @@ def tls_policies(
     from relay.delivery.mtasts import MTASTS, PolicyFetcher, PolicyStore
 
     store = PolicyStore(os.path.join(settings.spool, "mta-sts"), run_in_thread)
-    sts = MTASTS(lookup, PolicyFetcher(reactor, contexts), store, reactor)
+    fetcher = PolicyFetcher(reactor, contexts, name_resolver=name_resolver)
+    sts = MTASTS(lookup, fetcher, store, reactor)
     return TLSPolicies(
         default,
         policy_file=policy_file,

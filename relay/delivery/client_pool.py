@@ -15,31 +15,13 @@ from typing import Any, cast
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IReactorPluggableNameResolver, IStreamClientEndpoint
-from zope.interface import implementer
+from twisted.internet.interfaces import IStreamClientEndpoint
 
 from relay.delivery.client_protocol import SMTPClientFactory, SMTPClientProtocol
 from relay.delivery.client_result import DeliveryError
 from relay.delivery.client_session import ClientSession
 from relay.delivery.client_settings import ClientSettings, PoolLimits
-
-
-@implementer(IReactorPluggableNameResolver)
-class _ResolvingReactor:
-    """
-    The reactor, with another name resolver: what C{HostnameEndpoint}
-    resolves host names with (it takes the resolver from its reactor).
-    """
-
-    def __init__(self, reactor: Any, resolver: Any) -> None:
-        self._reactor = reactor
-        self.nameResolver = resolver
-
-    def installNameResolver(self, resolver: Any) -> Any:
-        raise NotImplementedError("the name resolver of the relay client is fixed")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reactor, name)
+from relay.delivery.dns import ResolvingReactor
 
 
 class ConnectionPool:
@@ -56,7 +38,7 @@ class ConnectionPool:
     def __init__(self, reactor: Any, settings: ClientSettings, name_resolver: Any = None) -> None:
         self._reactor = reactor
         self._resolving = (
-            _ResolvingReactor(reactor, name_resolver) if name_resolver is not None else reactor
+            ResolvingReactor(reactor, name_resolver) if name_resolver is not None else reactor
         )
         self._settings = settings
         # hop -> idle sessions (most recently parked last), each with its

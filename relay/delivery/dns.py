@@ -35,7 +35,11 @@ from typing import Any, Protocol, Sequence, cast
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    IReactorPluggableNameResolver,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.names import dns
@@ -385,3 +389,22 @@ async def addresses(lookup: DNSLookup, name: str) -> list[str]:
             else:
                 found.append(_ipv6(record.address))
     return found
+
+
+@implementer(IReactorPluggableNameResolver)
+class ResolvingReactor:
+    """
+    A reactor with another name resolver: what C{HostnameEndpoint} (and so
+    twisted.web's C{Agent}) resolves host names with, since it takes the
+    resolver from its reactor.
+    """
+
+    def __init__(self, reactor: Any, resolver: Any) -> None:
+        self._reactor = reactor
+        self.nameResolver = resolver
+
+    def installNameResolver(self, resolver: Any) -> Any:
+        raise NotImplementedError("this name resolver is fixed")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)

@@ -189,22 +189,27 @@ class _LimitedBody(Protocol):
         self._limit = limit
         self._parts: list[bytes] = []
         self._size = 0
+        self._error: PolicyError | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._done.called:
+        if self._error is not None:
             return
         self._size += len(data)
         if self._size > self._limit:
-            self._done.errback(PolicyError(
+            self._error = PolicyError(
                 f"policy larger than {self._limit} bytes", "sts-policy-fetch-error"
-            ))  # fmt: skip
+            )
+            # The fetch fails once the connection is gone (connectionLost).
             assert self.transport is not None
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
             return
         self._parts.append(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._done.called:
+            return
+        if self._error is not None:
+            self._done.errback(self._error)
             return
         from twisted.web.client import ResponseDone
         from twisted.web.http import PotentialDataLoss
@@ -246,6 +251,8 @@ class PolicyFetcher:
     @param contexts: the client's L{relay.delivery.client_tls.TLSContexts}
         (their trust roots verify the policy host).
     @param port: the HTTPS port (443; tests use another).
+    @param name_resolver: the C{IHostnameResolver} of policy hosts (the
+        C{--resolver} servers); C{None}: the reactor's.
     """
 
     def __init__(
@@ -254,12 +261,18 @@ class PolicyFetcher:
         contexts: Any,
         *,
         port: int = 443,
+        name_resolver: Any = None,
         timeout: float = FETCH_TIMEOUT,
         limit: int = MAX_POLICY_BYTES,
     ) -> None:
         from zope.interface import directlyProvides
 
+        from relay.delivery.dns import ResolvingReactor
+
         self._reactor = reactor
+        self._connecting = (
+            ResolvingReactor(reactor, name_resolver) if name_resolver is not None else reactor
+        )
         self._port = port
         self._timeout = timeout
         self._limit = limit
@@ -281,31 +294,44 @@ class PolicyFetcher:
             (C{sts-policy-fetch-error}) for any failure.
         """
         d = Deferred.fromCoroutine(self._fetch(domain))
-        d.addTimeout(self._timeout, self._reactor)
+        timed_out: list[bool] = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self._reactor.callLater(self._timeout, expire)
 
         def failed(failure: Failure) -> Failure:
-            if failure.check(PolicyError):
-                return failure
-            from twisted.internet.defer import TimeoutError
-
-            if failure.check(TimeoutError):
+            if timed_out:
+                # Cancelling shows as whatever was under way (the
+                # connection, the body): the reason is the timeout.
                 raise PolicyError(
                     f"no policy from {self.url(domain)} within {self._timeout} seconds",
                     "sts-policy-fetch-error",
                 )
+            if failure.check(PolicyError):
+                return failure
             raise PolicyError(
                 f"fetching {self.url(domain)}: {failure.getErrorMessage() or failure.type.__name__}",
                 "sts-policy-fetch-error",
             )
 
-        return d.addErrback(failed)
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(done).addErrback(failed)
 
     async def _fetch(self, domain: str) -> str:
-        from twisted.web.client import Agent
+        from twisted.web.client import Agent, HTTPConnectionPool
         from twisted.web.http_headers import Headers
 
         if self._agent is None:
-            self._agent = Agent(self._reactor, contextFactory=self._https)
+            # A policy is fetched once a day or so: no connection is kept.
+            pool = HTTPConnectionPool(self._connecting, persistent=False)
+            self._agent = Agent(self._connecting, contextFactory=self._https, pool=pool)
         response = await self._agent.request(
             b"GET", self.url(domain).encode("ascii"), Headers({b"User-Agent": [b"relay"]})
         )
