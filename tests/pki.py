@@ -208,3 +208,21 @@ def certificate(*names: str, san: bool = True) -> bytes:
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     )
+
+
+def server_options(name: str, *, expired: bool = False, self_signed: bool = False) -> Any:
+    """
+    A server's TLS options (C{CertificateOptions}): a certificate for
+    C{name} from the test PKI presented with its intermediate (one that
+    expired a month ago when C{expired}), or a self-signed one.
+    """
+    from OpenSSL import crypto
+
+    if self_signed:
+        return ssl.PrivateCertificate.loadPEM(certificate(name)).options()
+    leaf, key = pki().leaf(name, expired)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(leaf),
+        extraCertChain=[crypto.X509.from_cryptography(pki().intermediate)],
+    )

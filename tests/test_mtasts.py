@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from OpenSSL import crypto
-from twisted.internet import defer, reactor, ssl
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
@@ -32,7 +31,7 @@ from relay.delivery.mtasts import (
     parse_policy,
     parse_txt,
 )
-from tests.pki import certificate, pki
+from tests.pki import pki, server_options
 from tests.test_mx import FakeLookup
 
 POLICY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.example.test\r\nmx: *.mx.example.test\r\nmax_age: 86400\r\n"
@@ -92,21 +91,6 @@ class ParseTests(SynchronousTestCase):
         self.assertFalse(policy.matches("a.b.mx.example.test"))
         self.assertFalse(policy.matches("mx.example.test"))
         self.assertFalse(policy.matches("mx2.example.test"))
-
-
-def server_options(name: str, *, self_signed: bool = False) -> ssl.CertificateOptions:
-    """
-    A server's TLS options: a certificate for C{name} from the test PKI
-    (with its intermediate), or a self-signed one.
-    """
-    if self_signed:
-        return ssl.PrivateCertificate.loadPEM(certificate(name)).options()
-    leaf, key = pki().leaf(name)
-    return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(pki().intermediate)],
-    )
 
 
 class Policy(Resource):
