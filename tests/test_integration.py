@@ -94,14 +94,15 @@ class TwistdRelayTests(TestCase):
         self,
         name: str,
         port: int,
-        smarthost: str = "127.0.0.1:9",
+        smarthost: str | None = "127.0.0.1:9",
         extra: Sequence[str] = ("--retry-intervals", "1m"),
         listen: str = "",
     ) -> tuple[subprocess.Popen[bytes], str]:
         """
         Start C{twistd -n relay} on C{port} (C{listen} appended to its
         endpoint string) with this test's spool and the C{extra} options;
-        it is killed at cleanup whatever happens.
+        it is killed at cleanup whatever happens.  With C{smarthost=None}
+        mail goes to the recipients' MX.
         """
         output = os.path.join(self.base, f"{name}.out")
         argv = [
@@ -113,7 +114,7 @@ class TwistdRelayTests(TestCase):
             "--quarantine", self.quarantine,
             "--control", "unix:" + os.path.join(self.base, f"{name}.sock"),
             "--hostname", "relay.test",
-            "--smarthost", smarthost,
+            *(("--smarthost", smarthost) if smarthost is not None else ()),
             *extra,
         ]  # fmt: skip
         env = dict(os.environ)
@@ -154,18 +155,20 @@ class TwistdRelayTests(TestCase):
             )
         return result
 
-    def start_sink(self) -> tuple[SinkCallbacks, int]:
+    def start_sink(self, tls_context_factory: Any = None) -> tuple[SinkCallbacks, int]:
         """
         Listen on loopback with relay's own server and a policy that keeps
-        every message; return the policy and the port.
+        every message (offering STARTTLS with C{tls_context_factory});
+        return the policy and the port.
         """
         from relay.smtp.server import SMTPServerFactory
         from relay.testing import MemorySpool
 
         sink = SinkCallbacks()
         factory = SMTPServerFactory(
-            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
-        )
+            callbacks=sink, spool=MemorySpool(), clock=reactor, hostname="sink.test",
+            tls_context_factory=tls_context_factory,
+        )  # fmt: skip
         listener: Any = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(listener.stopListening)
         return sink, listener.getHost().port
@@ -325,3 +328,86 @@ class TwistdRelayTests(TestCase):
         self.assertEqual((out, code), ("", 1))
         self.assertIn("nosuchid", err)
         self.assertNotIn("Traceback", err)
+
+    def dane_relay(self, matching: bool) -> Any:
+        """
+        A sink offering STARTTLS with a certificate for mx.example.net, a
+        DNS server (in this process) whose signed zone makes it the MX of
+        example.net with a DANE-EE record that matches its key or not, and
+        the real relay asking that server (C{--resolver}, C{--dnssec}),
+        delivering to MX hosts on the sink's port (C{--mx-port}).
+        """
+        import hashlib
+
+        from cryptography.hazmat.primitives import serialization
+        from OpenSSL import crypto
+        from twisted.internet import ssl
+        from twisted.names import dns
+
+        from tests.dnsserver import FakeZone, start_dns_server
+        from tests.pki import pki
+
+        leaf, key = pki().leaf("mx.example.net")
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(leaf),
+            extraCertChain=[crypto.X509.from_cryptography(pki().intermediate)],
+        )
+        sink, sink_port = self.start_sink(options)
+        spki = leaf.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        digest = hashlib.sha256(spki).digest()
+        if not matching:
+            digest = hashlib.sha256(b"another key").digest()
+        zone = FakeZone()
+        zone.add("example.net", dns.Record_MX(10, b"mx.example.net"), secure=True)
+        zone.add("mx.example.net", dns.Record_A("127.0.0.1"), secure=True)
+        zone.add_tlsa(f"_{sink_port}._tcp.mx.example.net", 3, 1, 1, digest)
+        dns_host, dns_port = start_dns_server(self, zone)
+        port = free_port()
+        process, output = self.start_twistd(
+            "first", port, smarthost=None,
+            extra=("--retry-intervals", "1h", "--resolver", f"{dns_host}:{dns_port}", "--dnssec",
+                   "--mx-port", str(sink_port)),
+        )  # fmt: skip
+        return sink, zone, process, output, port, sink_port
+
+    @inlineCallbacks
+    def test_delivers_over_dane(self) -> Any:
+        """
+        The running relay, asking the DNS server it is given, routes mail
+        for example.net to its validated MX and delivers over TLS verified
+        by the MX host's TLSA record (DANE-EE); the delivery line says
+        C{tls=dane/dane/ok}; the system's resolver is never asked.
+        """
+        sink, zone, process, output, port, sink_port = self.dane_relay(matching=True)
+        yield self.wait_listening(process, output, port)
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        yield self.poll(lambda: sink.envelopes, lambda: "the message at the sink:\n" + self.output(output))
+        [envelope] = sink.envelopes
+        self.assertEqual([str(r) for r in envelope.recipients], ["bob@example.net"])
+        self.assertIn(b" with ESMTPS id ", envelope.message.data)
+        yield self.poll(lambda: "tls=dane/dane/ok" in self.output(output), "the delivery line")
+        self.assertIn(("_" + str(sink_port) + "._tcp.mx.example.net", 52), zone.queries)
+
+    @inlineCallbacks
+    def test_defers_on_tlsa_mismatch(self) -> Any:
+        """
+        When the TLSA record does not match the MX host's certificate, the
+        relay does not deliver: the attempt is deferred (4.7.5) with
+        C{tls=dane/dane/validation-failure}, and the message stays queued.
+        """
+        sink, zone, process, output, port, _ = self.dane_relay(matching=False)
+        yield self.wait_listening(process, output, port)
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        yield self.poll(
+            lambda: "tls=dane/dane/validation-failure, status=deferred" in self.output(output),
+            lambda: "the deferred delivery line:\n" + self.output(output),
+        )
+        self.assertIn("4.7.5", self.output(output))
+        self.assertEqual(sink.envelopes, [])
+        active = os.path.join(self.spool, "active")
+        self.assertTrue([p for p in files_under(active) if p.endswith(".json")], files_under(active))
