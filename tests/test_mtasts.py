@@ -262,7 +262,8 @@ class CacheTests(SynchronousTestCase):
 
     def sts(self) -> MTASTS:
         store = PolicyStore(self.directory, lambda f, *a: defer.maybeDeferred(f, *a))
-        return MTASTS(self.lookup, self.fetcher, store, self.clock)
+        self.problems: list[str] = []
+        return MTASTS(self.lookup, self.fetcher, store, self.clock, self.problems.append)
 
     def policy(self, sts: MTASTS, domain: str = "example.test") -> Any:
         return self.successResultOf(sts.policy(domain))
@@ -318,6 +319,10 @@ class CacheTests(SynchronousTestCase):
         found = self.policy(sts)
         self.assertEqual(found.policy.id, "one")
         self.assertEqual(found.problem, ("sts-policy-fetch-error", "host down"))
+        # Not asked again for a while, and counted once.
+        self.assertEqual(self.policy(sts).policy.id, "one")
+        self.assertEqual(len(self.fetcher.fetches), 2)
+        self.assertEqual(self.problems, ["sts-policy-fetch-error"])
 
     def test_no_policy(self) -> None:
         """

@@ -452,7 +452,7 @@ def tls_policies(
     import os
 
     from relay.delivery.client_tls import TLSContexts, TLSPolicy
-    from relay.delivery.tlspolicy import PolicyFile, PolicyFileError, TLSPolicies
+    from relay.delivery.tlspolicy import PolicyFile, PolicyFileError, TLSCounts, TLSPolicies
 
     contexts = TLSContexts(ca_file=settings.tls_ca_file)
     default = TLSPolicy(settings.relay_tls, contexts=contexts)
@@ -469,12 +469,14 @@ def tls_policies(
 
     store = PolicyStore(os.path.join(settings.spool, "mta-sts"), run_in_thread)
     fetcher = PolicyFetcher(reactor, contexts, name_resolver=name_resolver)
-    sts = MTASTS(lookup, fetcher, store, reactor)
+    counts = TLSCounts()
+    sts = MTASTS(lookup, fetcher, store, reactor, on_problem=counts.sts_problem)
     return TLSPolicies(
         default,
         policy_file=policy_file,
         lookup=lookup if settings.dnssec else None,
         sts=sts,
+        counts=counts,
     )
 
 

@@ -436,9 +436,19 @@ class MTASTS:
     @param store: a L{PolicyStore}, or C{None} to keep policies in memory
         only.
     @param clock: an C{IReactorTime}.
+    @param on_problem: called with the TLS-RPT result type of each policy
+        that could not be had (for the metrics).
     """
 
-    def __init__(self, lookup: Any, fetcher: Any, store: PolicyStore | None, clock: Any) -> None:
+    def __init__(
+        self,
+        lookup: Any,
+        fetcher: Any,
+        store: PolicyStore | None,
+        clock: Any,
+        on_problem: Callable[[str], None] | None = None,
+    ) -> None:
+        self._on_problem = on_problem
         self._lookup = lookup
         self._fetcher = fetcher
         self._store = store
@@ -516,6 +526,8 @@ class MTASTS:
             kept="; the cached policy stays in force" if cached else "",
             event="mta-sts", tls_result=problem[0],
         )  # fmt: skip
+        if self._on_problem is not None:
+            self._on_problem(problem[0])
         result = STSResult(None, problem)
         self._failed_until[domain] = (self._clock.seconds() + RETRY_AFTER_FAILURE, result)
         return STSResult(cached, problem)

@@ -80,7 +80,7 @@ class PolicyFile:
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue
-            key, _, policy = text.partition(" ")
+            key, _, policy = text.replace("\t", " ").partition(" ")
             where = f"{origin}:{number}"
             try:
                 rule = parse_policy(policy)
@@ -362,8 +362,6 @@ class TLSPolicies:
     async def _mta_sts(self, host: str, domain: str, source: str) -> TLSPolicy | None:
         found = await self._sts.policy(domain)
         note = found.problem
-        if note is not None:
-            self.counts.sts_problem(note[0])
         policy = found.policy
         if policy is None or policy.mode == "none":
             return dataclasses.replace(self.default, note=note) if note else None
