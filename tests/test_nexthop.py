@@ -144,6 +144,29 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(len(made), 1)
 
 
+class DestinationTests(SynchronousTestCase):
+    """
+    Each route says what its hops' TLS policy depends on.
+    """
+
+    def test_destinations(self) -> None:
+        """
+        Next hops given: a destination without domain; by MX: the domain,
+        and whether the MX answer was validated (never, from the system's
+        resolver).
+        """
+        from relay.delivery.nexthop import Destination
+
+        r = FakeResolver({"x.test": [mx(10, "mx.x.test")]})
+        route = make_router(lambda: r)
+        [smart] = self.successResultOf(route(rcpts("a@x.test"), ("smart.test:25",)))
+        self.assertEqual(smart.destination, Destination(None))
+        self.assertFalse(smart.destination.via_mx)
+        [by_mx] = self.successResultOf(route(rcpts("a@x.test"), ()))
+        self.assertEqual(by_mx.destination, Destination("x.test", mx_authenticated=False))
+        self.assertTrue(by_mx.destination.via_mx)
+
+
 class ParseHopTests(SynchronousTestCase):
     """
     L{parse_hop} splits hops.
