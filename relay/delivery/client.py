@@ -12,7 +12,10 @@ C{client_settings} (what the client is told), C{client_tls} (the TLS
 decision), C{client_protocol} (the wire), C{client_session} (greeting to
 AUTH), C{client_transaction} (MAIL to the end of data), C{client_body} (the
 body's bytes), C{client_pool} (connections per hop), C{client_result}
-(what an attempt comes to).  Tests drive the client against relay's own
+(what an attempt comes to).  The TLS policy of each hop is chosen before
+the session by L{relay.delivery.tlspolicy.TLSPolicies} (the policy file,
+DANE, MTA-STS, the plugin's choice), from the route's L{Destination}; what
+came of it goes back with the result (C{tls}).  Tests drive the client against relay's own
 server in memory with L{relay.testing.ClientHarness}.
 """
 

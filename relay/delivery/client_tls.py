@@ -247,7 +247,9 @@ class TLSPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in POLICY_MODES:
-            raise ValueError(f"tls must be none, may, encrypt or verify, not {self.mode!r}")
+            raise ValueError(
+                f"tls must be none, may, encrypt, verify or dane, not {self.mode!r}"
+            )
         if self.contexts is None:
             contexts = _DEFAULT_CONTEXTS if self.trust_root is None else TLSContexts(self.trust_root)
             object.__setattr__(self, "contexts", contexts)
