@@ -92,8 +92,8 @@ TABLE = (
     "           LAST ERROR\n"
     "aaaa-0  <s@example.org>  a@example.com                5m   in 2m         mx.example.net:25"
     "  -\n"
-    "bbbb-0  <>               x@example.com,y@example.com  2h   now           MX"
-    "                 451 4.3.0 mailbox temporarily unavail...\n"
+    "bbbb-0  <>               x@example.com,y@example.com  2h   now           default"
+    "            451 4.3.0 mailbox temporarily unavail...\n"
     "cccc-1  <s@example.org>  a@example.com                3d   -             mx.example.net:25"
     "  -\n"
 )
@@ -157,7 +157,7 @@ class FormatTests(SynchronousTestCase):
     def test_table(self) -> None:
         """
         The table has a header and one aligned row per entry: the null
-        sender is C{<>}, recipients are comma-joined, the next hop is C{MX}
+        sender is C{<>}, recipients are comma-joined, the next hop is C{default}
         when none is given, the next attempt is C{-} unless active, and the
         last error is truncated.
         """

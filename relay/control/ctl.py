@@ -330,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_filters(status)
 
-    count = sub.add_parser("count", help="how many entries each queue holds")
+    count = sub.add_parser(
+        "count", help="how many entries each queue holds",
+        description="How many entries each queue holds (that the filters admit); without "
+        "filters only the names of the files are read.",
+    )  # fmt: skip
     count.add_argument("--queue", choices=QUEUES, help="only this queue")
     _add_filters(count)
 
@@ -361,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         "freeze", help="freeze entries", description=f"Freeze active entries: {selection}."
     )
     freeze.add_argument("--all", action="store_true", help="every active entry")
-    freeze.add_argument("--queue", choices=QUEUES)
+    freeze.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
     _add_filters(freeze)
     freeze.add_argument("ids", nargs="*", metavar="ID")
 
@@ -372,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     send.add_argument("--all", action="store_true", help="every active and frozen entry")
     send.add_argument("--frozen", action="store_true", help="every frozen entry")
-    send.add_argument("--queue", choices=QUEUES)
+    send.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
     send.add_argument("--retry-intervals", metavar="LIST", help="a new schedule, e.g. 1m,5m,1h")
     send.add_argument(
         "--next-hop", dest="reroute", metavar="HOST[:PORT]",
@@ -389,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "send-now", help="try entries now", description=f"Try entries now: {selection}."
     )
     send_now.add_argument("--all", action="store_true", help="every active and frozen entry")
-    send_now.add_argument("--queue", choices=QUEUES)
+    send_now.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
     send_now.add_argument("--retry-failed", action="store_true",
                           help="put failed recipients back to pending")  # fmt: skip
     _add_filters(send_now)
@@ -401,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--all is every active and frozen entry, --queue quarantine the quarantined ones.",
     )  # fmt: skip
     remove.add_argument("--all", action="store_true", help="every active and frozen entry")
-    remove.add_argument("--queue", choices=QUEUES)
+    remove.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
     _add_filters(remove)
     remove.add_argument("ids", nargs="*", metavar="ID")
 

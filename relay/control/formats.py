@@ -88,7 +88,8 @@ def table_row(entry: SpoolEntry, now: float) -> tuple[str, ...]:
         ",".join(str(r) for r in entry.recipients),
         format_duration(now - entry.created_at),
         _next_attempt(entry, now),
-        entry.next_hop_choices[0] if entry.next_hop_choices else "MX",
+        # the default route is decided at each attempt (--smarthost or MX)
+        entry.next_hop_choices[0] if entry.next_hop_choices else "default",
         _truncate(last_error, LAST_ERROR_WIDTH) if last_error else "-",
     )
 

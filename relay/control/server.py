@@ -40,9 +40,13 @@ HEARTBEAT_INTERVAL = 30.0
 #: entries per page of a listing sent to a client (a page of JSON is a few
 #: AMP keys)
 LIST_PAGE = 200
-#: entries per page read by a count, a summary or a bulk action (nothing
-#: waits for a client between them)
+#: entries per page read by a count or a summary (nothing waits for a
+#: client between them)
 SCAN_PAGE = 1000
+#: entries changed together by a bulk action: their writes wait in the
+#: spool's thread pool beside the commits of incoming mail, so a page is
+#: kept short
+ACTION_PAGE = 100
 #: bytes of a message per L{rpc.MessageChunk}
 MESSAGE_CHUNK = 4 * rpc.CHUNK
 
@@ -216,13 +220,14 @@ class ControlLocator(amp.CommandLocator):
         select: EntryFilter,
         on_page: Callable[[EntryPage], Awaitable[None]],
         parse: bool = True,
+        page_size: int = SCAN_PAGE,
     ) -> None:
         """
         Hand each page of C{queue} that C{select} admits to C{on_page},
         reading the next once it is done with the last, and let go of the
         queue however it ends.
         """
-        stream = self.spool.stream(queue, None if select.empty else select, parse, SCAN_PAGE)
+        stream = self.spool.stream(queue, None if select.empty else select, parse, page_size)
         try:
             while True:
                 page: EntryPage = await stream.next_page()
@@ -470,7 +475,7 @@ class ControlLocator(amp.CommandLocator):
             ).addErrback(lambda f: f.value.subFailure)
 
         for q in (queue,) if queue is not None else actions.SCANNED[action]:
-            await self._scan(q, select, change_page)
+            await self._scan(q, select, change_page, page_size=ACTION_PAGE)
         return tally.answer()
 
     async def _write(self, entry: SpoolEntry, change: Change) -> SpoolEntry:
