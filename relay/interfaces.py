@@ -259,6 +259,16 @@ class ISpool(Interface):
             when there is no such entry.
         """
 
+    def unchanged_since(queue, before, limit):  # type: ignore[no-untyped-def]
+        """
+        The entries of C{queue} not changed since C{before} (a frozen or
+        removed entry is changed when it comes into its queue), oldest
+        first, at most C{limit}, without reading them: the candidates for
+        expiry.
+
+        @return: a L{Deferred} firing with C{(time, entry id)} pairs.
+        """
+
     def get(entry_id):  # type: ignore[no-untyped-def]
         """
         @return: a L{Deferred} firing with the L{SpoolEntry}, or failing

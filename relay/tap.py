@@ -19,7 +19,7 @@ from relay.app._compat import check_server_endpoint
 from relay.app.auth import bytes_users
 from relay.app.settings import DEFAULT_SMTP as _DEFAULT_SMTP
 from relay.app.settings import RELAY_TLS_MODES, Settings, SettingsError, tls_needed
-from relay.model.retry import parse_interval, parse_retry_intervals
+from relay.model.retry import parse_duration, parse_interval, parse_retry_intervals
 from relay.simple import CallbacksError, load_callbacks
 from relay.spool.layout import control_in_spool
 
@@ -89,6 +89,18 @@ def _positive(kind: type, name: str):  # type: ignore[no-untyped-def]
     return coerce
 
 
+def _duration(name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: Any) -> float:
+        if isinstance(value, float):
+            return value  # the default
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+
+    return coerce
+
+
 def _non_negative_int(name: str):  # type: ignore[no-untyped-def]
     def coerce(value: str) -> int:
         try:
@@ -141,6 +153,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          _positive(int, "max-sessions")],
         ["max-send-jobs", None, 10, "Most simultaneous outgoing deliveries.",
          _positive(int, "max-send-jobs")],
+        ["bounced-lifetime", None, 7 * 86400.0,
+         "Keep settled entries (every recipient delivered or bounced) frozen this long, "
+         "e.g. 7d (0: delete at once).", _duration("bounced-lifetime")],
+        ["removed-lifetime", None, 7 * 86400.0,
+         "Keep removed entries this long, e.g. 7d (0: delete at the next expiry run).",
+         _duration("removed-lifetime")],
         ["hostname", None, None, "The host name in the greeting (default: this host's FQDN)."],
         ["tls-cert", None, None,
          "PEM certificate file, the certificate followed by its intermediates (with --tls-key, "

@@ -368,9 +368,11 @@ def delivery_scheduler(
         spool=disk,
         client=client,
         clock=reactor,
-        route=make_router(resolver),
+        route=make_router(resolver, settings.smarthost),
         max_send_jobs=settings.max_send_jobs,
         default_retry_intervals=settings.retry_intervals,
+        bounced_lifetime=settings.bounced_lifetime,
+        removed_lifetime=settings.removed_lifetime,
         bounce=settings.bounce,
         hostname=settings.hostname,
         smarthost=settings.smarthost,
@@ -390,7 +392,7 @@ def receiver_pool(
     The receiver pool, the master's side of C{settings.receivers}: what
     receivers commit goes to C{delivery} (the scheduler, or C{None}) and
     its event stream as for mail received here; a restarted receiver makes
-    the master look for entries it was not told about (L{rescan_active}).
+    the master look for entries it was not told about (L{DeliveryScheduler.rescan<relay.delivery.scheduler.DeliveryScheduler.rescan>}).
     """
     from relay.app.listener import parse_listener
     from relay.app.pool import ReceiverPool
@@ -400,7 +402,7 @@ def receiver_pool(
         news = dict(
             on_spooled=delivery.spooled,
             on_quarantined=delivery.quarantined,
-            on_restart=functools.partial(rescan_active, delivery, disk),
+            on_restart=delivery.rescan,
         )
     if on_rejected is not None:
         news["on_rejected"] = on_rejected
@@ -414,24 +416,6 @@ def receiver_pool(
         grace=settings.receiver_grace,
         **news,
     )
-
-
-def rescan_active(scheduler: Any, spool: Any) -> None:
-    """
-    A receiver that died may have committed entries it could not tell the
-    master about: schedule those of the active queue that C{scheduler}
-    does not know.
-    """
-    from relay.model.entry import ACTIVE
-
-    if not scheduler.running:
-        return
-
-    def found(entries: list[Any]) -> None:
-        scheduler.notify([e for e in entries if not scheduler.is_known(e.id)])
-
-    d = spool.entries(ACTIVE)
-    d.addCallbacks(found, lambda f: log.failure("Rescanning the active queue failed", f))
 
 
 def control_service(description: str, spool: Any, delivery: Any, plugin: Any, reactor: Any) -> Any:

@@ -115,6 +115,8 @@ class Settings:
     reject_bare_lf: bool = False
     auth_requires_tls: bool = True
     bounce: bool = True
+    bounced_lifetime: float = 7 * 86400.0
+    removed_lifetime: float = 7 * 86400.0
     metrics: str | None = None
     receivers: int = 0
     receiver_grace: float = 30.0
@@ -220,6 +222,8 @@ class Settings:
             reject_bare_lf=bool(options["reject-bare-lf"]),
             auth_requires_tls=not options["allow-auth-without-tls"],
             bounce=not options["no-bounce"],
+            bounced_lifetime=options["bounced-lifetime"],
+            removed_lifetime=options["removed-lifetime"],
             metrics=options["metrics"],
             receivers=receivers,
         )

@@ -175,16 +175,24 @@ def route_recipients(
     return defer.gatherResults(ds, consumeErrors=True).addCallback(combine)
 
 
-def make_router(resolver_factory: Callable[[], Any]) -> Callable[..., Deferred[list[Route]]]:
+def make_router(
+    resolver_factory: Callable[[], Any], smarthost: str | None = None
+) -> Callable[..., Deferred[list[Route]]]:
     """
-    A next-hop function that builds its resolver on first use (so that
-    none is made, nor a resolv.conf watch scheduled, until mail flows).
+    A next-hop function: an entry's own next hops (a plugin chose them),
+    else the default route as configured now: C{smarthost}, else the MX of
+    each recipient domain.  Applied at each attempt, so that queued mail
+    follows a routing fix (a corrected C{--smarthost}) after a restart.
+    The resolver is built on first use (so that none is made, nor a
+    resolv.conf watch scheduled, until mail needs DNS).
     """
     resolver: list[Any] = []
+    default = (smarthost,) if smarthost else ()
 
     def route(recipients: Sequence[EmailAddress], next_hop_choices: Sequence[str]) -> Deferred[list[Route]]:
-        if next_hop_choices:
-            return route_recipients(recipients, next_hop_choices, None)
+        hops = tuple(next_hop_choices) or default
+        if hops:
+            return route_recipients(recipients, hops, None)
         if not resolver:
             resolver.append(resolver_factory())
         return route_recipients(recipients, next_hop_choices, resolver[0])

@@ -194,6 +194,19 @@ class MemorySpool:
             f.seek(offset)
             return defer.succeed(f.read(size))
 
+    def unchanged_since(
+        self, queue: str, before: float, limit: int
+    ) -> Deferred[list[tuple[float, str]]]:
+        if queue not in QUEUES:
+            return defer.fail(ValueError(f"no such queue {queue!r}"))
+        # What a file's mtime would say: when the entry came into the queue.
+        old = sorted(
+            (e.moved_at or e.created_at, e.id)
+            for e in self.entries_by_id.values()
+            if e.queue == queue and (e.moved_at or e.created_at) < before
+        )
+        return defer.succeed(old[:limit])
+
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         try:
             return defer.succeed(self.entries_by_id[entry_id])

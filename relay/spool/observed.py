@@ -95,6 +95,12 @@ class ObservedSpool:
         d: Deferred[bytes] = self.spool.message_chunk(entry_id, offset, size)
         return d
 
+    def unchanged_since(
+        self, queue: str, before: float, limit: int
+    ) -> Deferred[list[tuple[float, str]]]:
+        d: Deferred[list[tuple[float, str]]] = self.spool.unchanged_since(queue, before, limit)
+        return d
+
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         d: Deferred[SpoolEntry] = self.spool.get(entry_id)
         return d

@@ -101,7 +101,19 @@ def due_entries(layout: SpoolLayout, before: float, limit: int) -> list[tuple[fl
     C{limit} in memory.  The time is a hint: the entry itself says when it
     is due, and the scheduler checks when it reads it.
     """
-    directory = layout.queue_dir(ACTIVE)
+    return oldest_by_mtime(layout, ACTIVE, before, limit)
+
+
+def oldest_by_mtime(
+    layout: SpoolLayout, queue: str, before: float, limit: int
+) -> list[tuple[float, str]]:
+    """
+    The entries of C{queue} whose metadata files were last changed before
+    C{before} (for the active queue: whose next attempt is due), oldest
+    first, at most C{limit}: C{(mtime, entry id)}, from the directory
+    alone, keeping only C{limit} in memory.
+    """
+    directory = layout.queue_dir(queue)
     found: list[tuple[float, str]] = []  # a max-heap of the soonest, negated
     try:
         with os.scandir(directory) as names:
