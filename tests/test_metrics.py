@@ -81,6 +81,20 @@ class CollectorTests(SynchronousTestCase):
         self.assertIn('relay_messages_total{outcome="frozen"} 1.0', out)
         self.assertIn('relay_messages_total{outcome="delivered"} 0.0', out)
 
+    def test_expired_counted(self) -> None:
+        """
+        Each entry deleted by expiry counts under its queue.
+        """
+        bus = EventBus(Clock())
+        metrics = RelayMetrics()
+        bus.subscribe(metrics.observe)
+        bus.emit("expired", "a-0", queue="frozen")
+        bus.emit("expired", "b-0", queue="frozen")
+        bus.emit("expired", "c-0", queue="removed")
+        out = lines(metrics)
+        self.assertIn('relay_spool_expired_total{queue="frozen"} 2.0', out)
+        self.assertIn('relay_spool_expired_total{queue="removed"} 1.0', out)
+
     def test_delivery_latency(self) -> None:
         """
         A delivered event with C{created_at} observes its age in the

@@ -108,6 +108,15 @@ class RelayMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.expired = Counter(
+            "relay_spool_expired",
+            "Entries deleted because their lifetime in the frozen (settled) or removed "
+            "queue ran out.",
+            ["queue"],
+            registry=self.registry,
+        )
+        for queue in ("frozen", "removed"):
+            self.expired.labels(queue=queue)
         for outcome in OUTCOMES:
             self.messages.labels(outcome=outcome)
         self.latency = Histogram(
@@ -136,6 +145,9 @@ class RelayMetrics:
         Count one L{relay.control.events.Event}; a delivery also observes its
         latency when the event carries C{created_at}.
         """
+        if event.kind == "expired":
+            self.expired.labels(queue=str(event.fields.get("queue", "frozen"))).inc()
+            return
         outcome = EVENT_OUTCOMES.get(event.kind)
         if outcome is None:
             return
