@@ -24,7 +24,7 @@ from relay.control.client import ControlClient
 from relay.control.formats import TableWriter
 from relay.control.server import LIST_PAGE, ControlProtocol
 from relay.model.address import EmailAddress, Sender
-from relay.model.entry import FROZEN, REMOVED, Attempt, SpoolEntry, new_id
+from relay.model.entry import FROZEN, REMOVED, Attempt, SpoolEntry, TLSOutcome, new_id
 from relay.spool.codec import entry_to_json
 from relay.spool.disk import DiskSpool
 from tests.test_control import FakeScheduler
@@ -234,6 +234,24 @@ class FormatTests(SynchronousTestCase):
                       ctl.format_show(entry, NOW, route_known=False))  # fmt: skip
         self.assertIn("next hops: mx.example.net:25\nschedule: 60s, step 0\n",
                       ctl.format_show(ENTRIES[2], NOW))  # fmt: skip
+
+    def test_show_tls(self) -> None:
+        """
+        C{show} names the TLS policy a plugin chose for the entry and, under
+        each attempt, the policy that applied, its source and its result.
+        """
+        attempt = dataclasses.replace(
+            ENTRIES[1].attempts[0],
+            tls=TLSOutcome("dane", "dane", "tlsa-invalid", "no TLSA record matched"),
+        )
+        entry = dataclasses.replace(ENTRIES[1], tls_policy="verify", attempts=(attempt,))
+        text = ctl.format_show(entry, NOW, "smart.example:25")
+        self.assertIn("schedule: 60s, step 0\ntls policy: verify (chosen by the plugin)\n", text)
+        self.assertIn(
+            "please try again much later\n    tls: dane from dane: tlsa-invalid (no TLSA record matched)\n",
+            text,
+        )
+        self.assertNotIn("tls", ctl.format_show(ENTRIES[1], NOW, "smart.example:25"))
 
     def test_duration(self) -> None:
         """

@@ -342,6 +342,8 @@ def format_show(
         lines.append("next hops: default route (now the MX of each domain)")
     schedule = _seconds(entry.schedule) if entry.schedule else "the relay's default"
     lines.append(f"schedule: {schedule}, step {entry.step}")
+    if entry.tls_policy:
+        lines.append(f"tls policy: {entry.tls_policy} (chosen by the plugin)")
     if entry.queue == ACTIVE:
         lines.append(f"next attempt: {_when(entry.next_attempt_at, now)}")
     lines.append("recipients:")
@@ -363,6 +365,8 @@ def format_show(
         peer = f" [{a.address[0]}]:{a.address[1]}" if a.address else ""
         who = f" ({', '.join(a.recipients)})" if a.recipients else ""
         lines.append(f"  {format_time(a.at)}  {a.hop}{peer}  {' '.join(a.reply.split())}{who}")
+        if a.tls is not None:
+            lines.append(f"    tls: {a.tls}")
     return "\n".join(lines) + "\n"
 
 
