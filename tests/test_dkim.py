@@ -17,6 +17,7 @@ import argparse
 import base64
 import dataclasses
 import hashlib
+import io
 import os
 import re
 import time
@@ -37,6 +38,7 @@ from zope.interface.verify import verifyObject
 
 from relay import EnvelopeWithNextHop, Send, Simple
 from relay.app.reload import ReloadError, ReloadService
+from relay.control import ctl
 from relay.dkim import DkimKeysError, canonical
 from relay.dkim.canonical import (
     HeaderSectionTooLarge,
@@ -154,14 +156,68 @@ class DNSStub:
         self.records: dict[bytes, bytes] = {}
         self.asked: list[bytes] = []
         for key in table.keys:
-            line = zone_record(key)
-            name, _, rest = line.partition(" IN TXT ")
-            text = "".join(re.findall(r'"([^"]*)"', rest))
-            self.records[name.encode("ascii")] = text.encode("ascii")
+            name, strings = record_strings(zone_record(key))
+            self.records[name.encode("ascii")] = "".join(strings).encode("ascii")
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
         self.asked.append(name)
         return self.records.get(name)
+
+
+def record_strings(line: str) -> tuple[str, list[str]]:
+    """
+    The owner name and the character-strings of a zone line as
+    C{relayctl dkim-record} prints it.
+    """
+    name, _, rest = line.partition(" IN TXT ")
+    return name, re.findall(r'"([^"]*)"', rest)
+
+
+def published_zone(lines: list[str]) -> Any:
+    """
+    A zone of L{tests.dnsserver} holding the TXT records of the zone
+    lines C{relayctl dkim-record} printed, each as its several strings
+    (as a DNS server holds them after reading the zone file).
+    """
+    from twisted.names import dns as names
+
+    from tests.dnsserver import FakeZone
+
+    zone = FakeZone()
+    for line in lines:
+        name, strings = record_strings(line)
+        zone.add(name.rstrip("."), names.Record_TXT(*(s.encode("ascii") for s in strings), ttl=60))
+    return zone
+
+
+class DNSServerLookup:
+    """
+    dkimpy's C{dnsfunc} asking a DNS server on loopback (one of
+    L{tests.dnsserver}) with dnspython, never the system's resolver: the
+    strings of the TXT record joined, as dkimpy's own lookup does.
+    Blocking: called in a thread while the reactor serves the zone.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        import dns.resolver
+
+        self._resolver = dns.resolver.Resolver(configure=False)
+        self._resolver.nameservers = [host]
+        self._resolver.port = port
+        self.asked: list[bytes] = []
+
+    def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
+        import dns.exception
+        import dns.resolver
+
+        self.asked.append(name)
+        try:
+            answer = self._resolver.resolve(name.decode("ascii"), "TXT", lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        except dns.exception.DNSException:
+            return None
+        return b"".join(b"".join(rdata.strings) for rdata in answer)
 
 
 def signatures(data: bytes) -> list[dict[bytes, bytes]]:
@@ -176,7 +232,9 @@ def signatures(data: bytes) -> list[dict[bytes, bytes]]:
     ]
 
 
-def verified(test: SynchronousTestCase, data: bytes, dns: DNSStub) -> list[tuple[str, str, str]]:
+def verified(
+    test: SynchronousTestCase, data: bytes, dns: Callable[..., bytes | None]
+) -> list[tuple[str, str, str]]:
     """
     Check that every DKIM-Signature of C{data} verifies; return
     C{(d, s, a)} of each, top first.
@@ -676,12 +734,64 @@ class RecordTests(SynchronousTestCase):
             dkim_record(self.parse("dkim-record", "--dkim-keys", self.files.path, "example.com", "s1"))
         self.assertIn("line 1: expected", str(raised.exception))
 
+    def relayctl(self, *argv: str) -> tuple[str, str, int]:
+        out, err = io.StringIO(), io.StringIO()
+        code = ctl.main(list(argv), out=out, err=err)
+        return out.getvalue(), err.getvalue(), code
+
+    def test_relayctl(self) -> None:
+        """
+        C{relayctl dkim-record} prints the record and exits 0, without a
+        relay (no control socket is asked).
+        """
+        key = self.table.find("example.com", "e1")
+        assert key is not None
+        self.assertEqual(
+            self.relayctl("--control", "unix:/nonexistent/ctl.sock", "dkim-record",
+                          "--dkim-keys", self.files.path, "example.com", "e1"),
+            (zone_record(key) + "\n", "", 0),
+        )  # fmt: skip
+        self.assertEqual(
+            self.relayctl("dkim-record", "--dkim-keys", self.files.path, "--value", "example.com", "e1"),
+            (record_value(key) + "\n", "", 0),
+        )
+
+    def test_relayctl_errors(self) -> None:
+        """
+        A key not listed, a keys file that cannot be read, a key under 1024
+        bits or a bad line: one line on stderr naming the file (and the
+        line), exit 1.
+        """
+        path = self.files.path
+        out, err, code = self.relayctl("dkim-record", "--dkim-keys", path, "example.net", "s1")
+        self.assertEqual((out, code), ("", 1))
+        self.assertEqual(err, f"relayctl dkim-record: {path} lists no key for example.net selector s1 "
+                         "(it lists: example.com s1, example.com e1, example.org o1)\n")  # fmt: skip
+        missing = os.path.join(self.files.directory, "missing.keys")
+        self.assertEqual(
+            self.relayctl("dkim-record", "--dkim-keys", missing, "example.com", "s1"),
+            ("", f"relayctl dkim-record: {missing}: cannot read: No such file or directory\n", 1),
+        )
+        small = self.files.key_file("small.pem", RSA_512)
+        self.files.write("example.com s1 rsa.pem\nexample.com s2 small.pem\n")
+        self.assertEqual(
+            self.relayctl("dkim-record", "--dkim-keys", path, "example.com", "s1"),
+            ("", f"relayctl dkim-record: {path} line 2: {small} is an RSA key of 512 bits: "
+                 "DKIM needs at least 1024\n", 1),
+        )  # fmt: skip
+        self.files.write("example.com s1 rsa.pem extra words\n")
+        out, err, code = self.relayctl("dkim-record", "--dkim-keys", path, "example.com", "s1")
+        self.assertEqual((out, code, err.count("\n")), ("", 1, 1))
+        self.assertTrue(err.startswith(f"relayctl dkim-record: {path} line 1: expected DOMAIN"), err)
+
     def test_dkim_keys_required(self) -> None:
         """
-        The keys file is a required option.
+        The keys file is a required option: without it, a usage error
+        (exit 2) saying so.
         """
-        with self.assertRaises(SystemExit):
-            self.parse("dkim-record", "example.com", "s1")
+        out, err, code = self.relayctl("dkim-record", "example.com", "s1")
+        self.assertEqual((out, code), ("", 2))
+        self.assertIn("required: --dkim-keys", err)
 
 
 # -- the signer ---------------------------------------------------------------------

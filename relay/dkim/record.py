@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.dkim import DkimKeysError
-from relay.dkim.keys import DkimKey
+
+if TYPE_CHECKING:
+    # (Only for the annotations: relayctl imports this module to build its
+    # parser, and need not load cryptography for its other commands.)
+    from relay.dkim.keys import DkimKey
 
 #: The longest DNS character-string (RFC 1035 section 3.3).
 MAX_STRING = 255
