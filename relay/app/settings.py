@@ -101,6 +101,8 @@ class Settings:
         MTA-STS policy hosts.
     @ivar tls_policy: the TLS policy file (L{relay.delivery.tlspolicy}).
     @ivar mx_port: the port of MX hosts.
+    @ivar shaping: the traffic shaping file (L{relay.shaping}), or C{None}.
+    @ivar bind_address: the local address of delivery connections.
     """
 
     smtp: tuple[str, ...] = DEFAULT_SMTP
@@ -133,6 +135,8 @@ class Settings:
     tls_ca_file: str | None = None
     tls_policy: str | None = None
     mx_port: int = 25
+    shaping: str | None = None
+    bind_address: str | None = None
 
     def __post_init__(self) -> None:
         # Sequences become tuples (the value stays frozen all the way
@@ -259,6 +263,8 @@ class Settings:
             tls_ca_file=options["tls-ca-file"],
             tls_policy=options["tls-policy"],
             mx_port=options["mx-port"],
+            shaping=options["shaping"],
+            bind_address=options["bind-address"],
         )
 
     def to_json(self) -> dict[str, Any]:
