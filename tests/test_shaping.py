@@ -614,3 +614,159 @@ class ConnectionShapingTests(SynchronousTestCase):
         assert not isinstance(admission, Wait)
         self.assertIsNone(admission.shaping.connect())
         self.assertEqual(admission.shaping.connect(), Wait("example.com", "connection_rate", 30.0))
+
+
+class ControlTests(SynchronousTestCase):
+    """
+    C{relayctl suspend/resume/suspended}, and what waits in C{show} and
+    C{summary}, over the control protocol of a real scheduler.
+    """
+
+    def setUp(self) -> None:
+        from twisted.test import iosim
+
+        from relay.control.client import ControlClient
+        from relay.control.server import ControlProtocol
+
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.spool = MemorySpool(self.clock)
+        self.fake = FakeClient()
+        self.suspensions = Suspensions(self.clock)
+        shaper = Shaper(parse('[default]\nmessage_rate = "1/min"\n'), self.clock, self.suspensions)
+        self.scheduler = DeliveryScheduler(
+            spool=self.spool, client=self.fake, clock=self.clock, route=by_mx, shaper=shaper
+        )
+        self.scheduler.startService()
+        self.addCleanup(self.scheduler.stopService)
+        self.client, _, self.pump = iosim.connectedServerAndClient(
+            lambda: ControlProtocol(self.spool, self.scheduler, [], self.clock), ControlClient
+        )
+
+    def call(self, command: Any, **kw: Any) -> Any:
+        d = self.client.callRemote(command, **kw)
+        self.pump.flush()
+        return self.successResultOf(d)
+
+    def test_suspend_resume_list(self) -> None:
+        """
+        Suspend answers the end and whether the name is a provider;
+        Suspended lists reasons, ends and what waits; Resume ends it and
+        the mail goes.
+        """
+        import json
+
+        from relay.control import rpc
+        from relay.delivery.scheduler import SchedulerObserver
+        from relay.spool.observed import ObservedSpool
+
+        self.assertEqual(
+            self.call(rpc.Suspend, destination="yahoo", seconds=600.0, reason="complaints"),
+            {"until": 1600.0, "provider": True},
+        )
+        self.assertEqual(self.call(rpc.Suspend, destination="Example.com"), {"until": None, "provider": False})
+        served = ObservedSpool(self.spool, SchedulerObserver(self.scheduler))
+        self.successResultOf(served.enqueue([to("a@example.com", n=1)]))
+        self.clock.advance(0)
+        rows = json.loads(self.call(rpc.Suspended)["suspensions"])
+        self.assertEqual(
+            [(r["name"], r["until"], r["reason"], r["waiting"]) for r in rows],
+            [("example.com", None, "suspended by relayctl", 1), ("yahoo", 1600.0, "complaints", 0)],
+        )
+        self.assertEqual(self.call(rpc.Resume, destination="example.com"), {"resumed": True, "waiting": 1})
+        self.clock.advance(0)
+        self.assertEqual(len(self.fake.sent), 1)
+        self.assertEqual(self.call(rpc.Resume, destination="example.com")["resumed"], False)
+
+    def test_show_and_summary_waiting(self) -> None:
+        """
+        An entry waiting for the message rate says so in C{show}, and
+        C{summary} counts it under its destination and limit.
+        """
+        import json
+
+        from relay.control import rpc
+        from relay.delivery.scheduler import SchedulerObserver
+        from relay.spool.observed import ObservedSpool
+
+        served = ObservedSpool(self.spool, SchedulerObserver(self.scheduler))
+        _, second = self.successResultOf(served.enqueue([to("a@example.com", n=1), to("b@example.com", n=2)]))
+        self.clock.advance(0)
+        shown = self.call(rpc.Show, id=second.id)
+        self.assertEqual(
+            json.loads(shown["waiting"]),
+            {"destination": "example.com", "reason": "message_rate", "until": 1060.0, "detail": ""},
+        )
+        summary = self.call(rpc.Summary)
+        self.assertEqual(json.loads(summary["waiting"]), [["example.com", "message_rate", 1]])
+
+    def test_metrics(self) -> None:
+        """
+        The metrics show suspended destinations, entries waiting by limit
+        and suspensions counted by who made them.
+        """
+        from prometheus_client import generate_latest
+
+        from relay.control.events import Event
+        from relay.control.metrics import RelayMetrics
+
+        metrics = RelayMetrics(clock=self.clock)
+        metrics.shaping(self.scheduler.shaper)
+        self.suspensions.suspend("example.com", None)
+        metrics.observe(Event("suspended", None, 0.0, 1, {"automatic": True}))
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("relay_suspended_destinations 1.0", text)
+        self.assertIn('relay_waiting_for_limit{limit="suspended"} 0.0', text)
+        self.assertIn('relay_suspensions_total{by="rule"} 1.0', text)
+
+
+class RelayctlTests(SynchronousTestCase):
+    """
+    C{relayctl suspend}, C{resume} and C{suspended} call their AMP
+    commands and print one line each (the network replaced by a fake).
+    """
+
+    def setUp(self) -> None:
+        from relay.control import ctl
+
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.response: dict[str, Any] = {}
+
+        def fake(control: str, command: Any, **kwargs: Any) -> dict[str, Any]:
+            self.calls.append((command.__name__, kwargs))
+            return self.response
+
+        self.patch(ctl, "_call", fake)
+
+    def test_suspend(self) -> None:
+        """
+        C{suspend NAME --for 30m --reason TEXT} sends seconds and reason;
+        a bad duration is a usage error naming --for.
+        """
+        from tests.test_ctl import run_main
+
+        self.response = {"until": 2800.0, "provider": True}
+        code, out, err = run_main("suspend", "google", "--for", "30m", "--reason", "warm-up")
+        self.assertEqual((code, out, err), (0, "suspended provider google for 30m\n", ""))
+        self.assertEqual(self.calls, [("Suspend", {"destination": "google", "seconds": 1800.0, "reason": "warm-up"})])
+        code, out, err = run_main("suspend", "google", "--for", "soon")
+        self.assertNotEqual(code, 0)
+        self.assertIn("--for: not a duration", err)
+
+    def test_resume_and_list(self) -> None:
+        """
+        C{resume} says how many entries waited, and fails (non-zero) for
+        a destination not suspended; C{suspended} lists one per line.
+        """
+        from tests.test_ctl import run_main
+
+        self.response = {"resumed": True, "waiting": 3}
+        self.assertEqual(run_main("resume", "example.com"), (0, "resumed example.com (3 entries waiting for it)\n", ""))
+        self.response = {"resumed": False, "waiting": 0}
+        code, out, err = run_main("resume", "example.com")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("example.com is not suspended", err)
+        self.response = {"suspensions": '[{"name": "yahoo", "since": 900, "until": null, '
+                         '"reason": "complaints", "automatic": false, "waiting": 2}]'}  # fmt: skip
+        code, out, err = run_main("suspended")
+        self.assertEqual(out, "yahoo  until resumed  by operator  waiting 2  complaints\n")

@@ -314,6 +314,8 @@ def build_relay(
             from relay.delivery.tlspolicy import TLSCollector
 
             metrics.registry.register(TLSCollector(counts))
+        if delivery is not None:
+            metrics.shaping(delivery.shaper)
     on_rejected = metrics.rejected if metrics is not None else None
     if settings.receivers:
         pool = receiver_pool(settings, disk, delivery, recovery, reactor, on_rejected)
