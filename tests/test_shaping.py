@@ -770,3 +770,55 @@ class RelayctlTests(SynchronousTestCase):
                          '"reason": "complaints", "automatic": false, "waiting": 2}]'}  # fmt: skip
         code, out, err = run_main("suspended")
         self.assertEqual(out, "yahoo  until resumed  by operator  waiting 2  complaints\n")
+
+
+class BuildTests(SynchronousTestCase):
+    """
+    C{makeService} (and so C{twistd relay}) with C{shaping} and
+    C{bind_address}.
+    """
+
+    def make(self, **kwargs: Any) -> Any:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relay import service
+
+        base = os.path.abspath(self.mktemp())
+        self.spool_dir = os.path.join(base, "spool")
+        return service.makeService(
+            reactor=MemoryReactorClock(), spool=self.spool_dir,
+            quarantine=os.path.join(base, "quarantine"), hostname="relay.test", control="",
+            smtp=["tcp:0:interface=127.0.0.1"], **kwargs,
+        )  # fmt: skip
+
+    def test_wired(self) -> None:
+        """
+        The shaping file is what the scheduler's shaper uses, SIGHUP
+        reloads it, suspensions are kept in the spool directory, and the
+        client connects from C{bind_address}.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[default]\nmessage_rate = "5/sec"\n')
+        top = self.make(shaping=path, bind_address="127.0.0.1")
+        shaper = top.delivery.shaper
+        self.assertEqual(shaper.config.default.message_rate, Rate(5, 1.0))
+        self.assertEqual(shaper.suspensions.path, os.path.join(self.spool_dir, "suspensions.json"))
+        [reloadable] = [r for r in top.getServiceNamed("reload").reloadables if isinstance(r, ShapingFile)]
+        self.assertIs(reloadable.shaper, shaper)
+        self.assertEqual(top.delivery.client.settings.bind_address, "127.0.0.1")
+
+    def test_bad_file(self) -> None:
+        """
+        A shaping file that cannot be used stops the build with its file,
+        line and key; so does a bind address that is no IP address.
+        """
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[default]\nmax_connections = -1\n")
+        with self.assertRaises(ValueError) as caught:
+            self.make(shaping=path)
+        self.assertIn(f"{path}, line 2: default.max_connections", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            self.make(bind_address="mx.example.com")
+        self.assertIn("bind_address must be an IP address", str(caught.exception))

@@ -169,6 +169,15 @@ class Settings:
             )
         if self.receivers < 0:
             raise SettingsError("receivers must be 0 or more")
+        if self.bind_address is not None:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(self.bind_address)
+            except ValueError:
+                raise SettingsError(
+                    f"bind_address must be an IP address, not {self.bind_address!r}"
+                ) from None
         if self.dnssec and not self.resolver:
             raise SettingsError(
                 "dnssec needs resolver: only a resolver you name is trusted to validate"
