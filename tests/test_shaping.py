@@ -822,3 +822,29 @@ class BuildTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             self.make(bind_address="mx.example.com")
         self.assertIn("bind_address must be an IP address", str(caught.exception))
+
+
+class FormatTests(SynchronousTestCase):
+    """
+    How C{relayctl show} and C{summary} print what waits for a limit.
+    """
+
+    def test_wait_and_waiting(self) -> None:
+        """
+        C{show} gets one line naming destination, limit and when the
+        entry is looked at again; C{summary} a table by destination.
+        """
+        from relay.control.formats import format_wait, format_waiting
+
+        wait = Wait("google", MESSAGE_RATE, 1090.0).to_json()
+        line = format_wait(wait, 1000.0)
+        self.assertEqual(line, "waiting: for google (message_rate) until 1970-01-01T00:18:10+00:00 (in 1m)\n")
+        suspended = format_wait(Wait("yahoo", SUSPENDED, None, "complaints").to_json(), 1000.0)
+        self.assertEqual(suspended, "waiting: for yahoo (suspended) until woken: complaints\n")
+        self.assertEqual(
+            format_waiting([["example.com", "max_connections", 3], ["google", "message_rate", 12]]),
+            "waiting for a limit (not attempts):\n"
+            "  example.com  max_connections  3\n"
+            "  google       message_rate     12\n",
+        )
+        self.assertEqual(format_waiting([]), "")
