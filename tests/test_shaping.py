@@ -180,6 +180,20 @@ class ShapingFileTests(SynchronousTestCase):
         self.assertEqual(config.rules[-1].duration, 600.0)
         self.assertGreater(len(config.rules), 1)
 
+    def test_example_file(self) -> None:
+        """
+        The example file of the README (C{examples/shaping.toml}) is a
+        good shaping file, and says what it shows.
+        """
+        from relay.shaping import load
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        config = load(os.path.join(root, "examples", "shaping.toml"))
+        self.assertEqual(config.default.message_rate, Rate(600, 60.0))
+        self.assertEqual(config.domains["example.com"].source, "192.0.2.11")
+        self.assertEqual([p.name for p in config.providers], ["google", "yahoo", "microsoft", "fastmail"])
+        self.assertEqual([r.action for r in config.rules[-2:]], ["slow", "suspend"])
+
     def test_not_shipped(self) -> None:
         """
         C{shipped = false} starts from nothing: no providers, no rules.
