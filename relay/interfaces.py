@@ -373,3 +373,25 @@ class IReloadable(Interface):
             is now in use, or failing (best with a L{relay.app.reload.ReloadError}
             naming the file and the reason) while what was in use stays.
         """
+
+
+class IDestinationLimits(Interface):
+    """
+    Optional, for a plugin that chooses the traffic shaping of some
+    destinations itself (L{relay.shaping}).  A plugin class declares it
+    beside L{IServerCallbacks} (C{@implementer(IDestinationLimits)} on a
+    subclass of L{relay.simple.Simple}); the server callbacks are not
+    changed by it.  Without it, the shaping file decides alone.
+    """
+
+    def destination_limits(destination, limits):  # type: ignore[no-untyped-def]
+        """
+        The limits of C{destination} (a recipient domain, or the name of a
+        provider of the shaping file), given what the file says
+        (C{limits}, a frozen L{relay.shaping.Limits}: return
+        C{dataclasses.replace(limits, ...)} to change some).  Asked when
+        the relay takes up the destination (again after a SIGHUP, and after
+        the destination had nothing queued for a while); may return a
+        value, a Deferred or a coroutine; C{None} keeps C{limits}.  A
+        failure is logged and the file's limits apply.
+        """

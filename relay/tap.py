@@ -183,6 +183,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-policy", None, None,
          "TLS policy per destination: lines of DOMAIN, .DOMAIN or [HOST]:PORT and one of none, "
          "may, encrypt, verify [match=NAMES], dane, dane-only, mta-sts."],
+        ["shaping", None, None,
+         "Traffic shaping file (TOML): limits per destination and provider, reply rules, "
+         "source addresses; SIGHUP reloads it."],
+        ["bind-address", None, None,
+         "Make delivery connections from this local IP address (Postfix's smtp_bind_address)."],
         ["mx-port", None, 25, "The port of MX hosts (Postfix's smtp_tcp_port).",
          _port("mx-port")],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
@@ -280,6 +285,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 PolicyFile.load(self["tls-policy"])
             except PolicyFileError as e:
                 raise usage.UsageError(f"--tls-policy: {e}") from None
+        self._check_shaping()
+
+    def _check_shaping(self) -> None:
+        """
+        The shaping file parses; the bind address is an IP address.
+        """
+        if self["bind-address"] is not None:
+            import ipaddress
+
+            try:
+                self["bind-address"] = str(ipaddress.ip_address(self["bind-address"]))
+            except ValueError:
+                raise usage.UsageError(
+                    f"--bind-address: not an IP address: {self['bind-address']!r}"
+                ) from None
+        if self["shaping"] is not None:
+            from relay.shaping.config import ShapingFileError, load
+
+            try:
+                load(self["shaping"])
+            except ShapingFileError as e:
+                raise usage.UsageError(f"--shaping: {e}") from None
 
     def postOptions(self) -> None:
         if not self["smtp"]:

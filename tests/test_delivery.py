@@ -374,13 +374,18 @@ class SchedulerTests(SynchronousTestCase):
 
     def test_per_destination_cap(self) -> None:
         """
-        At most C{per_destination} sends to one hop at once.
+        At most C{per_destination} sends to one destination at once; the
+        others wait for a connection without holding a send job (so that
+        mail to other destinations is not held up behind them).
         """
         self.client.behaviour["mx1:25"] = None
         s = self.make(max_send_jobs=10, per_destination=1)
         self.enqueue(s, *[make_envelope(envelope_id=f"e{i}") for i in range(3)])
         self.assertEqual(len(self.client.sent), 1)
-        self.assertEqual(len(s.jobs), 3)
+        self.assertEqual(len(s.jobs), 1)
+        self.assertEqual(
+            sorted(w.reason for w in s.shaper.waits.values()), ["max_connections"] * 2
+        )
 
     def test_send_now(self) -> None:
         """

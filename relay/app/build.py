@@ -310,7 +310,7 @@ def build_relay(
         log.info("Signing with {keys}", keys=dkim_signer.table.describe())
     disk = parts.disk_spool()
     recovery = SpoolRecovery(disk)
-    delivery = delivery_scheduler(settings, disk, reactor, parts.run_in_thread, recovery)
+    delivery = delivery_scheduler(settings, disk, reactor, parts.run_in_thread, recovery, plugin)
     served = disk
     if delivery is not None:
         from relay.delivery.scheduler import SchedulerObserver
@@ -343,6 +343,8 @@ def build_relay(
             from relay.delivery.tlspolicy import TLSCollector
 
             metrics.registry.register(TLSCollector(counts))
+        if delivery is not None:
+            metrics.shaping(delivery.shaper)
     on_rejected = metrics.rejected if metrics is not None else None
     if settings.receivers:
         pool = receiver_pool(settings, disk, delivery, recovery, reactor, on_rejected)
@@ -351,6 +353,10 @@ def build_relay(
     else:
         factory = parts.server_factory(served, on_rejected)
         reloadables = parts.reloadables
+    if settings.shaping is not None and delivery is not None:
+        from relay.shaping.reloading import ShapingFile
+
+        reloadables.append(ShapingFile(settings.shaping, delivery.shaper))
     if settings.metrics:
         from relay.control.metrics import metrics_service
 
@@ -374,11 +380,15 @@ def delivery_scheduler(
     reactor: Any,
     run_in_thread: Callable[..., Any],
     recovery: SpoolRecovery,
+    plugin: Any = None,
 ) -> Any:
     """
     The delivery scheduler over C{disk} (it loads the active queue once
     C{recovery} is done), or C{None} for a spool that cannot deliver (not
-    a full L{ISpool}).
+    a full L{ISpool}); its traffic shaping comes from C{--shaping} and
+    the plugin (when it provides L{relay.interfaces.IDestinationLimits}).
+
+    @raise SettingsError: the shaping file cannot be used.
     """
     from relay.interfaces import ISpool
 
@@ -399,16 +409,23 @@ def delivery_scheduler(
     )
     client = RelayClient(
         reactor,
-        ClientSettings(hostname=settings.hostname, tls=policies.default),
+        ClientSettings(
+            hostname=settings.hostname, tls=policies.default, bind_address=settings.bind_address
+        ),
         run_in_thread=run_in_thread,
         policies=policies,
         dead_hosts=dead,
         name_resolver=name_resolver,
     )
+    from relay.control.events import EventBus
+
+    events = EventBus(reactor)
     return DeliveryScheduler(
         spool=disk,
         client=client,
         clock=reactor,
+        events=events,
+        shaper=traffic_shaper(settings, reactor, run_in_thread, events, plugin),
         route=make_router(lookup, settings.smarthost, rules),
         max_send_jobs=settings.max_send_jobs,
         default_retry_intervals=settings.retry_intervals,
@@ -419,6 +436,37 @@ def delivery_scheduler(
         smarthost=settings.smarthost,
         wait_for=recovery.wait,
     )
+
+
+def traffic_shaper(
+    settings: Settings, reactor: Any, run_in_thread: Callable[..., Any], events: Any, plugin: Any
+) -> Any:
+    """
+    The L{relay.shaping.Shaper} of delivery: the C{--shaping} file (or
+    the default limits), the suspensions kept in the spool directory, the
+    plugin's C{destination_limits}.
+
+    @raise SettingsError: the shaping file cannot be used.
+    """
+    import os
+
+    from relay.interfaces import IDestinationLimits
+    from relay.shaping.config import ShapingConfig, ShapingFileError, load
+    from relay.shaping.shaper import Shaper
+    from relay.shaping.suspensions import FILE_NAME, Suspensions
+
+    config = ShapingConfig()
+    if settings.shaping is not None:
+        try:
+            config = load(settings.shaping)
+        except ShapingFileError as e:
+            raise SettingsError(f"shaping: {e}") from None
+    suspensions = Suspensions(
+        reactor, os.path.join(settings.spool, FILE_NAME), run_in_thread, events
+    )
+    suspensions.load()
+    hook = plugin.destination_limits if IDestinationLimits.providedBy(plugin) else None
+    return Shaper(config, reactor, suspensions, hook)
 
 
 def dns_lookup(settings: Settings, reactor: Any) -> tuple[Any, Any]:

@@ -103,6 +103,8 @@ class Settings:
     @ivar mx_port: the port of MX hosts.
     @ivar dkim_keys: the DKIM keys file (L{relay.dkim.keys}), or C{None}:
         nothing is signed.
+    @ivar shaping: the traffic shaping file (L{relay.shaping}), or C{None}.
+    @ivar bind_address: the local address of delivery connections.
     """
 
     smtp: tuple[str, ...] = DEFAULT_SMTP
@@ -136,6 +138,8 @@ class Settings:
     tls_policy: str | None = None
     mx_port: int = 25
     dkim_keys: str | None = None
+    shaping: str | None = None
+    bind_address: str | None = None
 
     def __post_init__(self) -> None:
         # Sequences become tuples (the value stays frozen all the way
@@ -168,6 +172,15 @@ class Settings:
             )
         if self.receivers < 0:
             raise SettingsError("receivers must be 0 or more")
+        if self.bind_address is not None:
+            import ipaddress
+
+            try:
+                ipaddress.ip_address(self.bind_address)
+            except ValueError:
+                raise SettingsError(
+                    f"bind_address must be an IP address, not {self.bind_address!r}"
+                ) from None
         if self.dnssec and not self.resolver:
             raise SettingsError(
                 "dnssec needs resolver: only a resolver you name is trusted to validate"
@@ -264,6 +277,8 @@ class Settings:
             tls_policy=options["tls-policy"],
             mx_port=options["mx-port"],
             dkim_keys=options.get("dkim-keys"),
+            shaping=options["shaping"],
+            bind_address=options["bind-address"],
         )
 
     def to_json(self) -> dict[str, Any]:

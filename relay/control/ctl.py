@@ -44,7 +44,10 @@ from relay.control.formats import (
     format_json,
     format_show,
     format_size,
+    format_suspended,
     format_table,
+    format_wait,
+    format_waiting,
     table_row,
 )
 from relay.control.summary import BY, BY_DOMAIN, QueueShape, format_summary
@@ -430,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     from relay.dkim.record import add_dkim_record_parser
 
     add_dkim_record_parser(sub)
+
+    suspend = sub.add_parser(
+        "suspend", help="hold mail to a domain or provider",
+        description="Hold mail to a recipient domain, or to a provider of the shaping file, "
+        "until resumed or for a while; the waiting uses up no retry intervals.",
+    )  # fmt: skip
+    suspend.add_argument("name", metavar="DOMAIN|PROVIDER")
+    suspend.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 30m, 2h (default: until resumed)")
+    suspend.add_argument("--reason", metavar="TEXT", help="shown by 'relayctl suspended'")
+    resume = sub.add_parser("resume", help="end the suspension of a domain or provider")
+    resume.add_argument("name", metavar="DOMAIN|PROVIDER")
+    sub.add_parser("suspended", help="the suspended destinations, with their reasons and ends")
     return parser
 
 
@@ -492,6 +507,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 ) from None
     if command == "summary" and options.top < 0:
         raise UsageError("relayctl summary: error: --top N must not be negative")
+    if command == "suspend" and options.duration is not None:
+        try:
+            options.seconds = parse_interval(options.duration)
+        except ValueError as e:
+            raise UsageError(f"relayctl suspend: error: --for: {e}") from None
     if command == "set-max-send-jobs" and options.n < 1:
         raise UsageError("relayctl set-max-send-jobs: error: N must be at least 1")
     return options
@@ -603,6 +623,8 @@ def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None
         return _events(options, out)
     elif command == "dkim-record":
         _dkim_record(options, out)
+    elif command in ("suspend", "resume", "suspended"):
+        _suspensions(options, out, now)
     return OK
 
 
@@ -618,6 +640,34 @@ def _dkim_record(options: argparse.Namespace, out: TextIO) -> None:
         out.write(dkim_record(options))
     except DkimKeysError as e:
         raise OperationFailed(str(e)) from None
+
+
+
+def _suspensions(options: argparse.Namespace, out: TextIO, now: float) -> None:
+    """
+    C{suspend}, C{resume}, C{suspended}.
+    """
+    if options.command == "suspended":
+        result = _remote(options, "Suspended")
+        out.write(format_suspended(json.loads(result["suspensions"]), now))
+        return
+    if options.command == "resume":
+        result = _remote(options, "Resume", destination=options.name)
+        if not result["resumed"]:
+            raise OperationFailed(f"{options.name} is not suspended")
+        out.write(f"resumed {options.name} ({result['waiting']} entries waiting for it)\n")
+        return
+    kwargs: dict[str, Any] = {"destination": options.name}
+    if options.duration is not None:
+        kwargs["seconds"] = options.seconds
+    if options.reason:
+        kwargs["reason"] = options.reason
+    result = _remote(options, "Suspend", **kwargs)
+    what = "provider" if result["provider"] else "domain"
+    # The duration asked, not the answer's end less our clock: the relay's
+    # clock is the one that counts.
+    end = "until resumed" if result.get("until") is None else f"for {format_duration(options.seconds)}"
+    out.write(f"suspended {what} {options.name} {end}\n")
 
 
 def _status(
@@ -679,6 +729,7 @@ def _summary(
     now: float,
     local: tuple[str, str | None] | None,
 ) -> None:
+    waiting = None
     if local is not None:
         shape = QueueShape(now, options.by)
         select = _local_filter(options, now)
@@ -694,9 +745,12 @@ def _summary(
         )  # fmt: skip
         rows = [(str(name), list(counts)) for name, counts in json.loads(result["rows"])]
         total = list(json.loads(result["total"]))
+        waiting = result.get("waiting")
         if result.get("unreadable"):
             err.write(f"relayctl: {result['unreadable']} unreadable entries left out\n")
     out.write(format_summary(rows, total, options.by))
+    if waiting:
+        out.write(format_waiting(json.loads(waiting)))
 
 
 def _show(
@@ -733,6 +787,8 @@ def _show(
     data = json.loads(result["entry"])
     entry = entry_from_json(data, queue=data.get("queue"))
     out.write(format_show(entry, now, result.get("smarthost")))
+    if result.get("waiting"):
+        out.write(format_wait(json.loads(result["waiting"]), now))
     if not options.body:
         out.write(HEADERS_MARK)
         _write_bytes(out, result["headers"])

@@ -23,6 +23,8 @@ KINDS = frozenset(
         "quarantined",
         "bounced",
         "expired",
+        "suspended",
+        "resumed",
         "heartbeat",
     }
 )

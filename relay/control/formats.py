@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import datetime, timezone
-from typing import Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
 from relay.spool.codec import entry_to_json
@@ -373,3 +373,45 @@ def format_show(
 HEADERS_MARK = "*** MESSAGE HEADERS ***\n"
 MESSAGE_MARK = "*** MESSAGE ***\n"
 END_MARK = "*** END ***\n"
+
+
+def format_wait(wait: dict[str, Any], now: float) -> str:
+    """
+    The line of C{relayctl show} for an entry waiting for a limit (a
+    L{relay.shaping.Wait} as JSON): no attempt, so not in the schedule.
+    """
+    until = wait.get("until")
+    when = "until woken" if until is None else f"until {_when(float(until), now)}"
+    detail = f": {wait['detail']}" if wait.get("detail") else ""
+    return f"waiting: for {wait['destination']} ({wait['reason']}) {when}{detail}\n"
+
+
+def format_waiting(rows: Sequence[Sequence[Any]]) -> str:
+    """
+    The part of C{relayctl summary} about entries waiting for a limit:
+    destination, what they wait for, how many.
+    """
+    if not rows:
+        return ""
+    width = max(len(str(r[0])) for r in rows)
+    lines = ["waiting for a limit (not attempts):"]
+    lines += [f"  {str(d).ljust(width)}  {reason:<16} {n}" for d, reason, n in rows]
+    return "\n".join(lines) + "\n"
+
+
+def format_suspended(rows: Sequence[dict[str, Any]], now: float) -> str:
+    """
+    C{relayctl suspended}: one line per suspension, with its end, the
+    entries known to wait for it, and its reason.
+    """
+    if not rows:
+        return "no destination is suspended\n"
+    lines = []
+    for row in rows:
+        until = row.get("until")
+        end = "until resumed" if until is None else f"until {_when(float(until), now)}"
+        by = "reply rule" if row.get("automatic") else "operator"
+        lines.append(
+            f"{row['name']}  {end}  by {by}  waiting {row.get('waiting', 0)}  {row.get('reason', '')}"
+        )
+    return "\n".join(lines) + "\n"

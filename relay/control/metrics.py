@@ -126,6 +126,21 @@ class RelayMetrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(sessions, lambda: self.spool_counts, self._now))
+        self.suspensions = Counter(
+            "relay_suspensions",
+            "Destinations suspended, by who suspended them (operator or reply rule).",
+            ["by"],
+            registry=self.registry,
+        )
+        for by in ("operator", "rule"):
+            self.suspensions.labels(by=by)
+
+    def shaping(self, shaper: Any) -> None:
+        """
+        Also show C{shaper}'s suspensions and what waits for a limit
+        (L{ShapingCollector}).
+        """
+        self.registry.register(ShapingCollector(shaper))
 
     def _now(self) -> float:
         if self.clock is None:
@@ -147,6 +162,10 @@ class RelayMetrics:
         """
         if event.kind == "expired":
             self.expired.labels(queue=str(event.fields.get("queue", "frozen"))).inc()
+            return
+        if event.kind == "suspended":
+            by = "rule" if event.fields.get("automatic") else "operator"
+            self.suspensions.labels(by=by).inc()
             return
         outcome = EVENT_OUTCOMES.get(event.kind)
         if outcome is None:
@@ -181,6 +200,37 @@ class RelayMetrics:
             return d.addCallbacks(store, failed)
 
         return gatherResults([one(q) for q in QUEUES])
+
+
+class ShapingCollector:
+    """
+    Gauges read at scrape time from the traffic shaper
+    (L{relay.shaping.Shaper}): destinations suspended now, and entries
+    waiting for a limit, by what they wait for.
+    """
+
+    def __init__(self, shaper: Any) -> None:
+        self._shaper = shaper
+
+    def collect(self) -> Iterable[Any]:
+        suspended = GaugeMetricFamily(
+            "relay_suspended_destinations", "Destinations (domains, providers) suspended now."
+        )
+        suspended.add_metric([], float(len(self._shaper.suspensions.all())))
+        yield suspended
+        waiting = GaugeMetricFamily(
+            "relay_waiting_for_limit",
+            "Entries waiting for a traffic-shaping limit (not attempts), by limit.",
+            labels=["limit"],
+        )
+        for reason, count in sorted(self._shaper.counts().items()):
+            waiting.add_metric([reason], float(count))
+        yield waiting
+        destinations = GaugeMetricFamily(
+            "relay_shaped_destinations", "Destinations whose shaping state is held in memory."
+        )
+        destinations.add_metric([], float(len(self._shaper.states)))
+        yield destinations
 
 
 def metrics_resource(metrics: RelayMetrics) -> Any:

@@ -200,6 +200,7 @@ class Summary(Command):
         (b"entries", Integer()),
         (b"groups", Integer()),
         (b"unreadable", Integer()),
+        (b"waiting", Chunked(optional=True)),
     ]
     errors = ERRORS
 
@@ -216,6 +217,7 @@ class Show(Command):
         (b"entry", Chunked()),
         (b"headers", Chunked(binary=True)),
         (b"smarthost", Unicode(optional=True)),
+        (b"waiting", Unicode(optional=True)),
     ]
     errors = ERRORS
 
@@ -338,6 +340,45 @@ class SetMaxSendJobs(Command):
     errors = ERRORS
 
 
+class Suspend(Command):
+    """
+    Suspend a destination (a recipient domain, or a provider of the
+    shaping file) for C{seconds} (absent: until resumed).  Answers when it
+    ends and whether C{name} is a provider.
+    """
+
+    arguments = [
+        (b"destination", Unicode()),
+        (b"seconds", Float(optional=True)),
+        (b"reason", Unicode(optional=True)),
+    ]
+    response = [(b"until", Float(optional=True)), (b"provider", Boolean())]
+    errors = ERRORS
+
+
+class Resume(Command):
+    """
+    End the suspension of a destination; C{resumed} is false when it was
+    not suspended.
+    """
+
+    arguments = [(b"destination", Unicode())]
+    response = [(b"resumed", Boolean()), (b"waiting", Integer())]
+    errors = ERRORS
+
+
+class Suspended(Command):
+    """
+    The suspensions in force: C{suspensions} is a JSON list of objects
+    (C{name}, C{since}, C{until}, C{reason}, C{automatic}, C{waiting}:
+    the entries known to wait for it).
+    """
+
+    arguments = []  # type: ignore[var-annotated]
+    response = [(b"suspensions", Chunked())]
+    errors = ERRORS
+
+
 class Subscribe(Command):
     """
     Follow the live event stream: the server then sends an L{Event} for
@@ -387,5 +428,8 @@ __all__ = [
     "Status",
     "Subscribe",
     "Summary",
+    "Suspend",
+    "Suspended",
+    "Resume",
     "UnknownEntry",
 ]

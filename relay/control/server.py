@@ -330,7 +330,18 @@ class ControlLocator(amp.CommandLocator):
             "entries": shape.entries,
             "groups": len(shape.rows),
             "unreadable": unreadable[0],
+            **self._waiting_summary(),
         }
+
+    def _waiting_summary(self) -> dict[str, Any]:
+        """
+        What waits for a limit, by destination and reason (for
+        C{summary}): kept by the scheduler, not in the entries.
+        """
+        shaper = getattr(self.scheduler, "shaper", None)
+        if shaper is None:
+            return {}
+        return {"waiting": json.dumps([list(row) for row in shaper.by_destination()])}
 
     @rpc.Show.responder
     @_deferred
@@ -345,6 +356,10 @@ class ControlLocator(amp.CommandLocator):
         }
         if self.smarthost is not None:
             result["smarthost"] = self.smarthost
+        shaper = getattr(self.scheduler, "shaper", None)
+        wait = shaper.waits.get(id) if shaper is not None else None
+        if wait is not None:
+            result["waiting"] = json.dumps(wait.to_json())
         return result
 
     async def _headers(self, entry_id: str) -> bytes:
@@ -623,6 +638,47 @@ class ControlLocator(amp.CommandLocator):
         previous = int(scheduler.max_send_jobs)
         scheduler.set_max_send_jobs(n)
         return {"previous": previous}
+
+
+    # -- suspensions (relay.shaping) -------------------------------------
+
+    def _shaper(self) -> Any:
+        shaper = getattr(self._require_scheduler(), "shaper", None)
+        if shaper is None:
+            raise rpc.BadArgument("this relay does no traffic shaping")
+        return shaper
+
+    @rpc.Suspend.responder
+    def suspend(
+        self, destination: str, seconds: float | None = None, reason: str | None = None
+    ) -> dict[str, Any]:
+        shaper = self._shaper()
+        name = destination.strip().lower().rstrip(".")
+        if not name or any(c.isspace() for c in name):
+            raise rpc.BadArgument(f"not a domain or provider name: {name!r}")
+        if seconds is not None and seconds <= 0:
+            raise rpc.BadArgument(f"a suspension lasts a positive time, not {seconds}")
+        until = self.now() + seconds if seconds is not None else None
+        shaper.suspensions.suspend(name, until, reason or "suspended by relayctl")
+        provider = shaper.config.provider_named(name) is not None
+        return {"until": until, "provider": provider}
+
+    @rpc.Resume.responder
+    def resume(self, destination: str) -> dict[str, Any]:
+        shaper = self._shaper()
+        name = destination.strip().lower().rstrip(".")
+        waiting = len(shaper.waiting_for(name))
+        return {"resumed": shaper.suspensions.resume(name), "waiting": waiting}
+
+    @rpc.Suspended.responder
+    def suspended(self) -> dict[str, Any]:
+        shaper = self._shaper()
+        rows = []
+        for suspension in shaper.suspensions.all():
+            row = suspension.to_json()
+            row["waiting"] = len(shaper.waiting_for(suspension.name))
+            rows.append(row)
+        return {"suspensions": json.dumps(rows)}
 
 
 class ControlProtocol(amp.AMP):

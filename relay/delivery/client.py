@@ -38,6 +38,7 @@ from relay.delivery.client_transaction import StaleSession, Transaction
 from relay.delivery.nexthop import parse_hop
 from relay.model.envelope import Envelope
 from relay.model.reply import Reply, ReplyError
+from relay.shaping.shaper import ConnectionShaping, LimitWait
 
 if TYPE_CHECKING:
     from relay.delivery.mx import DeadHosts
@@ -156,17 +157,30 @@ class RelayClient:
             error.tls = e.outcome
             raise error from None
         key = hop if tls is self.settings.tls else f"{hop} {tls.key}"
+        shaping = destination.shaping if destination is not None else None
+        if shaping is not None and (shaping.source or shaping.helo):
+            # Sessions from another source, or under another name, are
+            # not this destination's to reuse.
+            key += f" from {shaping.source or '-'} as {shaping.helo or '-'}"
         session = self._pool.take(key)
         if session is not None:
             try:
-                return await self._attempt(session.proto, hop, host, envelope, session, tls, key)
+                return await self._attempt(
+                    session.proto, hop, host, envelope, session, tls, key, shaping
+                )
             except StaleSession as e:
                 log.info(
                     "reused connection to {hop} unusable for {envelope_id} ({error}); reconnecting",
                     hop=hop, envelope_id=envelope.id, error=str(e),
                 )
+        if shaping is not None:
+            wait = shaping.connect()
+            if wait is not None:
+                raise LimitWait(wait)
         try:
-            proto = await self._pool.connect(hop, host, port)
+            proto = await self._pool.connect(
+                hop, host, port, shaping.source if shaping is not None else None
+            )
         except DeliveryError as e:
             if self._dead is not None:
                 self._dead.failed(host)
@@ -174,7 +188,7 @@ class RelayClient:
             raise
         if self._dead is not None:
             self._dead.alive(host)
-        return await self._attempt(proto, hop, host, envelope, None, tls, key)
+        return await self._attempt(proto, hop, host, envelope, None, tls, key, shaping)
 
     async def _attempt(
         self,
@@ -185,6 +199,7 @@ class RelayClient:
         session: ClientSession | None,
         tls: TLSPolicy,
         key: str,
+        shaping: ConnectionShaping | None = None,
     ) -> DeliveryResult:
         """
         One transaction on C{proto}: in C{session} when it comes from the
@@ -200,8 +215,13 @@ class RelayClient:
         try:
             if session is None:
                 session = ClientSession(proto, hop, host, key)
+                settings = self.settings
+                if shaping is not None:
+                    session.max_reuse = shaping.messages_per_connection
+                    if shaping.helo:
+                        settings = dataclasses.replace(settings, hostname=shaping.helo)
                 try:
-                    await session.open(self.settings, tls)
+                    await session.open(settings, tls)
                 finally:
                     self._count(session)
             keep = self._pool.limits_for(hop).max_idle_per_hop > 0

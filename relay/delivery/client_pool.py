@@ -53,28 +53,35 @@ class ConnectionPool:
 
     # New connections
 
-    def _endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
+    def _endpoint(self, host: str, port: int, source: str | None = None) -> IStreamClientEndpoint:
         timeout = self._settings.connect_timeout
+        bind = (source, 0) if source is not None else None
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self._resolving, host, port, timeout=timeout)
+            return HostnameEndpoint(self._resolving, host, port, timeout=timeout, bindAddress=bind)
         if ip.version == 4:
-            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
-        return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout, bindAddress=bind)
+        return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout, bindAddress=bind)
 
-    async def connect(self, hop: str, host: str, port: int) -> SMTPClientProtocol:
+    async def connect(
+        self, hop: str, host: str, port: int, source: str | None = None
+    ) -> SMTPClientProtocol:
         """
-        A new connection to C{host} at C{port} (the hop C{hop}).
+        A new connection to C{host} at C{port} (the hop C{hop}), from the
+        local address C{source} (else C{--bind-address}, else the
+        system's choice).
 
         @raise DeliveryError: the connection could not be made.
         """
         factory = SMTPClientFactory(self._reactor, self._settings.reply_timeout)
+        source = source if source is not None else self._settings.bind_address
         try:
-            proto = await self._endpoint(host, port).connect(factory)
+            proto = await self._endpoint(host, port, source).connect(factory)
         except Exception as e:
             # Logged by whoever settles the entry, as the attempt's outcome.
-            raise DeliveryError(f"connect to {hop} failed: {e}") from e
+            via = f" from {source}" if source is not None else ""
+            raise DeliveryError(f"connect to {hop}{via} failed: {e}") from e
         return cast(SMTPClientProtocol, proto)
 
     # Idle sessions
@@ -111,7 +118,7 @@ class ConnectionPool:
         limits = self.limits_for(session.hop)
         if (
             not session.proto.clean
-            or session.transactions >= limits.max_reuse
+            or session.transactions >= (session.max_reuse or limits.max_reuse)
             or len(self._idle.get(hop, ())) >= limits.max_idle_per_hop
         ):
             return False

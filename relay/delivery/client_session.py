@@ -49,6 +49,9 @@ class ClientSession:
         the TLS policy it was opened under when that is not the default.
     @ivar tls: what came of the session's TLS policy, once it is open
         (C{None} before, or when it was opened without one).
+    @ivar max_reuse: transactions after which the session is not kept
+        for reuse (the destination's C{messages_per_connection}), or
+        C{None}: the pool's own limit.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class ClientSession:
         self.extensions: dict[str, str] = {}
         self.transactions = 0
         self.tls: TLSOutcome | None = None
+        self.max_reuse: int | None = None
 
     def refused(self, what: str, reply: Reply, permanent: bool = False) -> DeliveryError:
         """

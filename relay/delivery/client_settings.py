@@ -54,6 +54,9 @@ class ClientSettings:
     @ivar reply_timeout: seconds the hop may take for each reply (and to
         read the body while it holds the client back).
     @ivar pool: how connections are kept for reuse.
+    @ivar bind_address: the local address connections are made from
+        (C{--bind-address}), unless the destination's shaping names its
+        own source; C{None}: the system chooses.
     """
 
     hostname: str
@@ -62,3 +65,4 @@ class ClientSettings:
     connect_timeout: float = 30.0
     reply_timeout: float = 300.0
     pool: PoolLimits = PoolLimits()
+    bind_address: str | None = None

@@ -28,6 +28,7 @@ from relay.model.address import EmailAddress
 
 if TYPE_CHECKING:
     from relay.delivery.dns import DNSLookup
+    from relay.shaping.shaper import ConnectionShaping
 
 SMTP_PORT = 25
 
@@ -62,11 +63,16 @@ class Destination:
         section 2.2).
     @ivar chosen: the policy the plugin chose for the envelope, if it did
         (C{EnvelopeWithNextHop.tls_policy}).
+    @ivar shaping: how the destination's connections are shaped (source
+        address, HELO name, messages per connection, connection rate:
+        L{relay.shaping.shaper.ConnectionShaping}), set by the scheduler
+        for each delivery; C{None}: the client's defaults.
     """
 
     domain: str | None
     mx_authenticated: bool = False
     chosen: str | None = None
+    shaping: ConnectionShaping | None = field(default=None, compare=False)
 
     @property
     def via_mx(self) -> bool:

@@ -28,7 +28,7 @@ from relay.control.events import EventBus
 from relay.delivery.bounce import make_bounce
 from relay.delivery.due import DueQueue
 from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
-from relay.delivery.nexthop import Route
+from relay.delivery.nexthop import Destination, Route
 from relay.delivery.tlspolicy import tls_destination
 from relay.interfaces import ISpoolObserver
 from relay.logs import (
@@ -45,6 +45,9 @@ from relay.model.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
 from relay.model.retry import DEFAULT_RETRY_INTERVALS, next_attempt
+from relay.shaping.config import Limits, ShapingConfig
+from relay.shaping.shaper import MAX_CONNECTIONS, SUSPENDED, Admission, LimitWait, Shaper, Wait
+from relay.shaping.suspensions import Suspensions
 
 Router = Callable[[Sequence[EmailAddress], Sequence[str]], "Deferred[list[Route]]"]
 
@@ -87,6 +90,7 @@ class DeliveryScheduler(Service):
         due: Callable[..., DueQueue] = DueQueue,
         bounced_lifetime: float = BOUNCED_LIFETIME,
         removed_lifetime: float = REMOVED_LIFETIME,
+        shaper: Shaper | None = None,
     ) -> None:
         self.spool = spool
         self.events = events if events is not None else EventBus(clock)
@@ -112,6 +116,15 @@ class DeliveryScheduler(Service):
         self.again: set[str] = set()
         self.stopping = False
         self._hop_locks: dict[str, DeferredSemaphore] = {}
+        if shaper is None:
+            shaper = Shaper(
+                ShapingConfig(Limits(max_connections=per_destination)), clock, Suspensions(clock)
+            )
+        self.shaper = shaper
+        # The shaper wakes an entry when a connection it waits for is free,
+        # and those of a destination whose suspension ends.
+        shaper.on_wake = self.wake
+        shaper.suspensions.on_resumed = self.resumed
 
     # -- service ---------------------------------------------------------
 
@@ -127,12 +140,14 @@ class DeliveryScheduler(Service):
     def _start_queues(self) -> None:
         self.queue.start()
         self.expiry.start()
+        self.shaper.start()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self.stopping = True
         self.queue.stop()
         self.expiry.stop()
+        self.shaper.stop()
         done: Deferred[None] = Deferred()
         done.addCallback(self._close_idle_connections)
         if not self.jobs:
@@ -268,6 +283,24 @@ class DeliveryScheduler(Service):
         removed); a delivery under way goes on.
         """
         self.queue.remove(entry_id)
+        self.shaper.forget(entry_id)
+
+    def wake(self, entry_id: str) -> None:
+        """
+        C{entry_id} waited for a limit that no longer holds it back: look
+        at it now, whatever its schedule says (waiting used none of it).
+        """
+        self._forced.add(entry_id)
+        self.schedule(entry_id, self.clock.seconds())
+
+    def resumed(self, name: str) -> None:
+        """
+        The suspension of C{name} ended: wake what waits for it (the
+        message rate then spreads them).
+        """
+        for entry_id in self.shaper.waiting_for(name):
+            if self.shaper.waits[entry_id].reason == SUSPENDED:
+                self.wake(entry_id)
 
     def is_known(self, entry_id: str) -> bool:
         """
@@ -308,9 +341,26 @@ class DeliveryScheduler(Service):
 
         return d.addBoth(forget)
 
+    def _still_waiting(self, entry_id: str) -> bool:
+        """
+        Is C{entry_id} (found due by a scan) known to wait for a limit
+        still?  Then it goes back to wait without a read of the spool.
+        """
+        wait = self.shaper.waits.get(entry_id)
+        if wait is None:
+            return False
+        if wait.until is not None and wait.until > self.clock.seconds():
+            self.queue.push(entry_id, wait.until)
+            return True
+        if wait.reason == SUSPENDED and wait.until is None:
+            return self.shaper.suspensions.get(wait.destination) is not None
+        return False
+
     async def _deliver(self, entry_id: str) -> None:
         forced = entry_id in self._forced
         self._forced.discard(entry_id)
+        if not forced and self._still_waiting(entry_id):
+            return
         # The entry and its message are read side by side: two trips to
         # the spool's thread pool in the time of one.
         got: Deferred[SpoolEntry] = self.spool.get(entry_id)
@@ -320,12 +370,14 @@ class DeliveryScheduler(Service):
         except KeyError:
             # Settled or removed before its turn came.
             read.addErrback(lambda _: None)
+            self.shaper.forget(entry_id)
             return
         except BaseException:
             read.addErrback(lambda _: None)
             raise
         if entry.queue != ACTIVE:
             read.addErrback(lambda _: None)
+            self.shaper.forget(entry_id)
             return
         if entry.next_attempt_at > self.clock.seconds() + 0.001 and not forced:
             # Not due: the time it was held for was a hint (a scan found a
@@ -342,6 +394,9 @@ class DeliveryScheduler(Service):
         failed: list[tuple[str, str]] = []
         delivered: list[str] = []
         remaining: list[EmailAddress] = []
+        # Routes held back by a limit: their recipients wait, and that is
+        # no attempt.
+        waits: list[Wait] = []
         routes: list[Route] = await self.route(entry.recipients, entry.next_hop_choices)
         for route in routes:
             names = tuple(str(r) for r in route.recipients)
@@ -353,61 +408,111 @@ class DeliveryScheduler(Service):
                 else:
                     remaining += route.recipients
                 continue
-            pending = list(route.recipients)
-            destination = tls_destination(route, entry.tls_policy)
-            for hop in route.hops:
-                if not pending:
-                    break
-                names = tuple(str(r) for r in pending)
-                recipients = tuple(pending)
-                if recipients != tuple(envelope.recipients):
-                    envelope = dataclasses.replace(envelope, recipients=recipients)
-                try:
-                    result = await self._send(hop, envelope, destination)
-                except Exception as e:
-                    reply = getattr(e, "reply", None)
-                    text = str(reply) if reply is not None else (str(e) or type(e).__name__)
-                    permanent = bool(getattr(e, "permanent", False))
-                    attempt = Attempt(
-                        self.clock.seconds(), hop, _code(reply), text, names,
-                        getattr(e, "address", None), getattr(e, "tls", None),
-                    )  # fmt: skip
-                    outcomes.append((attempt, BOUNCED if permanent else DEFERRED))
-                    if permanent:
-                        failed += [(n, text) for n in names]
-                        pending = []
-                        break
-                    continue
-                replies = dict(result.replies)
-                left: list[EmailAddress] = []
-                by_reply: dict[tuple[int | None, str, str], list[str]] = {}
-                for r in pending:
-                    reply = replies.get(str(r))
-                    if reply is None:
-                        left.append(r)
-                        key = (None, "no reply for recipient", DEFERRED)
-                        by_reply.setdefault(key, []).append(str(r))
-                        continue
-                    if reply.is_positive:
-                        outcome = SENT
-                        delivered.append(str(r))
-                    elif reply.is_permanent:
-                        outcome = BOUNCED
-                        failed.append((str(r), str(reply)))
-                    else:
-                        outcome = DEFERRED
-                        left.append(r)
-                    by_reply.setdefault((_code(reply), str(reply), outcome), []).append(str(r))
-                at = self.clock.seconds()
-                hop_name = getattr(result, "hop", hop)
-                address = getattr(result, "address", None)
-                tls = getattr(result, "tls", None)
-                for (code, text, outcome), rcpts in by_reply.items():
-                    attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address, tls)
-                    outcomes.append((attempt, outcome))
-                pending = left
+            admission = await self.shaper.admit(entry.id, route)
+            if isinstance(admission, Wait):
+                waits.append(admission)
+                remaining += route.recipients
+                continue
+            try:
+                envelope, pending, wait = await self._deliver_route(
+                    entry, envelope, route, admission, outcomes, failed, delivered
+                )
+            finally:
+                self.shaper.release(admission)
+            if wait is not None:
+                waits.append(self.shaper.note_wait(entry.id, wait))
             remaining += pending
-        await self._settle(entry, message, outcomes, failed, delivered, remaining)
+        if not waits:
+            self.shaper.forget(entry.id)
+        await self._settle(entry, message, outcomes, failed, delivered, remaining, waits)
+
+    async def _deliver_route(
+        self,
+        entry: SpoolEntry,
+        envelope: Envelope,
+        route: Route,
+        admission: Admission,
+        outcomes: list[tuple[Attempt, str]],
+        failed: list[tuple[str, str]],
+        delivered: list[str],
+    ) -> tuple[Envelope, list[EmailAddress], Wait | None]:
+        """
+        Try the hops of C{route} in order until its recipients are settled
+        or the hops run out, recording each attempt in C{outcomes},
+        C{failed} and C{delivered}, and showing each refusal to the reply
+        rules.
+
+        @return: the envelope as last sent, the recipients still pending,
+            and the L{Wait} that stopped the route (a new connection had
+            to wait for the connection rate), if one did.
+        """
+        pending = list(route.recipients)
+        destination = tls_destination(route, entry.tls_policy)
+        destination = dataclasses.replace(
+            destination if destination is not None else Destination(None),
+            shaping=admission.shaping,
+        )
+        for hop in route.hops:
+            if not pending:
+                break
+            names = tuple(str(r) for r in pending)
+            recipients = tuple(pending)
+            if recipients != tuple(envelope.recipients):
+                envelope = dataclasses.replace(envelope, recipients=recipients)
+            try:
+                result = await self._send(hop, envelope, destination)
+            except LimitWait as e:
+                return envelope, pending, e.wait
+            except Exception as e:
+                reply = getattr(e, "reply", None)
+                if reply is not None:
+                    self.shaper.observe(admission, reply)
+                text = str(reply) if reply is not None else (str(e) or type(e).__name__)
+                permanent = bool(getattr(e, "permanent", False))
+                attempt = Attempt(
+                    self.clock.seconds(), hop, _code(reply), text, names,
+                    getattr(e, "address", None), getattr(e, "tls", None),
+                )  # fmt: skip
+                outcomes.append((attempt, BOUNCED if permanent else DEFERRED))
+                if permanent:
+                    failed += [(n, text) for n in names]
+                    pending = []
+                    break
+                continue
+            replies = dict(result.replies)
+            left: list[EmailAddress] = []
+            by_reply: dict[tuple[int | None, str, str], list[str]] = {}
+            refusals: dict[str, Any] = {}
+            for r in pending:
+                reply = replies.get(str(r))
+                if reply is None:
+                    left.append(r)
+                    key = (None, "no reply for recipient", DEFERRED)
+                    by_reply.setdefault(key, []).append(str(r))
+                    continue
+                if reply.is_positive:
+                    outcome = SENT
+                    delivered.append(str(r))
+                elif reply.is_permanent:
+                    outcome = BOUNCED
+                    failed.append((str(r), str(reply)))
+                else:
+                    outcome = DEFERRED
+                    left.append(r)
+                if not reply.is_positive:
+                    refusals.setdefault(str(reply), reply)
+                by_reply.setdefault((_code(reply), str(reply), outcome), []).append(str(r))
+            for reply in refusals.values():
+                self.shaper.observe(admission, reply)
+            at = self.clock.seconds()
+            hop_name = getattr(result, "hop", hop)
+            address = getattr(result, "address", None)
+            tls = getattr(result, "tls", None)
+            for (code, text, outcome), rcpts in by_reply.items():
+                attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address, tls)
+                outcomes.append((attempt, outcome))
+            pending = left
+        return envelope, pending, None
 
     async def _settle(
         self,
@@ -417,12 +522,28 @@ class DeliveryScheduler(Service):
         failed: list[tuple[str, str]],
         delivered: list[str],
         remaining: list[EmailAddress],
+        waits: Sequence[Wait] = (),
     ) -> None:
+        """
+        Record what came of a delivery and what is next for the entry.
+
+        Recipients held back by a limit (C{waits}) wait: when no attempt
+        of this delivery failed temporarily, no retry interval is used up
+        (the step stays) and the entry is looked at again when the limit
+        allows (or when woken); when nothing was tried at all, the spool
+        is not even written.
+        """
         now = self.clock.seconds()
         step: tuple[float, Sequence[float]] | None = None
-        if remaining:
+        tried = any(outcome == DEFERRED for _, outcome in outcomes)
+        wake = min((w.until for w in waits if w.until is not None), default=None)
+        if waits and not outcomes:
+            self._wait(entry, waits, wake)
+            return
+        if remaining and (tried or not waits):
             step = next_attempt(entry.intervals_left(self.default_retry_intervals), now)
-        expired = bool(remaining) and step is None
+        # Recipients that wait for a limit do not expire with the others.
+        expired = bool(remaining) and step is None and not waits
         # The lines say what happened on the wire, so they come before the
         # spool records it: a recipient that was sent stays logged as sent
         # even if recording that fails (and it goes out again).
@@ -452,7 +573,16 @@ class DeliveryScheduler(Service):
                 return
             await self._settled(updated, message, now, expired)
             return
-        assert step is not None
+        if step is None or (wake is not None and wake < step[0]) or (waits and not tried):
+            # Some recipients were settled, the others wait for a limit.
+            at = wake if wake is not None else now
+            if step is not None:
+                at = min(at, step[0])
+            new_step = entry.step + 1 if step is not None and tried else entry.step
+            updated = dataclasses.replace(updated, step=new_step, next_attempt_at=at)
+            await self.spool.update(updated)
+            self._wait(updated, waits, wake)
+            return
         at, _ = step
         updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
@@ -460,6 +590,23 @@ class DeliveryScheduler(Service):
             "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error
         )
         self.schedule(entry.id, at)
+
+    def _wait(self, entry: SpoolEntry, waits: Sequence[Wait], wake: float | None) -> None:
+        """
+        C{entry} waits for a limit: looked at again at C{wake}, or when
+        the shaper wakes it (a connection of its destination is free, its
+        suspension ends).
+        """
+        first = waits[0]
+        self.log.debug(
+            "{entry_id}: waiting for {destination} ({reason})",
+            entry_id=entry.id, destination=first.destination, reason=first.reason,
+            event="waiting", until=wake,
+        )  # fmt: skip
+        if wake is not None:
+            self.schedule(entry.id, wake)
+        elif first.reason not in (MAX_CONNECTIONS, SUSPENDED):
+            self.schedule(entry.id, self.clock.seconds() + AFTER_FAILURE)
 
     async def _settled(
         self, entry: SpoolEntry, message: Message, now: float, expired: bool
