@@ -653,3 +653,69 @@ class EndToEndTests(SynchronousTestCase):
         self.assertTrue(block["Diagnostic-Code"].startswith("smtp; 250 2.0.0 Ok: queued as"))
         self.assertEqual(headers.get_content_type(), "text/rfc822-headers")
         self.assertIn(b"References: <1@example.org>\r\n <2@example.org>\r\n", data)
+
+
+class DelayWarningOptionTests(SynchronousTestCase):
+    """
+    C{--delay-warning DURATION} reaches the scheduler.
+    """
+
+    def test_option(self) -> None:
+        """
+        Off (0) by default; a duration with a unit, e.g. 4h; a bad value
+        is a usage error naming the option.
+        """
+        from twisted.python import usage
+
+        from relay.app.settings import Settings
+        from relay.tap import Options
+
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(Settings.from_options(options).delay_warning, 0.0)
+        options = Options()
+        options.parseOptions(["--delay-warning", "4h"])
+        self.assertEqual(Settings.from_options(options).delay_warning, 4 * 3600.0)
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--delay-warning", "soon"])
+        self.assertIn("--delay-warning", str(caught.exception))
+
+    def test_make_service(self) -> None:
+        """
+        makeService gives the scheduler the delay (none when 0).
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from relay.service import makeService
+
+        for given, want in [(0.0, None), (3600.0, 3600.0)]:
+            base = self.mktemp()
+            top = makeService(
+                smtp=["tcp:0:interface=127.0.0.1"], spool=os.path.join(base, "spool"),
+                quarantine=os.path.join(base, "q"), reactor=MemoryReactorClock(),
+                hostname="relay.test", delay_warning=given, run_in_thread=defer.maybeDeferred,
+            )  # fmt: skip
+            self.assertEqual(top.delivery.delay_warning, want)  # type: ignore[attr-defined]
+
+
+class ShowTests(SynchronousTestCase):
+    """
+    C{relayctl show} says when the delay warning went out.
+    """
+
+    def test_warned(self) -> None:
+        """
+        An entry that warned its sender shows when; one that did not
+        has no such line.
+        """
+        from relay.control.formats import format_show
+
+        entry = SpoolEntry(
+            id="e-0", queue=ACTIVE, envelope_id="e", sender=Sender.of("s@example.org"),
+            sender_args=(), recipients=(), next_hop_choices=(), created_at=0.0,
+            next_attempt_at=0.0, message_size=1,
+        )  # fmt: skip
+        self.assertNotIn("delay warning", format_show(entry, 100.0))
+        shown = format_show(dataclasses.replace(entry, warned_at=40.0), 100.0)
+        self.assertIn("delay warning sent: 1970-01-01", shown)
+        self.assertIn("(1m ago)", shown)
