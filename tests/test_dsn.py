@@ -485,6 +485,9 @@ class DelayWarningTests(SynchronousTestCase):
         told = [b["Final-Recipient"].split("; ")[1] for b in blocks[1:]]
         self.assertEqual(told, [r for r, n in notify.items() if n is None or "DELAY" in n])
         self.assertEqual({(b["Action"], b["Status"]) for b in blocks[1:]}, {("delayed", "4.3.0")})
+        # tried at 1000, 2800 and 4600: eight intervals of 1800 s are left
+        until = email.utils.formatdate(4600.0 + 8 * 1800)
+        self.assertEqual({b["Will-Retry-Until"] for b in blocks[1:]}, {until})
         self.assertEqual(spool.entries_by_id[entry.id].warned_at, 4600.0)
         for _ in range(5):
             self.clock.advance(1800)

@@ -66,6 +66,8 @@ class RecipientStatus:
     @ivar remote_mta: the host it was last sent to, if any.
     @ivar last_attempt_at: when it was last tried, if it was.
     @ivar remote: the diagnostic is a remote server's SMTP reply.
+    @ivar will_retry_until: for a delayed recipient, when its last retry
+        is due (RFC 3464 section 2.3.7), if known.
     """
 
     recipient: str
@@ -74,6 +76,7 @@ class RecipientStatus:
     remote_mta: str | None = None
     last_attempt_at: float | None = None
     remote: bool = False
+    will_retry_until: float | None = None
 
     @property
     def status(self) -> str:
@@ -106,12 +109,18 @@ def _last_attempt(entry: SpoolEntry, recipient: str) -> Attempt | None:
 
 
 def recipient_statuses(
-    entry: SpoolEntry, recipients: Sequence[tuple[str, str]], action: str
+    entry: SpoolEntry,
+    recipients: Sequence[tuple[str, str]],
+    action: str,
+    will_retry_until: float | None = None,
 ) -> list[RecipientStatus]:
     """
     The per-recipient blocks for C{recipients} (C{(address, reply text)}
     pairs) of C{entry}, with the hop and time of each one's last attempt
     from the entry's attempt records.
+
+    @param will_retry_until: for delayed recipients, when the last retry
+        is due.
     """
     statuses = []
     for recipient, text in recipients:
@@ -124,7 +133,7 @@ def recipient_statuses(
                 text,
                 remote_mta=_host(attempt.hop) if attempt is not None else None,
                 last_attempt_at=attempt.at if attempt is not None else None,
-                remote=remote,
+                remote=remote, will_retry_until=will_retry_until,
             )  # fmt: skip
         )
     return statuses
@@ -237,6 +246,8 @@ def _status_blocks(
         fields.append(("Diagnostic-Code", f"{diagnostic_type}; {_clean(s.diagnostic)}"))
         if s.last_attempt_at is not None:
             fields.append(("Last-Attempt-Date", email.utils.formatdate(s.last_attempt_at)))
+        if s.action == DELAYED and s.will_retry_until is not None:
+            fields.append(("Will-Retry-Until", email.utils.formatdate(s.will_retry_until)))
         blocks.append(_field_block(fields, policy))
     return blocks
 
@@ -408,6 +419,7 @@ def make_report(
     now: float,
     next_hop_choices: Sequence[str] = (),
     expired: bool = False,
+    will_retry_until: float | None = None,
 ) -> EnvelopeWithNextHop | None:
     """
     The report envelope on C{recipients} (C{(address, reply text)}) of
@@ -416,10 +428,12 @@ def make_report(
 
     @param original: the original message from its start: the whole of
         it when L{returns_full}, else at least its header section.
+    @param will_retry_until: for a delay warning, when the last retry is
+        due.
     """
     if entry.sender.is_null or not recipients:
         return None
-    statuses = recipient_statuses(entry, recipients, action)
+    statuses = recipient_statuses(entry, recipients, action, will_retry_until)
     data = build_report(
         entry, statuses, original, reporting_mta, now,
         full=returns_full(entry, action), expired=expired,

@@ -479,9 +479,9 @@ class DeliveryScheduler(Service):
             await self._settled(updated, message, now, expired)
             return
         assert step is not None
-        at, _ = step
+        at, later = step
         if self._warning_due(updated, now):
-            await self._warn(updated, message, now)
+            await self._warn(updated, message, now, at + sum(later))
             updated = dataclasses.replace(updated, warned_at=now)
         updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
@@ -591,10 +591,13 @@ class DeliveryScheduler(Service):
             and now - entry.created_at >= self.delay_warning
         )
 
-    async def _warn(self, entry: SpoolEntry, message: Message, now: float) -> None:
+    async def _warn(
+        self, entry: SpoolEntry, message: Message, now: float, retry_until: float
+    ) -> None:
         """
         Warn the sender of C{entry} that its pending recipients (those
-        whose NOTIFY allows DELAY) are late.
+        whose NOTIFY allows DELAY) are late, and will be retried until
+        C{retry_until}.
         """
         last = {r: a.reply for a in entry.attempts for r in a.recipients}
         late = [
@@ -603,7 +606,7 @@ class DeliveryScheduler(Service):
             if self._asked(entry, str(r), dsn.DELAY)
         ]
         if late:
-            await self._report(entry, late, DELAYED, message, now)
+            await self._report(entry, late, DELAYED, message, now, retry_until=retry_until)
 
     async def _original(self, entry: SpoolEntry, message: Message, full: bool) -> bytes:
         """
@@ -637,6 +640,7 @@ class DeliveryScheduler(Service):
         message: Message,
         now: float,
         expired: bool = False,
+        retry_until: float | None = None,
     ) -> bool:
         """
         Spool a report (C{action}: failed, delayed or relayed) on
@@ -648,7 +652,9 @@ class DeliveryScheduler(Service):
         original = await self._original(entry, message, returns_full(entry, action))
         # The default route: the report goes wherever mail goes when it
         # is sent, not where it went when the original was accepted.
-        report = make_report(entry, recipients, action, original, self.hostname, now, (), expired)
+        report = make_report(
+            entry, recipients, action, original, self.hostname, now, (), expired, retry_until
+        )
         if report is None:
             return False
         new = await self.spool.enqueue([report])
