@@ -84,10 +84,9 @@ class RecipientStatus:
         The enhanced status code (RFC 3463): the one in the reply, else
         one that its class implies.
         """
-        if self.action == RELAYED:
-            match = _STATUS.match(self.diagnostic)
-            return match.group(1) if match and match.group(1)[0] == "2" else "2.0.0"
         match = _STATUS.match(self.diagnostic)
+        if self.action == RELAYED:
+            return match.group(1) if match and match.group(1).startswith("2") else "2.0.0"
         if match:
             return match.group(1)
         code = self.diagnostic.strip()[:3]
@@ -133,8 +132,9 @@ def recipient_statuses(
                 text,
                 remote_mta=_host(attempt.hop) if attempt is not None else None,
                 last_attempt_at=attempt.at if attempt is not None else None,
-                remote=remote, will_retry_until=will_retry_until,
-            )  # fmt: skip
+                remote=remote,
+                will_retry_until=will_retry_until,
+            )
         )
     return statuses
 
@@ -169,10 +169,11 @@ def returns_full(entry: SpoolEntry, action: str) -> bool:
 
 def _clean(text: str, limit: int = 900) -> str:
     """
-    C{text} on one line (of at most C{limit} characters: a report's field
-    stays within SMTP's line length).
+    C{text} on one line, of at most C{limit} octets in UTF-8: a report's
+    field stays within SMTP's line length.
     """
-    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:limit]
+    line = " ".join(text.replace("\r", " ").replace("\n", " ").split())
+    return line.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def _address_type(address: str) -> str:
