@@ -101,6 +101,8 @@ class Settings:
         MTA-STS policy hosts.
     @ivar tls_policy: the TLS policy file (L{relay.delivery.tlspolicy}).
     @ivar mx_port: the port of MX hosts.
+    @ivar dkim_keys: the DKIM keys file (L{relay.dkim.keys}), or C{None}:
+        nothing is signed.
     """
 
     smtp: tuple[str, ...] = DEFAULT_SMTP
@@ -135,6 +137,7 @@ class Settings:
     tls_ca_file: str | None = None
     tls_policy: str | None = None
     mx_port: int = 25
+    dkim_keys: str | None = None
 
     def __post_init__(self) -> None:
         # Sequences become tuples (the value stays frozen all the way
@@ -218,6 +221,7 @@ class Settings:
             quarantine=os.path.abspath(self.quarantine),
             tls_cert=absolute(self.tls_cert),
             tls_key=absolute(self.tls_key),
+            dkim_keys=absolute(self.dkim_keys),
             max_sessions=-(-self.max_sessions // max(1, self.receivers)),
         )
 
@@ -262,6 +266,7 @@ class Settings:
             tls_ca_file=options["tls-ca-file"],
             tls_policy=options["tls-policy"],
             mx_port=options["mx-port"],
+            dkim_keys=options.get("dkim-keys"),
         )
 
     def to_json(self) -> dict[str, Any]:

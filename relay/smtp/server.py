@@ -49,6 +49,9 @@ class ServerSettings:
     @ivar auth_failure_delay: that delay, in seconds.
     @ivar auth_max_failures: the failed attempt that closes the session
         with 421.
+    @ivar dkim_signer: what signs accepted messages before they are
+        spooled (a L{relay.dkim.signer.DkimSigner}, which SIGHUP reloads in
+        place); C{None}: nothing is signed.
     """
 
     hostname: str = "localhost"
@@ -63,6 +66,7 @@ class ServerSettings:
     auth_failures_before_delay: int = 2
     auth_failure_delay: float = 2.0
     auth_max_failures: int = 5
+    dkim_signer: Any = None
 
 
 class SMTPServerFactory(protocol.Factory):

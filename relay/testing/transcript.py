@@ -71,6 +71,8 @@ class ServerOptions(TypedDict, total=False):
     auth_failures_before_delay: int
     auth_failure_delay: float
     auth_max_failures: int
+    # A relay.dkim.signer.DkimSigner: messages are signed before spooling.
+    dkim_signer: object
 
 
 class TranscriptMismatch(FailTest):
