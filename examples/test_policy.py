@@ -44,6 +44,7 @@ GREETING = """
 < re:250-.*
 < re:250-.*
 < re:250-.*
+< re:250-.*
 < 250 SMTPUTF8
 """
 
@@ -236,6 +237,7 @@ class SessionTests(unittest.TestCase):
             < 220
             > EHLO laptop.example
             < 250-mx.example.com
+            < re:250-.*
             < re:250-.*
             < re:250-.*
             < re:250-.*

@@ -142,7 +142,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     optFlags = [
         ["reject-bare-lf", None, "Reject messages with bare LF line endings."],
         ["allow-auth-without-tls", None, "Offer AUTH also on unencrypted sessions."],
-        ["no-bounce", None, "Do not send bounce messages for failed deliveries."],
+        ["no-bounce", None,
+         "Do not send bounce messages for failed deliveries (nor delay warnings or relayed notices)."],
         ["dnssec", None,
          "The --resolver servers validate DNSSEC: trust their AD bit (enables DANE)."],
     ]
@@ -169,6 +170,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["bounced-lifetime", None, 7 * 86400.0,
          "Keep settled entries (every recipient delivered or bounced) frozen this long, "
          "e.g. 7d (0: delete at once).", _duration("bounced-lifetime")],
+        ["delay-warning", None, 0.0,
+         "Warn the sender, once, of mail still queued after this long, e.g. 4h "
+         "(as Postfix's delay_warning_time; default 0: no warnings).",
+         _duration("delay-warning")],
         ["removed-lifetime", None, 7 * 86400.0,
          "Keep removed entries this long, e.g. 7d (0: delete at the next expiry run).",
          _duration("removed-lifetime")],

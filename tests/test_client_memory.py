@@ -109,6 +109,7 @@ class DeliveryTests(SynchronousTestCase):
             < 250-PIPELINING
             < 250-SIZE
             < 250-8BITMIME
+            < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250 SMTPUTF8
             > MAIL FROM:<a@example.org> SIZE=
@@ -284,6 +285,7 @@ class TLSTests(SynchronousTestCase):
             < 250-PIPELINING
             < 250-SIZE
             < 250-8BITMIME
+            < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
             < 250 STARTTLS
@@ -294,6 +296,7 @@ class TLSTests(SynchronousTestCase):
             < 250-PIPELINING
             < 250-SIZE
             < 250-8BITMIME
+            < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250 SMTPUTF8
             > MAIL FROM:<a@example.org>

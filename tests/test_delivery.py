@@ -855,7 +855,8 @@ class BounceContentTests(SynchronousTestCase):
         assert isinstance(parts, list)
         self.assertEqual(
             [p.get_content_type() for p in parts],
-            ["text/plain", "message/delivery-status", "text/rfc822-headers"],
+            # without RET, a small original comes back whole
+            ["text/plain", "message/delivery-status", "message/rfc822"],
         )
         status = parts[1].get_payload()
         assert isinstance(status, list)
@@ -864,7 +865,7 @@ class BounceContentTests(SynchronousTestCase):
         self.assertEqual(status[1]["Action"], "failed")
         self.assertEqual(status[1]["Status"], "5.1.1")
         self.assertIn("unknown user", status[1]["Diagnostic-Code"])
-        self.assertIn(b"Message-ID: <m1@example.org>", data)
+        self.assertIn(b"\r\n\r\n" + DATA + b"\r\n--", data)
 
 
 class SchedulerObserverTests(SynchronousTestCase):

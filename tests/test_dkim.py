@@ -1085,6 +1085,7 @@ class ServerSigningTests(SynchronousTestCase):
         < re:250.*
         < re:250.*
         < re:250.*
+        < re:250.*
         > MAIL FROM:<alice@example.com> BODY=8BITMIME
         < 250
         > RCPT TO:<bob@example.net>

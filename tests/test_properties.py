@@ -196,7 +196,7 @@ _ENDINGS = st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b"", b"\r\n.\r\n"])
 _LINES = st.tuples(_VERBS, st.lists(_ARGS, max_size=5).map(b"".join), _ENDINGS).map(b"".join)
 _STREAMS = st.lists(_LINES | st.binary(max_size=20), max_size=30).map(b"".join)
 
-EHLO = "< 220\n> EHLO c\n< 250-localhost" + "\n< 250-" * 6 + "\n< 250 AUTH PLAIN LOGIN"
+EHLO = "< 220\n> EHLO c\n< 250-localhost" + "\n< 250-" * 7 + "\n< 250 AUTH PLAIN LOGIN"
 # Where the arbitrary bytes start: a prefix of a session.
 _STATES = {
     "greeted": "< 220",

@@ -68,6 +68,7 @@ EHLO = """
 < 250-PIPELINING
 < 250-SIZE 35000000
 < 250-8BITMIME
+< 250-DSN
 < 250-ENHANCEDSTATUSCODES
 < 250 SMTPUTF8
 """
@@ -195,6 +196,7 @@ class RunTranscriptTests(SynchronousTestCase):
             < 250-PIPELINING
             < 250-SIZE
             < 250-8BITMIME
+            < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
             < 250 AUTH PLAIN LOGIN
@@ -248,7 +250,7 @@ class MismatchTests(SynchronousTestCase):
             run_transcript(plugin, EHLO + ONE_MESSAGE)
         self.assertIsInstance(caught.exception, TranscriptMismatch)
         lines = str(caught.exception).splitlines()
-        self.assertEqual(lines[0], "SMTP transcript differs from the script at its line 14:")
+        self.assertEqual(lines[0], "SMTP transcript differs from the script at its line 15:")
         self.assertEqual(lines[1][:10], "    < 220 ")
         self.assertEqual(
             lines[-4:],

@@ -529,6 +529,7 @@ class ImplicitTLSTranscriptTests(SynchronousTestCase):
             < 250-PIPELINING
             < 250-SIZE
             < 250-8BITMIME
+            < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
             < 250 AUTH PLAIN LOGIN
@@ -557,7 +558,7 @@ class ImplicitTLSTranscriptTests(SynchronousTestCase):
         callbacks = Recorder(session_helo=Continue(advertise_auth=True))
         h = ServerHarness(callbacks)
         self.assertIsNone(callbacks.calls_to(SessionConnectCall)[0].session.tls)
-        h.play("< 220\n> EHLO c" + "\n< 250-" * 5 + "\n< 250 SMTPUTF8")
+        h.play("< 220\n> EHLO c" + "\n< 250-" * 6 + "\n< 250 SMTPUTF8")
 
 
 class ScriptedClient(Peer):

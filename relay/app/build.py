@@ -431,6 +431,7 @@ def delivery_scheduler(
         default_retry_intervals=settings.retry_intervals,
         bounced_lifetime=settings.bounced_lifetime,
         removed_lifetime=settings.removed_lifetime,
+        delay_warning=settings.delay_warning or None,
         bounce=settings.bounce,
         hostname=settings.hostname,
         smarthost=settings.smarthost,

@@ -129,6 +129,8 @@ class Settings:
     bounce: bool = True
     bounced_lifetime: float = 7 * 86400.0
     removed_lifetime: float = 7 * 86400.0
+    #: seconds after which a queued entry warns its sender (0: never)
+    delay_warning: float = 0.0
     metrics: str | None = None
     receivers: int = 0
     receiver_grace: float = 30.0
@@ -269,6 +271,7 @@ class Settings:
             bounce=not options["no-bounce"],
             bounced_lifetime=options["bounced-lifetime"],
             removed_lifetime=options["removed-lifetime"],
+            delay_warning=options["delay-warning"],
             metrics=options["metrics"],
             receivers=receivers,
             resolver=tuple(options["resolver"]),

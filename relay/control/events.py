@@ -22,6 +22,8 @@ KINDS = frozenset(
         "recovered",
         "quarantined",
         "bounced",
+        # a delay warning or a "relayed" report went to the sender
+        "reported",
         "expired",
         "suspended",
         "resumed",

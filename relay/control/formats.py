@@ -346,6 +346,8 @@ def format_show(
         lines.append(f"tls policy: {entry.tls_policy} (chosen by the plugin)")
     if entry.queue == ACTIVE:
         lines.append(f"next attempt: {_when(entry.next_attempt_at, now)}")
+    if entry.warned_at is not None:
+        lines.append(f"delay warning sent: {_when(entry.warned_at, now)}")
     lines.append("recipients:")
     reported = set(entry.reported)
     lines.extend(f"  pending    {r}" for r in entry.recipients)

@@ -229,6 +229,10 @@ class RelayClient:
             result = await transaction.run()
             if session.tls is not None:
                 result = dataclasses.replace(result, tls=session.tls)
+            if "DSN" in session.extensions:
+                # The DSN requests went on with the message: success is
+                # the next hop's to report (RFC 3461 section 4.2).
+                result = dataclasses.replace(result, dsn=True)
             return result
         except StaleSession:
             quit = False

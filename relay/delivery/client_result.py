@@ -27,12 +27,16 @@ class DeliveryResult:
     @ivar address: the peer the connection went to, C{(ip, port)} (of the
         several addresses a host name may have, the one that answered).
     @ivar tls: the TLS policy of the session and what came of it.
+    @ivar dsn: the hop offered DSN, so the recipients' DSN requests went
+        on with the message (else relay reports success itself to those
+        that asked, RFC 3461 section 4.2).
     """
 
     hop: str
     replies: tuple[tuple[str, Reply], ...]
     address: tuple[str, int] | None = None
     tls: TLSOutcome | None = None
+    dsn: bool = False
 
 
 class DeliveryError(Exception):

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.control.events import EventBus
-from relay.delivery.bounce import make_bounce
+from relay.delivery.bounce import DELAYED, FAILED, RELAYED, make_report, returns_full
 from relay.delivery.due import DueQueue
 from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
 from relay.delivery.nexthop import Destination, Route
@@ -40,10 +40,11 @@ from relay.logs import (
     delivery_format,
     iso_time,
 )
+from relay.model import dsn
 from relay.model.address import EmailAddress
 from relay.model.entry import ACTIVE, FROZEN, Attempt, SpoolEntry
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
-from relay.model.message import Message
+from relay.model.message import MAX_HEADER_BYTES, Message
 from relay.model.retry import DEFAULT_RETRY_INTERVALS, next_attempt
 from relay.shaping.config import Limits, ShapingConfig
 from relay.shaping.shaper import MAX_CONNECTIONS, SUSPENDED, Admission, LimitWait, Shaper, Wait
@@ -91,7 +92,14 @@ class DeliveryScheduler(Service):
         bounced_lifetime: float = BOUNCED_LIFETIME,
         removed_lifetime: float = REMOVED_LIFETIME,
         shaper: Shaper | None = None,
+        delay_warning: float | None = None,
     ) -> None:
+        """
+        @param bounce: send relay's own reports to senders (bounces, and
+            delay warnings and "relayed" reports where asked for).
+        @param delay_warning: seconds after which an entry still waiting
+            warns its sender, once (C{--delay-warning}); C{None}: never.
+        """
         self.spool = spool
         self.events = events if events is not None else EventBus(clock)
         self.client = client
@@ -112,6 +120,7 @@ class DeliveryScheduler(Service):
         # sent now by an operator, whatever their schedule says
         self._forced: set[str] = set()
         self.bounced_lifetime = bounced_lifetime
+        self.delay_warning = delay_warning or None
         self.expiry = Expiry(spool, clock, self.events, bounced_lifetime, removed_lifetime)
         self.again: set[str] = set()
         self.stopping = False
@@ -393,6 +402,8 @@ class DeliveryScheduler(Service):
         outcomes: list[tuple[Attempt, str]] = []
         failed: list[tuple[str, str]] = []
         delivered: list[str] = []
+        # delivered to a hop that could not take their DSN requests on
+        relayed: list[tuple[str, str]] = []
         remaining: list[EmailAddress] = []
         # Routes held back by a limit: their recipients wait, and that is
         # no attempt.
@@ -415,7 +426,7 @@ class DeliveryScheduler(Service):
                 continue
             try:
                 envelope, pending, wait = await self._deliver_route(
-                    entry, envelope, route, admission, outcomes, failed, delivered
+                    entry, envelope, route, admission, outcomes, failed, delivered, relayed
                 )
             finally:
                 self.shaper.release(admission)
@@ -424,7 +435,9 @@ class DeliveryScheduler(Service):
             remaining += pending
         if not waits:
             self.shaper.forget(entry.id)
-        await self._settle(entry, message, outcomes, failed, delivered, remaining, waits)
+        await self._settle(
+            entry, message, outcomes, failed, delivered, remaining, waits, relayed
+        )
 
     async def _deliver_route(
         self,
@@ -435,11 +448,13 @@ class DeliveryScheduler(Service):
         outcomes: list[tuple[Attempt, str]],
         failed: list[tuple[str, str]],
         delivered: list[str],
+        relayed: list[tuple[str, str]],
     ) -> tuple[Envelope, list[EmailAddress], Wait | None]:
         """
         Try the hops of C{route} in order until its recipients are settled
         or the hops run out, recording each attempt in C{outcomes},
-        C{failed} and C{delivered}, and showing each refusal to the reply
+        C{failed}, C{delivered} and C{relayed} (delivered to a hop that
+        could not take their DSN requests on), and showing each refusal to the reply
         rules.
 
         @return: the envelope as last sent, the recipients still pending,
@@ -493,6 +508,8 @@ class DeliveryScheduler(Service):
                 if reply.is_positive:
                     outcome = SENT
                     delivered.append(str(r))
+                    if not getattr(result, "dsn", False):
+                        relayed.append((str(r), str(reply)))
                 elif reply.is_permanent:
                     outcome = BOUNCED
                     failed.append((str(r), str(reply)))
@@ -523,15 +540,22 @@ class DeliveryScheduler(Service):
         delivered: list[str],
         remaining: list[EmailAddress],
         waits: Sequence[Wait] = (),
+        relayed: Sequence[tuple[str, str]] = (),
     ) -> None:
         """
-        Record what came of a delivery and what is next for the entry.
+        Record what came of a delivery of C{entry} and what follows: done,
+        tried again later, or settled with failures; the reports the
+        sender asked for go out first (a crash then repeats a report
+        rather than lose it).
 
         Recipients held back by a limit (C{waits}) wait: when no attempt
         of this delivery failed temporarily, no retry interval is used up
         (the step stays) and the entry is looked at again when the limit
         allows (or when woken); when nothing was tried at all, the spool
         is not even written.
+
+        @param relayed: recipients delivered to hops without DSN, with the
+            reply: those whose NOTIFY has SUCCESS get a "relayed" report.
         """
         now = self.clock.seconds()
         step: tuple[float, Sequence[float]] | None = None
@@ -566,6 +590,9 @@ class DeliveryScheduler(Service):
                 failed_recipients=tuple(updated.failed_recipients)
                 + tuple((str(r), last) for r in remaining),
             )
+        relayed = [(r, text) for r, text in relayed if self._asked(updated, r, dsn.SUCCESS)]
+        if relayed:
+            await self._report(updated, relayed, RELAYED, message, now)
         if updated.settled:
             if not updated.failed_recipients:
                 await self.spool.finish(entry.id)
@@ -583,7 +610,10 @@ class DeliveryScheduler(Service):
             await self.spool.update(updated)
             self._wait(updated, waits, wake)
             return
-        at, _ = step
+        at, later = step
+        if self._warning_due(updated, now):
+            await self._warn(updated, message, now, at + sum(later))
+            updated = dataclasses.replace(updated, warned_at=now)
         updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
         self.events.emit(
@@ -618,7 +648,9 @@ class DeliveryScheduler(Service):
         the entry is frozen, kept for the operator until it expires.
         """
         unreported = entry.unreported
-        bounced = bool(unreported) and await self._bounce(entry, unreported, message, now, expired)
+        # NOTIFY without FAILURE (or NEVER): no bounce, RFC 3461 section 4.1.
+        tell = [(r, text) for r, text in unreported if self._asked(entry, r, dsn.FAILURE)]
+        bounced = bool(tell) and await self._bounce(entry, tell, message, now, expired)
         if unreported:
             entry = dataclasses.replace(
                 entry, reported=tuple(entry.reported) + tuple(r for r, _ in unreported)
@@ -688,6 +720,53 @@ class DeliveryScheduler(Service):
         )  # fmt: skip
         self.events.emit("frozen", entry.id, reason=reason)
 
+    # -- reports to the sender -------------------------------------------
+
+    @staticmethod
+    def _asked(entry: SpoolEntry, recipient: str, what: str) -> bool:
+        """
+        Does C{recipient}'s NOTIFY let relay report C{what} to the sender?
+        """
+        return dsn.notify_allows(dict(entry.recipient_args).get(recipient, ()), what)
+
+    def _warning_due(self, entry: SpoolEntry, now: float) -> bool:
+        """
+        Is C{entry}, deferred again, due its one delay warning?
+        """
+        return (
+            self.delay_warning is not None
+            and entry.warned_at is None
+            and now - entry.created_at >= self.delay_warning
+        )
+
+    async def _warn(
+        self, entry: SpoolEntry, message: Message, now: float, retry_until: float
+    ) -> None:
+        """
+        Warn the sender of C{entry} that its pending recipients (those
+        whose NOTIFY allows DELAY) are late, and will be retried until
+        C{retry_until}.
+        """
+        last = {r: a.reply for a in entry.attempts for r in a.recipients}
+        late = [
+            (str(r), last.get(str(r)) or entry.last_error or "delivery deferred")
+            for r in entry.recipients
+            if self._asked(entry, str(r), dsn.DELAY)
+        ]
+        if late:
+            await self._report(entry, late, DELAYED, message, now, retry_until=retry_until)
+
+    async def _original(self, entry: SpoolEntry, message: Message, full: bool) -> bytes:
+        """
+        The start of C{entry}'s message for a report: all of it when
+        C{full}, else enough to hold its header section.
+        """
+        want = message.size if full else min(message.size, MAX_HEADER_BYTES)
+        if message.data is not None:
+            return message.data[:want]
+        data: bytes = await self.spool.message_chunk(entry.id, 0, want)
+        return data
+
     async def _bounce(
         self,
         entry: SpoolEntry,
@@ -699,21 +778,52 @@ class DeliveryScheduler(Service):
         """
         Spool a DSN for C{failed}; C{True} if one was spooled.
         """
-        if not self.bounce or not failed:
+        return await self._report(entry, failed, FAILED, message, now, expired)
+
+    async def _report(
+        self,
+        entry: SpoolEntry,
+        recipients: Sequence[tuple[str, str]],
+        action: str,
+        message: Message,
+        now: float,
+        expired: bool = False,
+        retry_until: float | None = None,
+    ) -> bool:
+        """
+        Spool a report (C{action}: failed, delayed or relayed) on
+        C{recipients} to the sender of C{entry}; C{True} if one was
+        spooled (none with C{--no-bounce}, nor to the null sender).
+        """
+        if not self.bounce or not recipients or entry.sender.is_null:
             return False
-        # The default route: the bounce goes wherever mail goes when it
+        original = await self._original(entry, message, returns_full(entry, action))
+        # The default route: the report goes wherever mail goes when it
         # is sent, not where it went when the original was accepted.
-        bounce = make_bounce(entry, failed, message, self.hostname, now, (), expired)
-        if bounce is None:
+        report = make_report(
+            entry, recipients, action, original, self.hostname, now, (), expired, retry_until
+        )
+        if report is None:
             return False
-        new = await self.spool.enqueue([bounce])
-        # Postfix's words for the same event, naming the bounce's own entry.
-        self.log.info(
-            "{entry_id}: sender non-delivery notification: {bounce_id}",
-            event="bounce", entry_id=entry.id, envelope_id=entry.envelope_id,
-            sender=str(entry.sender), bounce_id=", ".join(e.id for e in new),
-        )  # fmt: skip
-        self.events.emit("bounced", entry.id, sender=str(entry.sender))
+        new = await self.spool.enqueue([report])
+        report_ids = ", ".join(e.id for e in new)
+        if action == FAILED:
+            # Postfix's words for the same event, naming the bounce's own entry.
+            self.log.info(
+                "{entry_id}: sender non-delivery notification: {bounce_id}",
+                event="bounce", entry_id=entry.id, envelope_id=entry.envelope_id,
+                sender=str(entry.sender), bounce_id=report_ids,
+            )  # fmt: skip
+            self.events.emit("bounced", entry.id, sender=str(entry.sender))
+        else:
+            what = "delay" if action == DELAYED else "delivery status"
+            self.log.info(
+                "{entry_id}: sender {what} notification: {report_id}",
+                event="report", entry_id=entry.id, envelope_id=entry.envelope_id,
+                sender=str(entry.sender), what=what, action=action, report_id=report_ids,
+                recipients=[r for r, _ in recipients],
+            )  # fmt: skip
+            self.events.emit("reported", entry.id, sender=str(entry.sender), action=action)
         self.notify(new)
         return True
 

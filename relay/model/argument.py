@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relay.model import dsn
 from relay.model.reply import Reply
 
 
@@ -21,8 +22,6 @@ class ArgumentError(ValueError):
 
 
 _KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-# xtext (RFC 3461 section 4): printable ASCII but "+" and "=", or +XX.
-_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*$")
 
 MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "AUTH", "SMTPUTF8", "RET", "ENVID"})
 RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
@@ -69,7 +68,7 @@ def _split(text: str) -> list[Argument]:
 
 
 def _need_xtext(arg: Argument) -> None:
-    if arg.value is None or not _XTEXT.match(arg.value):
+    if arg.value is None or not dsn.is_xtext(arg.value):
         raise ArgumentError(Reply.parameter_error(f"5.5.4 Bad value for {arg.keyword}"))
 
 
@@ -100,9 +99,9 @@ def parse_mail_parameters(text: str, smtputf8_offered: bool = True) -> tuple[Arg
             if v is None or v.upper() not in ("FULL", "HDRS"):
                 raise ArgumentError(Reply.parameter_error("5.5.4 RET must be FULL or HDRS"))
         elif k == "ENVID":
-            _need_xtext(arg)
-            if len(v or "") > 100:
-                raise ArgumentError(Reply.parameter_error("5.5.4 ENVID too long"))
+            problem = dsn.check_envid(v)
+            if problem is not None:
+                raise ArgumentError(Reply.parameter_error(f"5.5.4 {problem}"))
         elif k == "AUTH":
             if v != "<>":
                 _need_xtext(arg)
@@ -113,26 +112,28 @@ def parse_mail_parameters(text: str, smtputf8_offered: bool = True) -> tuple[Arg
     return tuple(args)
 
 
-def parse_rcpt_parameters(text: str) -> tuple[Argument, ...]:
+def parse_rcpt_parameters(text: str, smtputf8: bool = False) -> tuple[Argument, ...]:
     """
     Parse and check the parameters of C{RCPT TO:<path> PARAMS}: DSN's
-    NOTIFY and ORCPT (RFC 3461) are accepted and carried with the recipient.
+    NOTIFY and ORCPT (RFC 3461) are accepted and carried with the recipient
+    (as given: ORCPT stays xtext, see L{relay.model.dsn}).
+
+    @param smtputf8: the transaction is SMTPUTF8: ORCPT may hold UTF-8
+        (RFC 6533 section 3).
+    @raise ArgumentError: with a 501 that says what is wrong with a value,
+        and a 555 for parameters the server does not support.
     """
     args = _split(text)
     for arg in args:
+        problem: str | None = None
         if arg.keyword == "NOTIFY":
-            values = {x.upper() for x in (arg.value or "").split(",")}
-            if not values or not values <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
-                "NEVER" in values and len(values) > 1
-            ):
-                raise ArgumentError(Reply.parameter_error("5.5.4 Bad NOTIFY value"))
+            problem = dsn.check_notify(arg.value)
         elif arg.keyword == "ORCPT":
-            addr_type, semi, _ = (arg.value or "").partition(";")
-            if not semi or not addr_type:
-                raise ArgumentError(Reply.parameter_error("5.5.4 Bad ORCPT value"))
-            _need_xtext(arg)
+            problem = dsn.check_orcpt(arg.value, smtputf8)
         else:
             raise ArgumentError(
                 Reply.parameters_not_recognized(f"5.5.4 Unsupported parameter {arg.keyword}")
             )
+        if problem is not None:
+            raise ArgumentError(Reply.parameter_error(f"5.5.4 {problem}"))
     return tuple(args)

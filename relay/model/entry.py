@@ -187,6 +187,8 @@ class SpoolEntry:
     @ivar received_from: who sent it (C{helo [address]}), for logs and DSNs.
     @ivar tls_policy: the TLS policy the plugin chose
         (C{EnvelopeWithNextHop.tls_policy}), or C{None}.
+    @ivar warned_at: when the sender was warned that delivery is late
+        (C{--delay-warning}), or C{None}: one warning per entry.
     """
 
     id: str
@@ -212,6 +214,7 @@ class SpoolEntry:
     reason: str | None = None
     received_from: str | None = None
     tls_policy: str | None = None
+    warned_at: float | None = None
 
     def __post_init__(self) -> None:
         for name in (

@@ -109,6 +109,9 @@ class Commands:
             "PIPELINING",
             f"SIZE {settings.max_message_size}",
             "8BITMIME",
+            # RFC 3461: NOTIFY, RET, ENVID and ORCPT, honoured in relay's
+            # own reports and passed on to hops that offer DSN.
+            "DSN",
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]

@@ -146,12 +146,12 @@ class MailTransaction:
             protocol.reply(Reply.parameter_error("5.5.4 Syntax: RCPT TO:<address> [parameters]"))
             return
         path, params = m.group(1), m.group(2) or ""
+        smtputf8 = find(t.sender_args, "SMTPUTF8") is not None
         try:
-            args = parse_rcpt_parameters(params)
+            args = parse_rcpt_parameters(params, smtputf8=smtputf8)
         except ArgumentError as e:
             protocol.reply(e.reply)
             return
-        smtputf8 = find(t.sender_args, "SMTPUTF8") is not None
         try:
             recipient = EmailAddress.parse_path(path, smtputf8=smtputf8)
         except AddressError as e:

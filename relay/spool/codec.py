@@ -129,6 +129,7 @@ def _to_v2(entry: SpoolEntry) -> dict[str, Any]:
         "reason": entry.reason,
         "received_from": entry.received_from,
         "tls_policy": entry.tls_policy,
+        "warned_at": entry.warned_at,
         "moved_at": entry.moved_at if entry.moved_at != entry.created_at else None,
     }
     data.update((key, value) for key, value in optional.items() if value)
@@ -164,6 +165,7 @@ def _from_v2(data: dict[str, Any], queue: str | None) -> SpoolEntry:
         reason=data.get("reason"),
         received_from=data.get("received_from"),
         tls_policy=data.get("tls_policy"),
+        warned_at=float(data["warned_at"]) if data.get("warned_at") is not None else None,
     )
 
 

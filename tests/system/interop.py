@@ -751,6 +751,42 @@ class PostfixTests(InteropCase):
 
 
     @inlineCallbacks
+    def test_dsn_parameters_go_on_to_postfix(self) -> Any:
+        """
+        A recipient's NOTIFY=SUCCESS (with ORCPT, RET and ENVID) reaches
+        Postfix, which offers DSN: Postfix, not relay, reports the
+        delivery to the sender ("sender delivery status notification"),
+        and relay sends no report of its own (its spool empties).
+        """
+        postfix_port = yield self.start_postfix()
+        relay_port = yield self.start_relay("relay", f"127.0.0.1:{postfix_port}")
+        data = (
+            b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: DSN via relay\r\n"
+            b"Message-ID: <relay-dsn@example.com>\r\n\r\nAsk for success.\r\n"
+        )
+
+        def send() -> Any:
+            with smtplib.SMTP("127.0.0.1", relay_port, timeout=TIMEOUT) as client:
+                client.ehlo("client.example.com")
+                self.assertTrue(client.has_extn("DSN"))
+                return client.sendmail(
+                    SENDER, [RECIPIENT], data, mail_options=["RET=HDRS", "ENVID=interop+2B1"],
+                    rcpt_options=["NOTIFY=SUCCESS", f"ORCPT=rfc822;{RECIPIENT}"],
+                )  # fmt: skip
+
+        refused = yield deferToThread(send)
+        self.assertEqual(refused, {})
+        log = yield self.poll(
+            lambda: "sender delivery status notification" in self.read(self.maillog)
+            and self.read(self.maillog),
+            lambda: "Postfix's success notification:\n" + self.read(self.maillog),
+        )
+        self.assertIn("status=sent (delivered to maildir)", log)
+        yield self.poll(lambda: not self.spool_files("relay"), "relay's spool to empty")
+        relay_log = self.read(self.relay_logs["relay"])
+        self.assertNotIn("notification", relay_log)
+
+    @inlineCallbacks
     def test_relay_without_certificate_starttls_to_postfix(self) -> Any:
         """
         A relay without a certificate of its own (so started without
