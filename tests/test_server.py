@@ -96,7 +96,8 @@ MAIL_TXN = """
 < 250-SIZE
 < 250-8BITMIME
 < 250-ENHANCEDSTATUSCODES
-< 250 SMTPUTF8
+< 250-SMTPUTF8
+< 250 CHUNKING
 > MAIL FROM:<a@example.org>
 < 250 2.1.0 Ok
 > RCPT TO:<b@example.com>
@@ -221,12 +222,12 @@ class HeloTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), tls_context_factory=object()
         )
-        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 5 + "< 250 STARTTLS")
+        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 6 + "< 250 STARTTLS")
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), auth_requires_tls=False
         )
         self.transcript(
-            h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 5 + "< 250 AUTH PLAIN LOGIN"
+            h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 6 + "< 250 AUTH PLAIN LOGIN"
         )
 
     def test_auth_not_advertised_without_tls(self) -> None:
@@ -235,7 +236,7 @@ class HeloTests(ServerTestCase):
         text and AUTH is refused with 503.
         """
         h = self.harness(Recorder(session_helo=Continue(advertise_auth=True)))
-        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 4 + "< 250 SMTPUTF8")
+        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 5 + "< 250 CHUNKING")
         self.transcript(h, "> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n< 503 5.5.1")
 
     def test_helo_deny(self) -> None:
@@ -362,7 +363,8 @@ class MailTests(ServerTestCase):
             < 250-
             < 250-
             < 250-
-            < 250 SMTPUTF8
+            < 250-SMTPUTF8
+            < 250 CHUNKING
             > MAIL TO:<a@b.c>
             < 501 5.5.4 Syntax: MAIL FROM
             > MAIL FROM:<not an address>
@@ -811,7 +813,7 @@ class PipeliningTests(ServerTestCase):
             return d
 
         h = self.harness(Recorder(process_sender=slow, process_recipient=slow))
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 6)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7)
         h.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<w@y.z>\r\nNOOP\r\n")
         self.assertEqual(h.lines(), [])
         self.assertEqual(len(pending), 1)
@@ -876,7 +878,7 @@ class TimeoutTests(ServerTestCase):
             return d
 
         h = self.harness(Recorder(process_sender=slow), idle_timeout=10)
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 6 + "\n> MAIL FROM:<a@b.c>")
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> MAIL FROM:<a@b.c>")
         h.clock.advance(60)
         self.assertFalse(h.closed)
         pending[0].callback(Continue())
@@ -936,7 +938,7 @@ class AuthTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True), **results), auth_requires_tls=False
         )
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
         return h
 
     def test_plain_allowed(self) -> None:
@@ -1020,7 +1022,7 @@ class AuthTests(ServerTestCase):
         h = self.harness(auth_requires_tls=False)
         self.transcript(
             h,
-            "< 220\n> EHLO c" + "\n< 250" * 6 + "\n> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n< 503 5.5.1",
+            "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n< 503 5.5.1",
         )
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), auth_requires_tls=False
@@ -1050,7 +1052,7 @@ class StartTLSTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), tls_context_factory=ctx
         )
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
         h.send("STARTTLS\r\nEHLO injected\r\nMAIL FROM:<evil@x.y>\r\n")
         self.transcript(h, "< 220 2.0.0 Ready to start TLS")
         self.assertIs(h.transport.tls_context, ctx)
@@ -1062,7 +1064,7 @@ class StartTLSTests(ServerTestCase):
         self.transcript(h, "> MAIL FROM:<a@b.c>\n< 503 5.5.1")
         # After TLS: no STARTTLS offered, AUTH offered.
         self.transcript(
-            h, "> EHLO c\n< 250-localhost" + "\n< 250-" * 5 + "\n< 250 AUTH PLAIN LOGIN"
+            h, "> EHLO c\n< 250-localhost" + "\n< 250-" * 6 + "\n< 250 AUTH PLAIN LOGIN"
         )
         self.transcript(h, "> STARTTLS\n< 503 5.5.1")
         h.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n" + MESSAGE)
@@ -1075,9 +1077,9 @@ class StartTLSTests(ServerTestCase):
         STARTTLS not offered is 502; with an argument 501.
         """
         h = self.harness()
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 6 + "\n> STARTTLS\n< 454 4.7.0")
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> STARTTLS\n< 454 4.7.0")
         h = self.harness(tls_context_factory=object())
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> STARTTLS now\n< 501")
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8 + "\n> STARTTLS now\n< 501")
 
 
 class BatchTests(ServerTestCase):

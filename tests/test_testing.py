@@ -69,7 +69,8 @@ EHLO = """
 < 250-SIZE 35000000
 < 250-8BITMIME
 < 250-ENHANCEDSTATUSCODES
-< 250 SMTPUTF8
+< 250-SMTPUTF8
+< 250 CHUNKING
 """
 
 ONE_MESSAGE = """
@@ -197,6 +198,7 @@ class RunTranscriptTests(SynchronousTestCase):
             < 250-8BITMIME
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
+            < 250-CHUNKING
             < 250 AUTH PLAIN LOGIN
             > AUTH PLAIN AGFsaWNlAHdyb25n
             < 535 5.7.8
@@ -248,7 +250,7 @@ class MismatchTests(SynchronousTestCase):
             run_transcript(plugin, EHLO + ONE_MESSAGE)
         self.assertIsInstance(caught.exception, TranscriptMismatch)
         lines = str(caught.exception).splitlines()
-        self.assertEqual(lines[0], "SMTP transcript differs from the script at its line 14:")
+        self.assertEqual(lines[0], "SMTP transcript differs from the script at its line 15:")
         self.assertEqual(lines[1][:10], "    < 220 ")
         self.assertEqual(
             lines[-4:],
