@@ -1282,6 +1282,55 @@ class VariantTests(ServerTestCase):
         self.flushLoggedErrors(RuntimeError)
 
 
+class HalfCloseTests(ServerTestCase):
+    """
+    A client that shuts down its sending side after its last command (as
+    Exim does after pipelining QUIT) still gets every reply.
+    """
+
+    def test_pipelined_then_shut_down(self) -> None:
+        """
+        The message and QUIT, then the client's end of input: the message
+        is queued and both replies are sent, then the connection closes.
+        """
+        h = self.harness()
+        self.transcript(h, MAIL_TXN)
+        h.send(MESSAGE + "QUIT\r\n")
+        h.protocol.readConnectionLost()
+        self.transcript(h, "< 250 2.0.0 Ok: queued\n< 221 2.0.0 Bye")
+        self.assertTrue(h.closed)
+        self.assertEqual(len(self.entries(h)), 1)
+
+    def test_shut_down_while_a_callback_waits(self) -> None:
+        """
+        The end of input while a callback is pending: the commands after it
+        are answered once it fires, then the session closes (no QUIT
+        needed).
+        """
+        envelope: Deferred[EnvelopeResult] = Deferred()
+        h = self.harness(Recorder(process_envelope=lambda *args: envelope))
+        self.transcript(h, MAIL_TXN)
+        h.send(MESSAGE + "NOOP\r\n")
+        h.protocol.readConnectionLost()
+        self.assertFalse(h.closed)
+        envelope.callback(Consume())
+        self.transcript(h, "< 250 2.0.0 Ok\n< 250 2.0.0 Ok")
+        self.assertTrue(h.closed)
+
+    def test_shut_down_mid_message(self) -> None:
+        """
+        The end of input in the middle of DATA: the message can never end,
+        so it is dropped and the session closed.
+        """
+        h = self.harness()
+        self.transcript(h, MAIL_TXN)
+        h.send("Subject: half\r\n")
+        h.protocol.readConnectionLost()
+        self.assertTrue(h.closed)
+        self.assertTrue(h.spool.writers[0].aborted)
+        self.assertEqual(self.entries(h), [])
+
+
 class ModeTests(ServerTestCase):
     """
     The session's state is one L{Mode}, moving as its docstring says.

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -130,7 +130,7 @@ _CLOSED = Mode.CLOSED
 _TLS_HANDSHAKE = TLSState.HANDSHAKE
 
 
-@implementer(IPushProducer, IHandshakeListener)
+@implementer(IPushProducer, IHandshakeListener, IHalfCloseableProtocol)
 class SMTPServerProtocol(protocol.Protocol):
     """
     One ESMTP session: the connection, the framing of command lines, flow
@@ -144,6 +144,10 @@ class SMTPServerProtocol(protocol.Protocol):
     replies without end.  (Reading goes on below that: a TLS layer pauses
     us during its handshake, which needs to read.)  Reading also stops
     while the spool's message writer asks it to.
+
+    A client may shut down its sending side once it has sent everything
+    (Exim does, after pipelining QUIT behind the message): what it sent is
+    still answered, then the session ends (L{readConnectionLost}).
 
     @ivar factory: the server.
     @ivar settings: the server's settings.
@@ -180,6 +184,8 @@ class SMTPServerProtocol(protocol.Protocol):
         # Whether this session holds one of the factory's max_sessions.
         self._counted = False
         self._protocol_errors = 0
+        # The client shut down its sending side: nothing more will come.
+        self._input_ended = False
         # Flow control: we are the transport's producer (_producing); it
         # paused us (_output_full); reading from it is paused while the
         # spool's writer asks (_writer_full) or too much input waits
@@ -436,6 +442,35 @@ class SMTPServerProtocol(protocol.Protocol):
     def stopProducing(self) -> None:
         pass
 
+    # IHalfCloseableProtocol, for the transport.
+
+    def readConnectionLost(self) -> None:
+        """
+        The client will send nothing more: answer what it sent, then close
+        (see L{_end_if_input_done}).
+        """
+        self._input_ended = True
+        self._end_if_input_done()
+
+    def writeConnectionLost(self) -> None:
+        # We never shut down our own side alone.
+        pass
+
+    def _end_if_input_done(self) -> None:
+        """
+        After the client's end of input: once what it sent has been read
+        as far as it goes (no command waits on a callback, the client reads
+        our replies), close; a message it did not finish is dropped.
+        """
+        if not self._input_ended or self._output_full:
+            return
+        mode = self._mode
+        if mode is _CLOSED or mode is _WAITING or mode is _GREETING or mode is _PREGREET:
+            # Closed already, or the rest comes once the callback answers.
+            return
+        self.mail.abort_message()
+        self.close()
+
     def handshakeCompleted(self) -> None:
         # IHandshakeListener: the negotiated version and cipher are known.
         self.starttls.handshake_completed()
@@ -562,6 +597,7 @@ class SMTPServerProtocol(protocol.Protocol):
             self._process_input()
         finally:
             self._processing = False
+        self._end_if_input_done()
 
     def _process_input(self) -> None:
         while self._buffer and not self._output_full:
