@@ -29,14 +29,15 @@ from relay.delivery.bounce import make_bounce
 from relay.delivery.due import DueQueue
 from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
 from relay.delivery.nexthop import Route
+from relay.delivery.tlspolicy import tls_destination
 from relay.interfaces import ISpoolObserver
 from relay.logs import (
     BOUNCED,
     DEFERRED,
-    DELIVERY_FORMAT,
     EXPIRED,
     SENT,
     delivery_fields,
+    delivery_format,
     iso_time,
 )
 from relay.model.address import EmailAddress
@@ -292,9 +293,13 @@ class DeliveryScheduler(Service):
             lock = self._hop_locks[hop] = DeferredSemaphore(self.per_destination)
         return lock
 
-    def _send(self, hop: str, envelope: Envelope) -> Deferred[Any]:
+    def _send(self, hop: str, envelope: Envelope, destination: Any = None) -> Deferred[Any]:
         lock = self._hop_lock(hop)
-        d: Deferred[Any] = lock.run(self.client.send, hop, envelope)
+        # The route's TLS context goes to a client that chooses TLS per
+        # destination (RelayClient says so); any client of two arguments
+        # still serves.
+        extra = (destination,) if getattr(self.client, "per_destination_tls", False) else ()
+        d: Deferred[Any] = lock.run(self.client.send, hop, envelope, *extra)
 
         def forget(result: object) -> object:
             if not lock.waiting and lock.tokens == lock.limit:
@@ -349,6 +354,7 @@ class DeliveryScheduler(Service):
                     remaining += route.recipients
                 continue
             pending = list(route.recipients)
+            destination = tls_destination(route, entry.tls_policy)
             for hop in route.hops:
                 if not pending:
                     break
@@ -357,14 +363,14 @@ class DeliveryScheduler(Service):
                 if recipients != tuple(envelope.recipients):
                     envelope = dataclasses.replace(envelope, recipients=recipients)
                 try:
-                    result = await self._send(hop, envelope)
+                    result = await self._send(hop, envelope, destination)
                 except Exception as e:
                     reply = getattr(e, "reply", None)
                     text = str(reply) if reply is not None else (str(e) or type(e).__name__)
                     permanent = bool(getattr(e, "permanent", False))
                     attempt = Attempt(
                         self.clock.seconds(), hop, _code(reply), text, names,
-                        getattr(e, "address", None),
+                        getattr(e, "address", None), getattr(e, "tls", None),
                     )  # fmt: skip
                     outcomes.append((attempt, BOUNCED if permanent else DEFERRED))
                     if permanent:
@@ -395,8 +401,9 @@ class DeliveryScheduler(Service):
                 at = self.clock.seconds()
                 hop_name = getattr(result, "hop", hop)
                 address = getattr(result, "address", None)
+                tls = getattr(result, "tls", None)
                 for (code, text, outcome), rcpts in by_reply.items():
-                    attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address)
+                    attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address, tls)
                     outcomes.append((attempt, outcome))
                 pending = left
             remaining += pending
@@ -522,7 +529,7 @@ class DeliveryScheduler(Service):
                 self.log.failure("Cannot log an attempt of {entry_id}", entry_id=entry.id)
                 continue
             level = LogLevel.info if outcome in (SENT, DEFERRED) else LogLevel.warn
-            self.log.emit(level, DELIVERY_FORMAT, **fields)
+            self.log.emit(level, delivery_format(fields), **fields)
 
     async def _freeze(self, entry: SpoolEntry, reason: str) -> None:
         now = self.clock.seconds()

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.interfaces import ISpool
+from relay.interfaces import IEntryStream, ISpool
 from relay.model.entry import ACTIVE, QUARANTINE, QueueCount, SpoolEntry
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
@@ -32,12 +32,17 @@ from relay.spool.fs import FileSystem, unlink_if_present
 from relay.spool.layout import SpoolLayout, is_safe_id
 from relay.spool.lock import SpoolLock
 from relay.spool.reader import (
+    PAGE_SIZE,
+    EntryPage,
+    EntrySelector,
     QueueListing,
+    QueueScanner,
     count_queue,
     due_entries,
     find_entry,
     oldest_by_mtime,
     read_message,
+    read_message_chunk,
     read_queue,
 )
 from relay.spool.recent import RecentEntries
@@ -208,6 +213,23 @@ class DiskSpool:
     def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         return self._run(due_entries, self.layout, before, limit)
 
+    def stream(
+        self,
+        queue: str,
+        select: EntrySelector | None = None,
+        parse: bool = True,
+        page_size: int = PAGE_SIZE,
+    ) -> DiskEntryStream:
+        return DiskEntryStream(
+            self._run, QueueScanner(self.layout, queue, select, parse, page_size)
+        )
+
+    def message_chunk(self, entry_id: str, offset: int, size: int) -> Deferred[bytes]:
+        message = self._recent.message(entry_id)
+        if message is not None and message.data is not None:
+            return defer.succeed(bytes(message.data[offset : offset + size]))
+        return self._run(read_message_chunk, self.layout, entry_id, offset, size)
+
     def unchanged_since(
         self, queue: str, before: float, limit: int
     ) -> Deferred[list[tuple[float, str]]]:
@@ -298,6 +320,28 @@ class DiskSpool:
             return result
 
         return lock.run(f, *args).addBoth(release)
+
+
+@implementer(IEntryStream)
+class DiskEntryStream:
+    """
+    The L{IEntryStream} of a L{DiskSpool}: a L{QueueScanner} whose pages
+    are read in the thread pool, one at a time (the scanner's open
+    directory is never used by two threads at once).
+    """
+
+    def __init__(self, run_in_thread: Callable[..., Deferred[Any]], scanner: QueueScanner) -> None:
+        self._run = run_in_thread
+        self._scanner = scanner
+        self._lock = defer.DeferredLock()
+
+    def next_page(self) -> Deferred[EntryPage]:
+        d: Deferred[EntryPage] = self._lock.run(self._run, self._scanner.next_page)
+        return d
+
+    def close(self) -> Deferred[None]:
+        d: Deferred[None] = self._lock.run(self._run, self._scanner.close)
+        return d
 
 
 def _report(removed: list[str]) -> int:
