@@ -183,6 +183,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-policy", None, None,
          "TLS policy per destination: lines of DOMAIN, .DOMAIN or [HOST]:PORT and one of none, "
          "may, encrypt, verify [match=NAMES], dane, dane-only, mta-sts."],
+        ["failure-classes", None, None,
+         "Failure class rules tried before the built-in table: lines of CLASS status CODE, "
+         "CLASS text REGEX or CLASS fallback CODE."],
         ["mx-port", None, 25, "The port of MX hosts (Postfix's smtp_tcp_port).",
          _port("mx-port")],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
@@ -203,6 +206,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "relay-tls": usage.CompleteList(RELAY_TLS_MODES),
             "tls-ca-file": usage.CompleteFiles("*.pem"),
             "tls-policy": usage.CompleteFiles(),
+            "failure-classes": usage.CompleteFiles(),
         }
     )
 
@@ -276,6 +280,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 PolicyFile.load(self["tls-policy"])
             except PolicyFileError as e:
                 raise usage.UsageError(f"--tls-policy: {e}") from None
+        if self["failure-classes"] is not None:
+            from relay.delivery.failures import FailureRulesError, load_rules
+
+            try:
+                load_rules(self["failure-classes"])
+            except FailureRulesError as e:
+                raise usage.UsageError(f"--failure-classes: {e}") from None
 
     def postOptions(self) -> None:
         if not self["smtp"]:

@@ -371,7 +371,8 @@ class ChunkedBodyProperties(SynchronousTestCase):
         finally:
             h.disconnect()
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @example(b"\tindented first line\r\n", [3], False, [])
     @given(
         _BODIES,
         st.lists(st.integers(0, 700), max_size=6).filter(lambda s: not s or any(s)),

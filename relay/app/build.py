@@ -281,7 +281,7 @@ def build_relay(
     plugin = parts.plugin
     disk = parts.disk_spool()
     recovery = SpoolRecovery(disk)
-    delivery = delivery_scheduler(settings, disk, reactor, parts.run_in_thread, recovery)
+    delivery = delivery_scheduler(settings, disk, reactor, parts.run_in_thread, recovery, plugin)
     served = disk
     if delivery is not None:
         from relay.delivery.scheduler import SchedulerObserver
@@ -345,11 +345,16 @@ def delivery_scheduler(
     reactor: Any,
     run_in_thread: Callable[..., Any],
     recovery: SpoolRecovery,
+    plugin: Any = None,
 ) -> Any:
     """
     The delivery scheduler over C{disk} (it loads the active queue once
     C{recovery} is done), or C{None} for a spool that cannot deliver (not
-    a full L{ISpool}).
+    a full L{ISpool}).  Failures are classified with the plugin's rules
+    (its C{failure_rules()}), then C{--failure-classes}, then the
+    built-in table.
+
+    @raise SettingsError: when those rules cannot be used.
     """
     from relay.interfaces import ISpool
 
@@ -377,6 +382,7 @@ def delivery_scheduler(
         name_resolver=name_resolver,
     )
     return DeliveryScheduler(
+        failure_classifier=failure_classifier(settings, plugin),
         spool=disk,
         client=client,
         clock=reactor,
@@ -390,6 +396,29 @@ def delivery_scheduler(
         smarthost=settings.smarthost,
         wait_for=recovery.wait,
     )
+
+
+def failure_classifier(settings: Settings, plugin: Any) -> Any:
+    """
+    The classifier of failed attempts: the plugin's rules, then those of
+    C{--failure-classes}, before the built-in table.
+
+    @raise SettingsError: when a rule cannot be used.
+    """
+    from relay.delivery.failures import (
+        FailureClassifier,
+        FailureRulesError,
+        load_rules,
+        plugin_rules,
+    )
+
+    try:
+        rules = list(plugin_rules(plugin))
+        if settings.failure_classes:
+            rules += load_rules(settings.failure_classes)
+    except FailureRulesError as e:
+        raise SettingsError(f"failure classes: {e}") from None
+    return FailureClassifier(rules)
 
 
 def dns_lookup(settings: Settings, reactor: Any) -> tuple[Any, Any]:

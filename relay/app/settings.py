@@ -100,6 +100,8 @@ class Settings:
     @ivar tls_ca_file: a PEM file of more CAs for verifying next hops and
         MTA-STS policy hosts.
     @ivar tls_policy: the TLS policy file (L{relay.delivery.tlspolicy}).
+    @ivar failure_classes: a file of failure class rules tried before the
+        built-in table (L{relay.delivery.failures}).
     @ivar mx_port: the port of MX hosts.
     """
 
@@ -132,6 +134,7 @@ class Settings:
     dnssec: bool = False
     tls_ca_file: str | None = None
     tls_policy: str | None = None
+    failure_classes: str | None = None
     mx_port: int = 25
 
     def __post_init__(self) -> None:
@@ -258,6 +261,7 @@ class Settings:
             dnssec=bool(options["dnssec"]),
             tls_ca_file=options["tls-ca-file"],
             tls_policy=options["tls-policy"],
+            failure_classes=options["failure-classes"],
             mx_port=options["mx-port"],
         )
 

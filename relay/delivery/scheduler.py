@@ -28,6 +28,7 @@ from relay.control.events import EventBus
 from relay.delivery.bounce import make_bounce
 from relay.delivery.due import DueQueue
 from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
+from relay.delivery.failures import FailureClassifier
 from relay.delivery.nexthop import Route
 from relay.delivery.tlspolicy import tls_destination
 from relay.interfaces import ISpoolObserver
@@ -62,6 +63,8 @@ class DeliveryScheduler(Service):
     """
     Drain the active queue of C{spool} through C{client}.
 
+    @param failure_classifier: gives each failed attempt its class
+        (L{relay.delivery.failures}); the built-in table when C{None}.
     @ivar jobs: the ids being delivered, with their L{Deferred}s.
     """
 
@@ -87,8 +90,12 @@ class DeliveryScheduler(Service):
         due: Callable[..., DueQueue] = DueQueue,
         bounced_lifetime: float = BOUNCED_LIFETIME,
         removed_lifetime: float = REMOVED_LIFETIME,
+        failure_classifier: FailureClassifier | None = None,
     ) -> None:
         self.spool = spool
+        self.failure_classifier = (
+            failure_classifier if failure_classifier is not None else FailureClassifier()
+        )
         self.events = events if events is not None else EventBus(clock)
         self.client = client
         self.clock = clock
@@ -407,7 +414,22 @@ class DeliveryScheduler(Service):
                     outcomes.append((attempt, outcome))
                 pending = left
             remaining += pending
+        outcomes = [(self._classified(attempt, outcome), outcome) for attempt, outcome in outcomes]
         await self._settle(entry, message, outcomes, failed, delivered, remaining)
+
+    def _classified(self, attempt: Attempt, outcome: str) -> Attempt:
+        """
+        C{attempt} with its failure class, when it failed.
+        """
+        if outcome == SENT:
+            return attempt
+        try:
+            failure_class = self.failure_classifier.classify_attempt(attempt)
+        except Exception:
+            # A user's table must not stop deliveries being recorded.
+            self.log.failure("Cannot classify a failure of {hop}", hop=attempt.hop)
+            return attempt
+        return dataclasses.replace(attempt, failure_class=failure_class)
 
     async def _settle(
         self,
@@ -456,9 +478,13 @@ class DeliveryScheduler(Service):
         at, _ = step
         updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
-        self.events.emit(
-            "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error
+        last_class = next(
+            (a.failure_class for a in reversed(attempts) if a.failure_class is not None), None
         )
+        self.events.emit(
+            "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error,
+            failure_class=last_class,
+        )  # fmt: skip
         self.schedule(entry.id, at)
 
     async def _settled(
@@ -499,7 +525,8 @@ class DeliveryScheduler(Service):
         """
         One line per attempt of this delivery (recipients at one hop that
         got one reply): the log counterpart of the attempts the entry
-        records.  Grouped, not one line per recipient as Postfix has it: a
+        records; and a C{failed} event for each that failed, with its
+        class (which the metrics count).  Grouped, not one line per recipient as Postfix has it: a
         message to a hundred recipients that one reply accepts is one line,
         and the line's cost is paid per message, not per recipient.
 
@@ -521,6 +548,12 @@ class DeliveryScheduler(Service):
         for (attempt, outcome), final in zip(outcomes, last, strict=True):
             if outcome == DEFERRED and expired and final:
                 outcome = EXPIRED
+            if attempt.failure_class is not None:
+                # The event stream's (and so the metrics') count by class.
+                self.events.emit(
+                    "failed", entry.id, outcome=outcome, failure_class=attempt.failure_class,
+                    hop=attempt.hop, code=attempt.code, recipients=len(attempt.recipients),
+                )  # fmt: skip
             try:
                 fields = delivery_fields(entry, attempt, outcome)
                 if outcome == DEFERRED and retry_at is not None:
