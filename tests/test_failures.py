@@ -143,6 +143,11 @@ REAL_REPLIES: list[tuple[str, str, str]] = [
      "policy"),
     ("postfix", "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using"
      " zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.1", "spam-block"),
+    ("postfix", "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using"
+     " b.barracudacentral.org; http://www.barracudanetworks.com/reputation/?pr=1&ip=192.0.2.1",
+     "spam-block"),
+    ("postfix", "554 5.7.1 Service unavailable; Sender address [alice@example.org] blocked"
+     " using dbl.example.net", "spam-block"),
     ("postfix", "450 4.7.1 Client host rejected: cannot find your hostname, [192.0.2.1]",
      "policy"),
     ("postfix", "450 4.2.0 <bob@example.com>: Recipient address rejected: Greylisted, see"
@@ -255,6 +260,20 @@ class OrderTests(SynchronousTestCase):
         self.assertEqual(self.classifier.classify(550, "550 5.2.1 gone away"), "bad-mailbox")
         self.assertEqual(self.classifier.classify(550, "550 5.7.0 go away"), "policy")
         self.assertEqual(self.classifier.classify(501, "501 5.5.4 what?"), "protocol-error")
+
+    def test_listed(self) -> None:
+        """
+        "Listed at" a blocklist is a spam block; "not listed in" a
+        directory (Lotus Domino's unknown user) is a bad mailbox.
+        """
+        self.assertEqual(
+            self.classifier.classify(554, "554 Your IP 192.0.2.1 is listed at bl.example.net"),
+            "spam-block",
+        )
+        self.assertEqual(
+            self.classifier.classify(550, "550 bob@example.com is not listed in Domino Directory"),
+            "bad-mailbox",
+        )
 
     def test_no_rule(self) -> None:
         """

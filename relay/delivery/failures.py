@@ -72,6 +72,7 @@ policy              status    *.7.27
 tls-failure         text      \bstarttls\b|\btls\b|\bssl\b|certificate|encryption (is )?(needed|required)
 spam-block          text      spam|unsolicited|block ?list|black ?list|\bdnsbl\b|\brbl\b|reputation|complaints
 spam-block          text      \[(bl|ts|tss)\d+\]|\bS3\d{3}\b|banned sending ip|traffic not accepted from this ip
+spam-block          text      blocked using|(?<!not )\blisted (at|on|in|by)\b
 policy              text      \bspf\b|\bdkim\b|\bdmarc\b|unauthenticated|not authenticated|authentication required
 policy              text      sender address rejected|sender domain
 mailbox-full        text      over ?quota|quota (exceeded|full)|(mailbox|inbox|mail ?box storage) (is )?(full|exceeded)|exceeded storage allocation
@@ -80,6 +81,7 @@ bad-mailbox         text      no such (user|mailbox|recipient|address)|(user|rec
 bad-mailbox         text      (account|address|mailbox|user)( that you tried to reach)? (does not|doesn't) exist|recipientnotfound|mailbox unavailable
 bad-mailbox         text      (doesn't|does not) have an? [\w.-]+ account|(account|mailbox) (is )?(disabled|inactive|suspended|deactivated)
 bad-mailbox         text      5\.4\.1 .*access denied
+bad-mailbox         text      not listed in .*(directory|address book)
 bad-domain          text      null mx|accepts no mail|(no such|nonexistent|non-existent|unknown) domain|domain (name )?(not found|does not exist)|unrout(e)?able
 rate-limited        text      too (many|fast|quickly)|rate limit|ratelimit|throttl|busy|resources temporarily unavailable|relay limit exceeded|receiving mail at a rate
 policy              text      greylist|graylist
