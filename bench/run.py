@@ -13,8 +13,10 @@ afresh for every measurement, in every round: relay (C{twistd relay},
 Simple, C{--smarthost} the sink), a private Postfix relaying to the sink,
 and two accept-only servers that write and fsync each message before
 replying (aiosmtpd, twisted.mail).  Separately: the peak memory while one
-50 MB message goes through, the memory with 1000 idle sessions open, and W1
-while those sessions stay open.  Everything listens on 127.0.0.1 only and
+50 MB message goes through, the memory with 1000 idle sessions open, W1
+while those sessions stay open, and W1 with every message DKIM-signed by
+relay (C{--dkim-keys} with one RSA 2048 key for smtp-source's From: domain)
+as a ratio of relay's unsigned W1 of the same round.  Everything listens on 127.0.0.1 only and
 every process started here is stopped in a C{finally} block.
 
 Server figures cover the whole process tree of the server (the Postfix
@@ -399,7 +401,10 @@ class IdleSessions:
 # -- the peers -------------------------------------------------------------------
 
 
-def relay_has_receivers() -> bool:
+def relay_has(option: str) -> bool:
+    """
+    Does this relay's C{twistd relay --help} list C{option}?
+    """
     try:
         out = subprocess.run(
             [os.path.join(BIN, "twistd"), "relay", "--help"],
@@ -410,7 +415,39 @@ def relay_has_receivers() -> bool:
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return "--receivers" in out.stdout
+    return option in out.stdout
+
+
+def relay_has_receivers() -> bool:
+    return relay_has("--receivers")
+
+
+#: The domain of smtp-source's From: (C{-f SENDER}), which the DKIM run signs.
+DKIM_DOMAIN = SENDER.rpartition("@")[2]
+
+
+def make_dkim_keys(base: str) -> str:
+    """
+    A keys file for C{--dkim-keys} in C{base}: one new RSA 2048 key for
+    L{DKIM_DOMAIN}.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_path = os.path.join(base, "dkim-rsa.pem")
+    with open(key_path, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    path = os.path.join(base, "dkim.keys")
+    with open(path, "w") as f:
+        f.write(f"{DKIM_DOMAIN} bench {key_path} rsa\n")
+    return path
 
 
 @dataclass
@@ -418,6 +455,7 @@ class Options:
     receivers: int | None
     max_message_size: int | None = None
     max_sessions: int | None = None
+    dkim_keys: str | None = None
 
 
 class Server:
@@ -460,6 +498,8 @@ class Server:
                 command += ["--max-message-size", str(options.max_message_size)]
             if options.max_sessions:
                 command += ["--max-sessions", str(options.max_sessions)]
+            if options.dkim_keys:
+                command += ["--dkim-keys", options.dkim_keys]
         else:
             script = {"aiosmtpd": "aiosmtpd_fsync.py", "twisted.mail": "twisted_mail_fsync.py"}[
                 name
@@ -763,6 +803,9 @@ def targets(figures: Figures, w1: str) -> list[Target]:
     def show(value: float | None) -> str:
         return "–" if value is None else f"{value:.1f}"
 
+    def show_ratio(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}x"
+
     accept = f"{w1} accept msg/s"
     fsync_peers = {
         p: med(figures.values.get(accept, {}).get(p, [])) for p in ("aiosmtpd", "twisted.mail")
@@ -772,9 +815,17 @@ def targets(figures: Figures, w1: str) -> list[Target]:
         key=lambda p: fsync_peers[p] or 0,
         default=None,
     )
-    with_idle = figures.values.get(f"{w1} + idle accept msg/s", {}).get("relay", [])
-    without = figures.values.get(accept, {}).get("relay", [])
-    idle_ratio = med([a / b if a and b else None for a, b in zip(with_idle, without, strict=False)])
+    def relay_ratio(figure: str, base: str) -> float | None:
+        """
+        The median of relay's C{figure} / C{base}, per round.
+        """
+        top = figures.values.get(figure, {}).get("relay", [])
+        bottom = figures.values.get(base, {}).get("relay", [])
+        return med([a / b if a and b else None for a, b in zip(top, bottom, strict=False)])
+
+    idle_ratio = relay_ratio(f"{w1} + idle accept msg/s", accept)
+    dkim_e2e = relay_ratio(f"{w1} DKIM e2e msg/s", f"{w1} e2e msg/s")
+    dkim_cpu = relay_ratio(f"{w1} DKIM CPU s", f"{w1} CPU s")
     return [
         Target("W1 accept >= 1.2x Postfix", med(paired_ratios(figures, accept, "postfix")), 1.2),
         Target(
@@ -807,6 +858,13 @@ def targets(figures: Figures, w1: str) -> list[Target]:
             "relay W1 accept with the idle sessions >= 0.8x without (per-round ratio)",
             idle_ratio,
             0.8,
+        ),
+        Target(
+            "relay W1 accept with every message DKIM-signed (RSA 2048) >= 0.85x unsigned "
+            "(per-round ratio)",
+            relay_ratio(f"{w1} DKIM accept msg/s", accept),
+            0.85,
+            detail=f"end-to-end {show_ratio(dkim_e2e)}, CPU {show_ratio(dkim_cpu)}",
         ),
     ]
 
@@ -924,6 +982,9 @@ def report(
         "relay with `--max-message-size` raised above it, Postfix with `message_size_limit` 64 MiB",
         f"- idle sessions: {args.idle} (EHLO then silent; relay with `--max-sessions {args.idle + 500}`), "
         "not run against Postfix (one smtpd process per session)",
+        "- W1 DKIM: relay's W1 with `--dkim-keys` listing one RSA 2048 key for "
+        f"{DKIM_DOMAIN} (smtp-source's From: domain), so that every message is signed"
+        + ("" if args.dkim else " (not run: no `--dkim-keys` option in this relay, or `--no-dkim`)"),
         f"- load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
         "(the machine may be shared; compare ratios, not absolute rates)",
         f"- wall time: {wall:.0f} s",
@@ -1011,6 +1072,12 @@ def main(argv: list[str] | None = None) -> int:
         "--receivers", type=int, help="relay --receivers (default 2 when relay has the option)"
     )
     parser.add_argument(
+        "--no-dkim",
+        dest="dkim",
+        action="store_false",
+        help="skip relay's W1 with every message DKIM-signed",
+    )
+    parser.add_argument(
         "--tmpdir", help="where the servers' directories go (default: the system's temp dir)"
     )
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
@@ -1029,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.receivers is None:
         args.receivers = 2 if relay_has_receivers() else 0
     log(f"relay --receivers: {args.receivers or 'not available'}")
+    args.dkim = args.dkim and "relay" in peers and relay_has("--dkim-keys")
 
     began = time.monotonic()
     info = versions()
@@ -1037,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chmod(base, 0o755)  # Postfix's daemons run as mail_owner and must reach their directories
     plain = Options(args.receivers)
     try:
+        signed = Options(args.receivers, dkim_keys=make_dkim_keys(base) if args.dkim else None)
         disk = disk_figures(base, 200 if args.quick else 1000, args.size, 100)
         log("disk: " + ", ".join(f"{k} {v:.0f} files/s" for k, v in disk.items()))
         w1 = Load(args.messages, args.sessions, args.size)
@@ -1048,6 +1117,9 @@ def main(argv: list[str] | None = None) -> int:
                 for prefix, load in (("W1", w1), ("W2", w2)):
                     directory = os.path.join(base, f"r{round_}-{peer}-{prefix}")
                     measure_load(figures, prefix, peer, directory, load, plain)
+                if peer == "relay" and args.dkim:
+                    directory = os.path.join(base, f"r{round_}-{peer}-W1-dkim")
+                    measure_load(figures, "W1 DKIM", peer, directory, w1, signed)
             for peer in order:
                 big = Options(args.receivers, max_message_size=args.big + MB)
                 measure_big(

@@ -117,6 +117,13 @@ class Simple:
     def process_envelope(
         self, log: Logger, session: Session, envelope: Envelope
     ) -> Answer[EnvelopeResult]:
+        """
+        Send the envelope on the default route.  With C{--dkim-keys} its
+        message is signed with the keys of its C{From:} domain, if the file
+        lists them: an override chooses per envelope with
+        C{EnvelopeWithNextHop(envelope, dkim=False)} (no signature) or
+        C{dkim="example.com"} (that domain's keys).
+        """
         return Send(
             [
                 EnvelopeWithNextHop(

@@ -190,6 +190,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          _port("mx-port")],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
          _positive(float, "idle-timeout")],
+        ["dkim-keys", None, None,
+         "DKIM-sign mail with the keys listed in FILE, one per line: DOMAIN SELECTOR KEYFILE "
+         "[rsa|ed25519] (SIGHUP reloads it; relayctl dkim-record prints the DNS record)."],
         ["receivers", None, 0,
          "Receive SMTP in this many separate processes (0: in this one). The main process "
          "then keeps the spool, delivery and control; --smtp must be tcp:, tcp6:, implicit-tls: "
@@ -203,6 +206,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "quarantine": usage.CompleteDirs(),
             "tls-cert": usage.CompleteFiles("*.pem"),
             "tls-key": usage.CompleteFiles("*.pem"),
+            "dkim-keys": usage.CompleteFiles(),
             "relay-tls": usage.CompleteList(RELAY_TLS_MODES),
             "tls-ca-file": usage.CompleteFiles("*.pem"),
             "tls-policy": usage.CompleteFiles(),
@@ -375,6 +379,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             except Exception as e:
                 raise usage.UsageError(f"--tls-cert/--tls-key: cannot load: {e}") from None
 
+        if self["dkim-keys"] is not None:
+            from relay.dkim.keys import DkimKeysError, load_keys
+
+            try:
+                load_keys(self["dkim-keys"])
+            except DkimKeysError as e:
+                raise usage.UsageError(f"--dkim-keys {e}") from None
+
         if self["receivers"]:
             from relay.app.listener import parse_listener
 
@@ -409,6 +421,7 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     """
     from relay.app.build import build_relay, default_reactor
     from relay.app.directories import StartupError, prepare_directories
+    from relay.dkim import DkimKeysError
     from relay.spool.lock import SpoolLocked, check_unlocked
 
     try:
@@ -422,5 +435,8 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
         )  # fmt: skip
     except CallbacksError as e:
         raise SystemExit(f"twistd relay: --callbacks {options['callbacks-name']}: {e}") from None
+    except DkimKeysError as e:
+        # The file changed since the options were checked.
+        raise SystemExit(f"twistd relay: --dkim-keys {e}") from None
     except (StartupError, SpoolLocked, SettingsError) as e:
         raise SystemExit(f"twistd relay: {e}") from None

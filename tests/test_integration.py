@@ -358,6 +358,92 @@ class TwistdRelayTests(TwistdTestCase):
         self.assertIn("nosuchid", err)
         self.assertNotIn("Traceback", err)
 
+    @inlineCallbacks
+    def dkim_relay(self, *extra: str) -> Any:
+        """
+        Publish the records C{relayctl dkim-record} prints for the keys of
+        a keys file (an RSA and an Ed25519 key for example.com) on a DNS
+        server on loopback, start the real relay with C{--dkim-keys} and
+        C{extra}, send it a message from example.com and one from
+        example.net, and check at the sink: the first carries both
+        signatures and each verifies (dkimpy, asking that DNS server), the
+        second is not signed.  Then a SIGHUP with a bad keys file is
+        logged with its line, and the keys in use still sign.
+        """
+        from tests.dnsserver import start_dns_server
+        from tests.test_dkim import (
+            DNSServerLookup,
+            published_zone,
+            signatures,
+            standard_keys,
+            verified,
+        )
+
+        files = standard_keys(self)
+        relayctl = self.relayctl_for(os.path.join(self.base, "none.sock"))
+        lines = []
+        for selector in ("s1", "e1"):
+            out, err, code = yield relayctl(
+                "dkim-record", "--dkim-keys", files.path, "example.com", selector
+            )
+            self.assertEqual((err, code), ("", 0))
+            lines.append(out.replace("\n    ", " ").strip())
+        zone = published_zone(lines)
+        host, dns_port = start_dns_server(self, zone)
+        lookup = DNSServerLookup(host, dns_port)
+
+        sink, sink_port = self.start_sink()
+        port = free_port()
+        process, output = self.start_twistd(
+            "first", port, smarthost=f"127.0.0.1:{sink_port}",
+            extra=("--retry-intervals", "1m", "--dkim-keys", files.path, *extra),
+        )  # fmt: skip
+        yield self.wait_listening(process, output, port)
+        self.assertIn(f"Signing with 3 DKIM keys for 2 domains from {files.path}", self.output(output))
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        other = MESSAGE.replace(b"alice@example.com", b"alice@example.net")
+        refused = yield deferToThread(send_message, port, other)
+        self.assertEqual(refused, {})
+        yield self.poll(
+            lambda: len(sink.envelopes) == 2, lambda: f"two messages at the sink: {self.output(output)}"
+        )
+        by_sender = {e.message.header("From"): e.message.data for e in sink.envelopes}
+        found = yield deferToThread(verified, self, by_sender["alice@example.com"], lookup)
+        self.assertEqual(
+            found, [("example.com", "s1", "rsa-sha256"), ("example.com", "e1", "ed25519-sha256")]
+        )
+        self.assertEqual(
+            sorted(set(lookup.asked)), [b"e1._domainkey.example.com.", b"s1._domainkey.example.com."]
+        )
+        self.assertEqual(signatures(by_sender["alice@example.net"]), [])
+
+        files.write("example.com s1 rsa.pem\nexample.com\n")
+        process.send_signal(signal.SIGHUP)
+        yield self.poll(
+            lambda: "DKIM keys not reloaded" in self.output(output), "the reload to fail"
+        )
+        self.assertIn(f"{files.path} line 2: expected DOMAIN SELECTOR", self.output(output))
+        refused = yield deferToThread(send_message, port)
+        self.assertEqual(refused, {})
+        yield self.poll(lambda: len(sink.envelopes) == 3, "the third message at the sink")
+        found = yield deferToThread(verified, self, sink.envelopes[2].message.data, lookup)
+        self.assertEqual(len(found), 2)
+
+    def test_dkim_signed_by_the_master(self) -> Any:
+        """
+        Without receiver processes the relay's own process signs what it
+        accepts (see L{dkim_relay}).
+        """
+        return self.dkim_relay()
+
+    def test_dkim_signed_by_receivers(self) -> Any:
+        """
+        With C{--receivers 1} the receiver process signs what it accepts
+        (see L{dkim_relay}).
+        """
+        return self.dkim_relay("--receivers", "1")
+
 
 def fill_spool(path: str, n: int, domains: int, batch: int = 500) -> list[str]:
     """

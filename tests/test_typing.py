@@ -34,7 +34,10 @@ class Policy(Simple):
     async def process_envelope(
         self, log: Logger, session: Session, envelope: Envelope
     ) -> EnvelopeResult:
-        return Send([EnvelopeWithNextHop(envelope, next_hop_choices=["mx1.example.com:25"])])
+        return Send([
+            EnvelopeWithNextHop(envelope, next_hop_choices=["mx1.example.com:25"], dkim=False),
+            EnvelopeWithNextHop(envelope, dkim="example.com"),
+        ])
 
     def process_recipient(
         self, log: Logger, session: Session, sender: Sender,

@@ -180,6 +180,29 @@ class Parts:
             return load_tls_context(s.tls_cert, s.tls_key)
         return self._tls_context
 
+    @cached_property
+    def dkim_signer(self) -> Any:
+        """
+        The DKIM signer with the keys of C{settings.dkim_keys} (read now),
+        or C{None} without them.
+
+        @raise relay.dkim.DkimKeysError: naming the file and the line that
+            cannot be used.
+        """
+        if self.settings.dkim_keys is None:
+            return None
+        from relay.dkim.signer import DkimSigner
+
+        return DkimSigner.from_file(self.settings.dkim_keys, self.reactor, self.run_in_thread)
+
+    @property
+    def reloadables(self) -> list[Any]:
+        """
+        What SIGHUP reloads in a process that serves SMTP: the TLS
+        certificate and the DKIM keys, those that are configured.
+        """
+        return [x for x in (self.tls_context, self.dkim_signer) if x is not None]
+
     def disk_spool(self, remember: bool = True) -> Any:
         """
         The spool in C{settings.spool} (quarantine in C{settings.quarantine}).
@@ -219,6 +242,7 @@ class Parts:
             tls_context_factory=self.tls_context,
             auth_requires_tls=s.auth_requires_tls,
             reject_bare_lf=s.reject_bare_lf,
+            dkim_signer=self.dkim_signer,
         )
         # Not (yet) a parameter of SMTPServerFactory's constructor.
         factory.on_rejected = on_rejected
@@ -279,6 +303,11 @@ def build_relay(
         settings, reactor, checker=checker, tls_context=tls_context, run_in_thread=run_in_thread
     )
     plugin = parts.plugin
+    # Read now, with or without receivers, so that a bad keys file stops
+    # the start (receivers read it again: they sign).
+    dkim_signer = parts.dkim_signer
+    if dkim_signer is not None:
+        log.info("Signing with {keys}", keys=dkim_signer.table.describe())
     disk = parts.disk_spool()
     recovery = SpoolRecovery(disk)
     delivery = delivery_scheduler(settings, disk, reactor, parts.run_in_thread, recovery, plugin)
@@ -321,7 +350,7 @@ def build_relay(
         reloadables = [pool]
     else:
         factory = parts.server_factory(served, on_rejected)
-        reloadables = [parts.tls_context]
+        reloadables = parts.reloadables
     if settings.metrics:
         from relay.control.metrics import metrics_service
 

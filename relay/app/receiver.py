@@ -13,7 +13,7 @@ the same plugin configuration, thread pool, spool and SMTP server factory.
 On SIGTERM a receiver stops listening, lets its open sessions finish for
 up to C{receiver_grace} seconds, and exits.  SIGINT is ignored (the
 master, in the same process group, decides).  SIGHUP, which the master
-passes on, makes it reload its TLS certificate
+passes on, makes it reload its TLS certificate and DKIM keys
 (L{relay.app.reload.ReloadService}); an C{implicit-tls:} listener is served in
 TLS by the receiver itself, with the C{tls_cert} and C{tls_key} files.
 Without C{tls_cert} it does without pyOpenSSL
@@ -119,8 +119,7 @@ class Receiver:
             ObservedSpool(disk, MasterReport(send)), on_rejected=lambda: send({"t": "rejected"})
         )
         # What SIGHUP reloads here (L{relay.app.reload.ReloadService}).
-        tls = self.parts.tls_context
-        self.reloadables: list[Any] = [tls] if tls is not None else []
+        self.reloadables: list[Any] = self.parts.reloadables
         self.ports: list[Any] = []
         self._sessions_reported = 0
         self._sessions_loop: Any = None

@@ -103,6 +103,8 @@ class Settings:
     @ivar failure_classes: a file of failure class rules tried before the
         built-in table (L{relay.delivery.failures}).
     @ivar mx_port: the port of MX hosts.
+    @ivar dkim_keys: the DKIM keys file (L{relay.dkim.keys}), or C{None}:
+        nothing is signed.
     """
 
     smtp: tuple[str, ...] = DEFAULT_SMTP
@@ -136,6 +138,7 @@ class Settings:
     tls_policy: str | None = None
     failure_classes: str | None = None
     mx_port: int = 25
+    dkim_keys: str | None = None
 
     def __post_init__(self) -> None:
         # Sequences become tuples (the value stays frozen all the way
@@ -219,6 +222,7 @@ class Settings:
             quarantine=os.path.abspath(self.quarantine),
             tls_cert=absolute(self.tls_cert),
             tls_key=absolute(self.tls_key),
+            dkim_keys=absolute(self.dkim_keys),
             max_sessions=-(-self.max_sessions // max(1, self.receivers)),
         )
 
@@ -263,6 +267,7 @@ class Settings:
             tls_policy=options["tls-policy"],
             failure_classes=options["failure-classes"],
             mx_port=options["mx-port"],
+            dkim_keys=options.get("dkim-keys"),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -12,6 +12,9 @@ creation order); C{count} without filters reads names only.  The filters
 C{--queue}) are combined with AND and evaluated by the relay, or here
 on a spool no relay runs on (L{relay.control.filters}).
 
+C{dkim-record} needs no relay: it prints the DNS record of a key of the
+DKIM keys file (L{relay.dkim.record}).
+
 Exit codes: 0 ok, 1 the operation failed, 2 usage error.
 """
 
@@ -423,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     rpc_parser.add_argument("rpc_args", nargs="*", metavar="NAME=VALUE")
 
     sub.add_parser("events", help="follow the live event stream until interrupted")
+
+    from relay.dkim.record import add_dkim_record_parser
+
+    add_dkim_record_parser(sub)
     return parser
 
 
@@ -594,7 +601,23 @@ def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None
         return _rpc(options, out, err)
     elif command == "events":
         return _events(options, out)
+    elif command == "dkim-record":
+        _dkim_record(options, out)
     return OK
+
+
+def _dkim_record(options: argparse.Namespace, out: TextIO) -> None:
+    """
+    Print the DNS record of a DKIM key (L{relay.dkim.record}), read from
+    the keys file: no relay is asked.
+    """
+    from relay.dkim import DkimKeysError
+    from relay.dkim.record import dkim_record
+
+    try:
+        out.write(dkim_record(options))
+    except DkimKeysError as e:
+        raise OperationFailed(str(e)) from None
 
 
 def _status(

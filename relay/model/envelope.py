@@ -100,12 +100,18 @@ class EnvelopeWithNextHop:
         C{--tls-policy} file (C{"verify match=mx.example.com"},
         C{"dane-only"}, C{"encrypt"}, ...); it wins over the file and the
         published policies.  C{None}: chosen as for any mail.
+    @ivar dkim: DKIM signing with the keys of C{--dkim-keys}, done once
+        before the message is spooled: C{True} (the default) signs with
+        the keys of the C{From:} domain (or of its nearest parent domain
+        that has keys), if any; C{False} does not sign; a domain name
+        signs with that domain's keys whatever the C{From:} says.
     """
 
     envelope: Envelope
     next_hop_choices: Sequence[str] = ()
     retry_intervals: Sequence[float] = field(default=())
     tls_policy: str | None = None
+    dkim: bool | str = True
 
     def __post_init__(self) -> None:
         if self.tls_policy is not None:
@@ -117,3 +123,10 @@ class EnvelopeWithNextHop:
         object.__setattr__(
             self, "retry_intervals", tuple(_seconds(i) for i in self.retry_intervals)
         )
+        if isinstance(self.dkim, str):
+            domain = self.dkim.strip().rstrip(".").lower()
+            if not domain:
+                raise ValueError("dkim must be True, False or a domain name, not an empty string")
+            object.__setattr__(self, "dkim", domain)
+        elif not isinstance(self.dkim, bool):
+            raise TypeError(f"dkim must be True, False or a domain name, not {self.dkim!r}")

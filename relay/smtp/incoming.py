@@ -8,20 +8,29 @@ into the spool's message writer (memory stays flat; reading pauses while
 the writer is full), keeps the header section for the checks, and stops
 keeping data past the size limit.  At its end it is finished: the limits
 are checked, the message is completed in the spool, the plugin's
-C{process_envelope} decides, and the message is spooled (or quarantined,
-or thrown away) before the client is told: 250 only once it is on disk.
+C{process_envelope} decides, the messages to spool are DKIM-signed (with
+C{--dkim-keys}, L{relay.dkim.signer}), and they are spooled (or
+quarantined, or thrown away) before the client is told: 250 only once
+they are on disk.
+
+Signing is here, between the plugin's answer and the commit, because
+that is where the messages to store are known (the plugin may have
+rewritten them, and says per envelope whether to sign) and not yet
+stored: signed once, the stored bytes are what goes out, and a failure
+is still the client's 451.  The spool stays about durability.
 """
 
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from relay.dkim.signing import Signing
 from relay.interfaces import IMessageWriter
-from relay.model.envelope import Envelope
+from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import MAX_HEADER_BYTES, header_section, parse_header_block
 from relay.model.reply import Reply
 from relay.model.results import Consume, Quarantine, Reject, Send
@@ -214,21 +223,30 @@ class IncomingMessage:
                 on_rejected()
             protocol.reply(result.reply)
         elif isinstance(result, (Send, Quarantine)):
+            signing = await self._sign(result.envelopes, message)
+            if signing is None:
+                return
+            envelopes = signing.envelopes
             try:
                 if isinstance(result, Send):
-                    await spool.enqueue(result.envelopes, received_from=received_from)
+                    await spool.enqueue(envelopes, received_from=received_from)
                 else:
-                    await spool.quarantine(
-                        result.envelopes, result.reason, received_from=received_from
-                    )
+                    await spool.quarantine(envelopes, result.reason, received_from=received_from)
             except Exception:
                 failure = Failure()
                 protocol.log.failure("spooling failed", failure)
                 self._discard(message)
+                for m in (*signing.made, *signing.replaced):
+                    if m is not message:
+                        self._discard(m)
                 protocol.reply(spool_error(failure))
                 return
+            for m in signing.replaced:
+                self._discard(m)
             if isinstance(result, Send):
-                protocol.log.info("queued {envelope_id}", count=len(result.envelopes))
+                protocol.log.info(
+                    "queued {envelope_id}", count=len(envelopes), dkim=signing.signed_as or None
+                )
                 protocol.reply(Reply.ok(f"2.0.0 Ok: queued as {t.id}"))
             else:
                 protocol.log.info("quarantined: {reason}", reason=result.reason)
@@ -237,6 +255,33 @@ class IncomingMessage:
             protocol.log.error("process_envelope returned {result!r}", result=result)
             self._discard(message)
             protocol.reply(Reply.local_error())
+
+    async def _sign(self, envelopes: Sequence[EnvelopeWithNextHop], message: Any) -> Signing | None:
+        """
+        Sign the messages of C{envelopes} (with C{--dkim-keys}), before they
+        are spooled: what is stored is what goes out.  If that fails, or
+        the client left meanwhile, the client is answered (if still there),
+        the received C{message} discarded, and C{None} returned.
+        """
+        protocol = self._protocol
+        signer = protocol.settings.dkim_signer
+        if signer is None:
+            return Signing(tuple(envelopes))
+        try:
+            signing: Signing = await signer.sign(envelopes, protocol.factory.spool, protocol.log)
+        except Exception:
+            failure = Failure()
+            protocol.log.failure("DKIM signing failed", failure)
+            self._discard(message)
+            protocol.reply(spool_error(failure))
+            return None
+        if protocol.closed:
+            # As after process_envelope: the client will send it again.
+            self._discard(message)
+            for m in signing.made:
+                self._discard(m)
+            return None
+        return signing
 
     def _discard(self, message: Any) -> None:
         protocol = self._protocol

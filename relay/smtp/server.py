@@ -52,6 +52,9 @@ class ServerSettings:
     @ivar chunking: CHUNKING (BDAT, RFC 3030) is offered and accepted;
         without it BDAT is an unknown command, as for a server that
         predates it.
+    @ivar dkim_signer: what signs accepted messages before they are
+        spooled (a L{relay.dkim.signer.DkimSigner}, which SIGHUP reloads in
+        place); C{None}: nothing is signed.
     """
 
     hostname: str = "localhost"
@@ -67,6 +70,7 @@ class ServerSettings:
     auth_failure_delay: float = 2.0
     auth_max_failures: int = 5
     chunking: bool = True
+    dkim_signer: Any = None
 
 
 class SMTPServerFactory(protocol.Factory):

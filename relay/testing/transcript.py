@@ -72,6 +72,8 @@ class ServerOptions(TypedDict, total=False):
     auth_failure_delay: float
     auth_max_failures: int
     chunking: bool
+    # A relay.dkim.signer.DkimSigner: messages are signed before spooling.
+    dkim_signer: object
 
 
 class TranscriptMismatch(FailTest):
