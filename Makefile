@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test dist-check crash interop bench deb-tools lint venv clean
+.PHONY: run test dist-check crash interop bench deb-tools exim lint venv clean
 
 venv: $(STAMP)
 
@@ -35,7 +35,7 @@ dist-check: $(STAMP)
 crash: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests.system.crash
 
-interop: $(STAMP) deb-tools
+interop: $(STAMP) deb-tools exim
 	$(BIN)/trial $(TRIAL_ARGS) tests.system.interop
 
 # Benchmarks against Postfix, aiosmtpd and twisted.mail; writes bench/RESULTS.md.
@@ -57,6 +57,23 @@ deb-tools:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends $(DEB_TOOLS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(DEB_TOOLS); }; \
+	fi
+
+# Exim, only as an SMTP client for the CHUNKING interop test: Debian's exim4
+# conflicts with the postfix package, so exim4-daemon-light (and libidn12,
+# which it needs) is unpacked under build/exim, never installed; the setuid
+# bit is dropped (the test runs it as an ordinary user with its own
+# configuration).  Without it the Exim test is skipped.
+EXIM_ROOT := build/exim
+
+exim:
+	@if [ ! -x $(EXIM_ROOT)/usr/sbin/exim4 ]; then \
+	  rm -rf $(EXIM_ROOT) && mkdir -p $(EXIM_ROOT)/debs && cd $(EXIM_ROOT)/debs && \
+	  { apt-get download -q exim4-daemon-light libidn12 \
+	    || { apt-get update -q && apt-get download -q exim4-daemon-light libidn12; }; } \
+	  && for deb in *.deb; do dpkg -x "$$deb" ..; done \
+	  && chmod 0755 ../usr/sbin/exim4 \
+	  || echo "Exim could not be unpacked: its interop test will be skipped"; \
 	fi
 
 lint: $(STAMP)

@@ -64,6 +64,9 @@ RECIPIENT = "sink@example.net"
 PEERS = ("relay", "postfix", "aiosmtpd", "twisted.mail")
 FORWARDING = ("relay", "postfix")
 IDLE_PEERS = ("relay", "aiosmtpd", "twisted.mail")
+#: The section of RESULTS.md that bench/chunking.py writes: kept as it is
+#: when this script rewrites the file.
+CHUNKING_BEGIN, CHUNKING_END = "<!-- chunking -->", "<!-- /chunking -->"
 
 
 def log(message: str) -> None:
@@ -1030,8 +1033,14 @@ def report(
     if figures.errors:
         lines += ["", "## Failures", ""] + [f"- {e}" for e in figures.errors]
     text = "\n".join(lines) + "\n"
+    try:
+        with open(path) as f:
+            previous = f.read()
+    except FileNotFoundError:
+        previous = ""
+    kept = re.search(re.escape(CHUNKING_BEGIN) + ".*?" + re.escape(CHUNKING_END), previous, re.S)
     with open(path, "w") as f:
-        f.write(text)
+        f.write(text + ("\n" + kept.group() + "\n" if kept else ""))
     return text
 
 

@@ -45,7 +45,8 @@ GREETING = """
 < re:250-.*
 < re:250-.*
 < re:250-.*
-< 250 SMTPUTF8
+< 250-SMTPUTF8
+< 250 CHUNKING
 """
 
 
@@ -243,6 +244,7 @@ class SessionTests(unittest.TestCase):
             < re:250-.*
             < re:250-.*
             < 250-SMTPUTF8
+            < 250-CHUNKING
             < 250 AUTH PLAIN LOGIN
             > AUTH PLAIN AGFsaWNlAHNlY3JldA==
             < 235 2.7.0 Authentication successful

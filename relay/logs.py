@@ -321,10 +321,21 @@ C{tls=mta-sts/mta-sts/certificate-host-mismatch}, C{tls=may/default/plain}).
 """
 
 
+_CLASS_PART = ", class={failure_class}, status="
+DELIVERY_FAILED_FORMAT = DELIVERY_FORMAT.replace(", status=", _CLASS_PART)
+DELIVERY_TLS_FAILED_FORMAT = DELIVERY_TLS_FORMAT.replace(", status=", _CLASS_PART)
+"""
+The delivery lines of a failed attempt: C{class=} (before C{status=})
+says what kind of failure it was (L{relay.delivery.failures}).
+"""
+
+
 def delivery_format(fields: dict[str, Any]) -> str:
     """
     The format of the delivery line with C{fields} (L{delivery_fields}).
     """
+    if "failure_class" in fields:
+        return DELIVERY_TLS_FAILED_FORMAT if "tls_policy" in fields else DELIVERY_FAILED_FORMAT
     return DELIVERY_TLS_FORMAT if "tls_policy" in fields else DELIVERY_FORMAT
 
 SENT = "sent"
@@ -358,7 +369,8 @@ def delivery_fields(entry: SpoolEntry, attempt: Attempt, outcome: str) -> dict[s
         was spooled) and C{reply} (the reply, or what went wrong); with a
         TLS policy, C{tls_policy}, C{tls_source}, C{tls_result} and
         C{tls_detail} (see L{relay.model.entry.TLSOutcome}; the line's
-        format is then L{DELIVERY_TLS_FORMAT}, see L{delivery_format}).
+        format is then L{DELIVERY_TLS_FORMAT}, see L{delivery_format});
+        for a failed attempt, C{failure_class} (L{relay.delivery.failures}).
     """
     recipients = list(attempt.recipients)
     to = ",".join(f"<{r}>" for r in recipients[:LISTED_RECIPIENTS])
@@ -387,6 +399,9 @@ def delivery_fields(entry: SpoolEntry, attempt: Attempt, outcome: str) -> dict[s
             tls_policy=tls.policy, tls_source=tls.source, tls_result=tls.result,
             tls_detail=tls.detail,
         )  # fmt: skip
+    failure_class = getattr(attempt, "failure_class", None)
+    if failure_class is not None:
+        fields["failure_class"] = failure_class
     return fields
 
 

@@ -193,6 +193,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "source addresses; SIGHUP reloads it."],
         ["bind-address", None, None,
          "Make delivery connections from this local IP address (Postfix's smtp_bind_address)."],
+        ["failure-classes", None, None,
+         "Failure class rules tried before the built-in table: lines of CLASS status CODE, "
+         "CLASS text REGEX or CLASS fallback CODE."],
         ["mx-port", None, 25, "The port of MX hosts (Postfix's smtp_tcp_port).",
          _port("mx-port")],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
@@ -217,6 +220,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "relay-tls": usage.CompleteList(RELAY_TLS_MODES),
             "tls-ca-file": usage.CompleteFiles("*.pem"),
             "tls-policy": usage.CompleteFiles(),
+            "failure-classes": usage.CompleteFiles(),
         }
     )
 
@@ -312,6 +316,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 load(self["shaping"])
             except ShapingFileError as e:
                 raise usage.UsageError(f"--shaping: {e}") from None
+        if self["failure-classes"] is not None:
+            from relay.delivery.failures import FailureRulesError, load_rules
+
+            try:
+                load_rules(self["failure-classes"])
+            except FailureRulesError as e:
+                raise usage.UsageError(f"--failure-classes: {e}") from None
 
     def postOptions(self) -> None:
         if not self["smtp"]:

@@ -1104,6 +1104,226 @@ class ReuseTests(SynchronousTestCase):
         self.assertEqual(done, [None])
 
 
+def file_envelope(test: SynchronousTestCase, data: bytes) -> Envelope:
+    """
+    An envelope whose message is read from a file holding C{data}.
+    """
+    name = test.mktemp()
+    with open(name, "wb") as f:
+        f.write(data)
+    env = envelope()
+    msg = Message(env.message.headers, len(data), path=name)
+    return Envelope(env.id, env.sender, env.sender_args, env.recipients, msg)
+
+
+class ChunkingTests(SynchronousTestCase):
+    """
+    CHUNKING offered (RFC 3030): the body goes in BDAT chunks, its bytes as
+    stored (no dot-stuffing, no end marker; only lone CR or LF become
+    CRLF).
+    """
+
+    def test_one_chunk_with_the_envelope(self) -> None:
+        """
+        With PIPELINING, a message in memory that fits one chunk goes as
+        BDAT n LAST in the same write as MAIL and RCPT: one round trip; the
+        reply to the chunk is the final reply; a dot line goes unstuffed.
+        """
+        data = b"Subject: hi\r\n\r\n.\r\n..dots\r\n"
+        hop = Hop(self, envelope(("bob@example.com", "carol@example.com"), data=data))
+        hop.greet("PIPELINING", "CHUNKING", "SIZE 1000")
+        hop.expect(
+            b"MAIL FROM:<alice@example.org> SIZE=%d\r\n" % len(data)
+            + b"RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\n"
+            + b"BDAT %d LAST\r\n" % len(data) + data
+        )
+        hop.reply("250 ok", "250 ok", "550 5.1.1 no carol", "250 2.0.0 queued")
+        self.assertEqual(
+            hop.success().replies,
+            (
+                ("bob@example.com", Reply(250, "2.0.0 queued")),
+                ("carol@example.com", Reply(550, "5.1.1 no carol")),
+            ),
+        )
+        hop.expect(b"QUIT\r\n")
+
+    def test_without_pipelining(self) -> None:
+        """
+        Without PIPELINING each command waits for its reply, the chunk too.
+        """
+        hop = Hop(self)
+        hop.greet("CHUNKING")
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"RCPT TO:<bob@example.com>\r\n")
+        hop.reply("250 ok")
+        hop.expect(b"BDAT %d LAST\r\n" % len(BODY) + BODY)
+        hop.reply("250 done")
+        self.assertEqual(hop.success().replies, (("bob@example.com", Reply(250, "done")),))
+
+    def test_line_endings_made_canonical(self) -> None:
+        """
+        Lone LF and CR become CRLF (a chunk holds canonical text, RFC 3030
+        section 2); a CRLF split between two reads goes as it is, one half
+        in each chunk; a body without a final line ending gets none (there
+        is no end marker).
+        """
+        data = b"a\nb\rc"
+        hop = Hop(self, envelope(data=data))
+        hop.greet("PIPELINING", "CHUNKING")
+        self.assertTrue(hop.transport.value().endswith(b"BDAT 7 LAST\r\na\r\nb\r\nc"))
+        size = 64 * 1024
+        data = b"x" * (size - 1) + b"\r" + b"\ny\n"
+        hop = Hop(self, file_envelope(self, data))
+        hop.greet("PIPELINING", "CHUNKING")
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok")
+        self.assertEqual(
+            hop.transport.value(),
+            b"BDAT %d\r\n" % size + b"x" * (size - 1) + b"\r"
+            + b"BDAT 4 LAST\r\n\ny\r\n",
+        )  # fmt: skip
+
+    def test_chunks_pipelined(self) -> None:
+        """
+        A message larger than a chunk: after the RCPT replies, one BDAT per
+        64 KiB read, written without waiting for their replies, the last
+        with LAST; the replies are matched afterwards.
+        """
+        size = 64 * 1024
+        data = b"a" * size + b"b" * size + b"c" * 10
+        hop = Hop(self, file_envelope(self, data))
+        hop.greet("PIPELINING", "CHUNKING")
+        hop.expect(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\n")
+        hop.reply("250 ok", "250 ok")
+        hop.expect(
+            b"BDAT 65536\r\n" + b"a" * size + b"BDAT 65536\r\n" + b"b" * size
+            + b"BDAT 10 LAST\r\n" + b"c" * 10
+        )  # fmt: skip
+        self.assertEqual(hop.result, [])
+        hop.reply("250 2.0.0 Ok: 65536 bytes", "250 2.0.0 Ok: 65536 bytes", "250 2.0.0 queued")
+        self.assertEqual(hop.success().replies, (("bob@example.com", Reply(250, "2.0.0 queued")),))
+
+    def test_flow_control(self) -> None:
+        """
+        The chunks wait while the transport is paused, and go on when it
+        resumes.
+        """
+        size = 64 * 1024
+        hop = Hop(self, envelope(data=b"a" * (3 * size)))
+        hop.greet("PIPELINING", "CHUNKING")
+        producer: Any = hop.transport.producer
+        producer.pauseProducing()
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok")
+        self.assertEqual(hop.transport.value(), b"BDAT 65536\r\n" + b"a" * size)
+        producer.resumeProducing()
+        self.assertEqual(hop.transport.value().count(b"BDAT "), 3)
+        hop.reply("250 ok", "250 ok", "250 done")
+        hop.success()
+
+    def test_refused_mid_message(self) -> None:
+        """
+        A chunk refused before the last (the hop's disk filled): no chunk
+        is sent after that reply is seen, the replies owed are read, the
+        refusal is each accepted recipient's reply, and the session is not
+        reused (its state is indeterminate): QUIT.
+        """
+        size = 64 * 1024
+        hop = Hop(self, file_envelope(self, b"a" * (5 * size)), pool=PoolLimits())
+        hop.greet("PIPELINING", "CHUNKING")
+        producer: Any = hop.transport.producer
+        producer.pauseProducing()
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok")
+        self.assertEqual(hop.transport.value().count(b"BDAT "), 1)
+        hop.transport.clear()
+        hop.reply("452 4.3.1 Insufficient system storage")
+        producer.resumeProducing()
+        self.assertEqual(
+            hop.success().replies,
+            (("bob@example.com", Reply(452, "4.3.1 Insufficient system storage")),),
+        )
+        hop.expect(b"QUIT\r\n")
+        self.assertTrue(hop.transport.disconnecting)
+
+    def test_refusal_read_after_the_last(self) -> None:
+        """
+        A refusal of an earlier chunk read only after the last chunk went
+        is still the message's reply (not the hop's answer to the last
+        chunk, which it threw away).
+        """
+        size = 64 * 1024
+        hop = Hop(self, envelope(data=b"a" * (2 * size)))
+        hop.greet("PIPELINING", "CHUNKING")
+        hop.transport.clear()
+        hop.reply("250 ok", "250 ok")
+        self.assertEqual(hop.transport.value().count(b"BDAT "), 2)
+        hop.reply("552 5.3.4 too big", "554 5.0.0 discarded")
+        self.assertEqual(hop.success().replies, (("bob@example.com", Reply(552, "5.3.4 too big")),))
+
+    def test_hop_lost_mid_chunk(self) -> None:
+        """
+        The hop closing the connection while chunks are owed: a transient
+        error, nothing more written.
+        """
+        size = 64 * 1024
+        hop = Hop(self, envelope(data=b"a" * (3 * size)))
+        hop.greet("PIPELINING", "CHUNKING")
+        producer: Any = hop.transport.producer
+        producer.pauseProducing()
+        hop.reply("250 ok", "250 ok")
+        hop.transport.clear()
+        hop.protocol.connectionLost(Failure(ConnectionDone("gone")))
+        err = hop.error()
+        self.assertFalse(err.permanent)
+        self.assertEqual(hop.transport.value(), b"")
+
+    def test_every_recipient_refused(self) -> None:
+        """
+        Every recipient refused with the chunk pipelined behind them: the
+        hop's reply to the chunk is read, RSET, and each recipient keeps
+        its RCPT reply.
+        """
+        hop = Hop(self)
+        hop.greet("PIPELINING", "CHUNKING")
+        hop.transport.clear()
+        hop.reply("250 ok", "550 5.1.1 no bob", "554 5.5.1 No valid recipients")
+        hop.expect(b"RSET\r\nQUIT\r\n")
+        self.assertEqual(hop.success().replies, (("bob@example.com", Reply(550, "5.1.1 no bob")),))
+
+    def test_mail_refused(self) -> None:
+        """
+        MAIL refused with the chunk pipelined behind it: the MAIL reply is
+        the error; the chunk's reply is read, nothing more is sent.
+        """
+        hop = Hop(self)
+        hop.greet("PIPELINING", "CHUNKING")
+        hop.transport.clear()
+        hop.reply("550 5.7.1 go away", "503 5.5.1 need MAIL", "503 5.5.1 need MAIL")
+        err = hop.error()
+        self.assertTrue(err.permanent)
+        self.assertEqual(err.reply, Reply(550, "5.7.1 go away"))
+        hop.expect(b"QUIT\r\n")
+
+    def test_reused_after_chunks(self) -> None:
+        """
+        A session whose last chunk was answered 250 goes back to the pool
+        and carries the next envelope.
+        """
+        pool = PooledHop(self)
+        first = pool.send()
+        proto, transport = pool.greet("PIPELINING", "CHUNKING")
+        transport.clear()
+        pool.reply(proto, "250 ok", "250 ok", "250 queued")
+        self.assertIsInstance(first[0], DeliveryResult)
+        second = pool.send()
+        self.assertTrue(transport.value().endswith(b"BDAT %d LAST\r\n" % len(BODY) + BODY))
+        pool.reply(proto, "250 ok", "250 ok", "250 queued")
+        self.assertIsInstance(second[0], DeliveryResult)
+        self.assertEqual(len(pool.connections), 1)
+
+
 class DeadHostTests(SynchronousTestCase):
     """
     The client tells the MX rules which hosts refused (L{DeadHosts}).

@@ -21,9 +21,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from relay.delivery.client import ClientSettings, DeliveryError, PoolLimits, TLSPolicy
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
+from relay.model.envelope import Envelope
+from relay.model.message import Message
 from relay.model.reply import Reply
 from relay.model.results import Continue, Reject
 from relay.simple import Defaults, Simple
+from relay.spool.memory import MemoryMessageWriter, MemorySpool
 from relay.testing import ClientHarness, TranscriptMismatch, make_envelope
 from tests.pki import certificate
 
@@ -68,12 +71,13 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_bytes_arrive_exactly(self) -> None:
         """
-        The body arrives as sent, whatever it holds: dot lines and leading
-        dots are stuffed on the wire and unstuffed by the server, lone LF
-        and CR become CRLF, a body without a final line ending gets one.
+        With DATA (a server without CHUNKING) the body arrives as sent,
+        whatever it holds: dot lines and leading dots are stuffed on the
+        wire and unstuffed by the server, lone LF and CR become CRLF, a
+        body without a final line ending gets one.
         """
         body = b"Subject: dots\r\n\r\n.\r\n..two\r\n.lead\nbare lf\rbare cr\r\nend."
-        harness = ClientHarness(settings=SETTINGS)
+        harness = ClientHarness(settings=SETTINGS, chunking=False)
         result = harness.deliver(make_envelope("a@example.org", "b@example.com", body))
         self.assertEqual([r.code for _, r in result.replies], [250])
         self.assertEqual(
@@ -81,6 +85,24 @@ class DeliveryTests(SynchronousTestCase):
             b"Subject: dots\r\n\r\n.\r\n..two\r\n.lead\r\nbare lf\r\nbare cr\r\nend.\r\n",
         )
         self.assertIn("> ...two", harness.connections[0].transcript)
+
+    def test_bytes_arrive_exactly_in_chunks(self) -> None:
+        """
+        With BDAT (relay's server offers CHUNKING) the body arrives as
+        sent too, with nothing stuffed on the wire: lone LF and CR become
+        CRLF, and a body without a final line ending stays so.
+        """
+        body = b"Subject: dots\r\n\r\n.\r\n..two\r\n.lead\nbare lf\rbare cr\r\nend."
+        harness = ClientHarness(settings=SETTINGS)
+        result = harness.deliver(make_envelope("a@example.org", "b@example.com", body))
+        self.assertEqual([r.code for _, r in result.replies], [250])
+        self.assertEqual(
+            received(harness),
+            b"Subject: dots\r\n\r\n.\r\n..two\r\n.lead\r\nbare lf\r\nbare cr\r\nend.",
+        )
+        transcript = harness.connections[0].transcript
+        self.assertIn("> ..two", transcript)
+        self.assertNotIn("> DATA", transcript)
 
     def test_large_body(self) -> None:
         """
@@ -95,11 +117,52 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_pipelining(self) -> None:
         """
-        The server offers PIPELINING: MAIL, both RCPTs and DATA go in one
-        write, before any reply; the transaction ends with one spooled
-        entry for both recipients, and QUIT without the pool.
+        The server offers PIPELINING and CHUNKING: MAIL, both RCPTs and the
+        message as BDAT LAST go in one write, before any reply; the
+        transaction ends with one spooled entry for both recipients, and
+        QUIT without the pool.
         """
         harness = ClientHarness(settings=replace(SETTINGS, pool=PoolLimits(max_idle_per_hop=0)))
+        harness.deliver(make_envelope("a@example.org", ["b@example.com", "c@example.com"]))
+        harness.connections[0].check(
+            """
+            < 220 localhost ESMTP
+            > EHLO relay.test
+            < 250-localhost
+            < 250-PIPELINING
+            < 250-SIZE
+            < 250-8BITMIME
+            < 250-DSN
+            < 250-ENHANCEDSTATUSCODES
+            < 250-SMTPUTF8
+            < 250 CHUNKING
+            > MAIL FROM:<a@example.org> SIZE=34
+            > RCPT TO:<b@example.com>
+            > RCPT TO:<c@example.com>
+            > BDAT 34 LAST
+            > Subject: test
+            >
+            > A test message.
+            < 250 2.1.0
+            < 250 2.1.5
+            < 250 2.1.5
+            < 250 2.0.0 Ok: queued as
+            > QUIT
+            < 221
+            """
+        )
+        (entry,) = harness.spooled
+        self.assertEqual([str(r) for r in entry.recipients], ["b@example.com", "c@example.com"])
+        self.assertTrue(harness.connections[0].closed)
+
+    def test_pipelining_data(self) -> None:
+        """
+        A server that offers PIPELINING but not CHUNKING: MAIL, both RCPTs
+        and DATA go in one write, the body after the 354.
+        """
+        harness = ClientHarness(
+            settings=replace(SETTINGS, pool=PoolLimits(max_idle_per_hop=0)), chunking=False
+        )
         harness.deliver(make_envelope("a@example.org", ["b@example.com", "c@example.com"]))
         harness.connections[0].check(
             """
@@ -149,13 +212,15 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_every_recipient_refused(self) -> None:
         """
-        Every recipient refused: the server refuses the pipelined DATA, the
-        client RSETs, nothing is spooled, and the session is reused.
+        Every recipient refused: the server refuses the pipelined chunk
+        (554 5.5.1, having read it), the client RSETs, nothing is spooled,
+        and the session is reused.
         """
         harness = ClientHarness(Unknown(), settings=SETTINGS)
         result = harness.deliver(make_envelope("a@example.org", "nobody@example.com"))
         self.assertEqual(result.replies, (("nobody@example.com", Reply(550, "5.1.1 no such user")),))
         self.assertEqual(harness.spooled, [])
+        self.assertIn("< 554 5.5.1 No valid recipients", harness.connections[0].transcript)
         self.assertIn("> RSET", harness.connections[0].transcript)
         harness.deliver(make_envelope("a@example.org", "b@example.com"))
         self.assertEqual(len(harness.connections), 1)
@@ -246,6 +311,102 @@ class DeliveryTests(SynchronousTestCase):
             harness.connections[0].check("< 220\n")
 
 
+class FailingSpool(MemorySpool):
+    """
+    A memory spool whose message writers fail from their third write on
+    (our Received header and a first chunk get in).
+    """
+
+    def receive(self, message_id: str) -> MemoryMessageWriter:
+        writer = super().receive(message_id)
+        write, calls = writer.write, [0]
+
+        def failing(data: bytes) -> bool:
+            calls[0] += 1
+            if calls[0] > 2:
+                raise OSError(28, "No space left on device")
+            return write(data)
+
+        writer.write = failing  # type: ignore[method-assign]
+        return writer
+
+
+class ChunkingTests(SynchronousTestCase):
+    """
+    BDAT between relay's client and relay's server.
+    """
+
+    def file_envelope(self, data: bytes) -> Envelope:
+        name = self.mktemp()
+        with open(name, "wb") as f:
+            f.write(data)
+        env = make_envelope("a@example.org", "b@example.com")
+        return replace(env, message=Message(env.message.headers, len(data), path=name))
+
+    def test_message_file_in_chunks(self) -> None:
+        """
+        A message read from a file goes in one chunk per 64 KiB read,
+        pipelined, each answered 250 with its size; the server stores the
+        bytes as they were in the file (a dot line, a CRLF across a read
+        boundary).
+        """
+        size = 64 * 1024
+        data = b"Subject: file\r\n\r\n" + b"x" * (size - 18) + b"\r\n.\r\n" + b"y" * size + b"\r\n"
+        harness = ClientHarness(settings=SETTINGS)
+        result = harness.deliver(self.file_envelope(data))
+        self.assertEqual([r.code for _, r in result.replies], [250])
+        self.assertEqual(received(harness), data)
+        transcript = harness.connections[0].transcript
+        # (The transcript's lines are split at LF: a chunk's bytes run into
+        # the BDAT command after them.)
+        self.assertEqual(
+            [line.rpartition("BDAT")[2] for line in transcript if "BDAT" in line],
+            [" 65536", " 65536", " 6 LAST"],
+        )
+        self.assertEqual(
+            [line for line in transcript if line.startswith("< 250 2.0.0")],
+            [
+                "< 250 2.0.0 Ok: 65536 bytes",
+                "< 250 2.0.0 Ok: 65536 bytes",
+                f"< 250 2.0.0 Ok: queued as {harness.spooled[0].envelope_id}",
+            ],
+        )
+
+    def test_server_fails_mid_message(self) -> None:
+        """
+        The server's spool failing under a chunk: the server answers that
+        chunk 452 and throws the rest away; the client takes the 452 as the
+        recipient's (temporary) reply; nothing is spooled, and the session,
+        whose transaction the last chunk ended, carries the next message.
+        """
+        size = 64 * 1024
+        harness = ClientHarness(settings=SETTINGS, spool=FailingSpool())
+        result = harness.deliver(self.file_envelope(b"z" * (3 * size)))
+        self.assertEqual(
+            result.replies, (("b@example.com", Reply(452, "4.3.1 Insufficient system storage")),)
+        )
+        self.assertEqual(harness.spooled, [])
+        transcript = harness.connections[0].transcript
+        self.assertIn("< 554 5.0.0 Error: 65536 bytes discarded after an earlier error", transcript)
+        self.flushLoggedErrors(OSError)
+        harness.factory.spool = MemorySpool(harness.reactor)
+        harness.deliver(make_envelope("a@example.org", "b@example.com"))
+        self.assertEqual(len(harness.connections), 1)
+
+    def test_server_without_chunking(self) -> None:
+        """
+        A server that does not offer CHUNKING gets DATA, and the same bytes.
+        """
+        size = 64 * 1024
+        data = b"Subject: file\r\n\r\n" + b"x" * (2 * size) + b"\r\n"
+        harness = ClientHarness(settings=SETTINGS, chunking=False)
+        harness.deliver(self.file_envelope(data))
+        self.assertEqual(received(harness), data)
+        transcript = harness.connections[0].transcript
+        self.assertIn("> DATA", transcript)
+        self.assertFalse(any(line.startswith("> BDAT") for line in transcript))
+
+
 # -- TLS ------------------------------------------------------------------------------
 
 
@@ -288,6 +449,7 @@ class TLSTests(SynchronousTestCase):
             < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
+            < 250-CHUNKING
             < 250 STARTTLS
             > STARTTLS
             < 220 2.0.0 Ready to start TLS
@@ -298,28 +460,25 @@ class TLSTests(SynchronousTestCase):
             < 250-8BITMIME
             < 250-DSN
             < 250-ENHANCEDSTATUSCODES
-            < 250 SMTPUTF8
+            < 250-SMTPUTF8
+            < 250 CHUNKING
             > MAIL FROM:<a@example.org>
             > RCPT TO:<b@example.com>
-            > DATA
-            < 250
-            < 250
-            < 354
+            > BDAT 34 LAST
             > Subject: test
             >
             > A test message.
-            > .
+            < 250
+            < 250
             < 250
             > MAIL FROM:<a@example.org>
             > RCPT TO:<c@example.com>
-            > DATA
-            < 250
-            < 250
-            < 354
+            > BDAT 34 LAST
             > Subject: test
             >
             > A test message.
-            > .
+            < 250
+            < 250
             < 250
             """
         )

@@ -462,6 +462,7 @@ class SchedulerTests(SynchronousTestCase):
         and when the entry is tried again; the connection failure that
         reached no peer has the hop alone as its relay and Postfix's
         C{4.4.1}; the next try that connected but got no reply, C{4.4.2}.
+        Each line has its failure class (C{class=}, C{failure_class}).
         """
         self.client.behaviour["mx1:25"] = DeliveryError(
             Reply(451, "4.3.0 try later"), False, ("2001:db8::1", 25)
@@ -472,7 +473,7 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(
             formatEvent(event),
             f"{entry.id}: to=<a@example.com>, relay=mx1[2001:db8::1]:25, delay=0.0, "
-            "dsn=4.3.0, status=deferred (451 4.3.0 try later)",
+            "dsn=4.3.0, class=other, status=deferred (451 4.3.0 try later)",
         )
         self.assertEqual(
             (event["outcome"], event["code"], event["address"], event["retry_at"]),
@@ -484,11 +485,14 @@ class SchedulerTests(SynchronousTestCase):
         self.clock.advance(120)
         failures = [e for e in events if e.get("event") == "delivery"]
         self.assertEqual(
-            [(e["outcome"], e["relay"], e["dsn"], e["code"], e["delay"]) for e in failures],
             [
-                ("deferred", "mx1[2001:db8::1]:25", "4.3.0", 451, 0.0),
-                ("deferred", "mx1:25", "4.4.1", None, 60.0),
-                ("expired", "mx1[192.0.2.1]:25", "4.4.2", None, 180.0),
+                (e["outcome"], e["relay"], e["dsn"], e["code"], e["delay"], e["failure_class"])
+                for e in failures
+            ],
+            [
+                ("deferred", "mx1[2001:db8::1]:25", "4.3.0", 451, 0.0, "other"),
+                ("deferred", "mx1:25", "4.4.1", None, 60.0, "connection-failure"),
+                ("expired", "mx1[192.0.2.1]:25", "4.4.2", None, 180.0, "connection-failure"),
             ],
         )
 
@@ -505,7 +509,7 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(
             formatEvent(delivery),
             f"{entry.id}: to=<a@example.com>, relay=mx1:25, delay=0.0, dsn=5.7.1, "
-            "status=bounced (550 5.7.1 no)",
+            "class=policy, status=bounced (550 5.7.1 no)",
         )
         self.assertEqual(delivery["log_level"], LogLevel.warn)
         [dsn] = [e for e in self.spool.entries_by_id.values() if e.sender.is_null]
@@ -533,7 +537,7 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(
             formatEvent(lines[1]),
             f"{entry.id}: to=<a@example.com>, relay=mx1:25, delay=60.0, dsn=4.4.2, "
-            "status=expired (421 4.4.2 gone)",
+            "class=connection-failure, status=expired (421 4.4.2 gone)",
         )
         self.assertEqual(lines[1]["log_level"], LogLevel.warn)
         self.assertNotIn("retry_at", lines[1])
@@ -606,6 +610,45 @@ class SchedulerTests(SynchronousTestCase):
             ],
         )  # fmt: skip
 
+    def test_failure_class_recorded(self) -> None:
+        """
+        Each failed attempt is stored with its class (per reply: a bad
+        mailbox and a full one in one attempt), a delivered one with none;
+        the deferred event names the class of the last failure.
+        """
+        self.client.behaviour["mx1:25"] = {
+            "a@example.com": Reply(450, "4.2.2 mailbox full"),
+            "b@example.com": Reply(250, "2.0.0 ok"),
+        }
+        s = self.make()
+        heard: list[Any] = []
+        s.events.subscribe(heard.append)
+        [entry] = self.enqueue(s, make_envelope(recipients=("a@example.com", "b@example.com")))
+        stored = self.successResultOf(self.spool.get(entry.id))
+        self.assertEqual(
+            sorted((a.recipients, a.failure_class) for a in stored.attempts),
+            [(("a@example.com",), "mailbox-full"), (("b@example.com",), None)],
+        )
+        [deferred] = [e for e in heard if e.kind == "deferred"]
+        self.assertEqual(deferred.fields["failure_class"], "mailbox-full")
+
+    def test_failure_classifier_fails(self) -> None:
+        """
+        A classifier that raises (a user's table gone wrong) leaves the
+        attempt without a class and is logged; delivery goes on.
+        """
+
+        class Broken:
+            def classify_attempt(self, attempt: Any) -> str:
+                raise RuntimeError("broken table")
+
+        self.client.behaviour["mx1:25"] = DeliveryError(Reply(451, "4.3.0 later"), False)
+        s = self.make(failure_classifier=Broken())
+        [entry] = self.enqueue(s, make_envelope(intervals=(60,)))
+        stored = self.successResultOf(self.spool.get(entry.id))
+        self.assertEqual([a.failure_class for a in stored.attempts], [None])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_route_failure_line(self) -> None:
         """
         Recipients that could not be routed (their domain has no MX nor
@@ -623,7 +666,7 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(
             formatEvent(delivery),
             f"{entry.id}: to=<a@example.com>, relay=none, delay=0.0, dsn=5.1.2, "
-            "status=bounced (5.1.2 domain example.com not found)",
+            "class=bad-domain, status=bounced (5.1.2 domain example.com not found)",
         )
         self.assertEqual((delivery["hop"], delivery["address"], delivery["code"]), (None, None, None))
 

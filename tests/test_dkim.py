@@ -1086,6 +1086,7 @@ class ServerSigningTests(SynchronousTestCase):
         < re:250.*
         < re:250.*
         < re:250.*
+        < re:250.*
         > MAIL FROM:<alice@example.com> BODY=8BITMIME
         < 250
         > RCPT TO:<bob@example.net>
@@ -1123,6 +1124,27 @@ class ServerSigningTests(SynchronousTestCase):
         self.assertEqual(len(verified(self, data, self.dns)), 2)
         names = [n for n, _ in Message.from_bytes(data).headers[:3]]
         self.assertEqual(names, ["DKIM-Signature", "DKIM-Signature", "Received"])
+
+    def test_signed_from_chunks(self) -> None:
+        """
+        A message sent in BDAT chunks (RFC 3030) is signed like one sent
+        with DATA: the same signatures, which verify.
+        """
+        clock = Clock()
+        harness = ServerHarness(
+            Simple, clock=clock, dkim_signer=DkimSigner(self.table, clock, synchronous),
+            hostname="relay.test",
+        )  # fmt: skip
+        harness.play(self.SESSION.split("        > DATA")[0], exhaustive=False)
+        half = len(FOLDED) // 2
+        harness.send(
+            b"BDAT %d\r\n" % half + FOLDED[:half]
+            + b"BDAT %d LAST\r\n" % (len(FOLDED) - half) + FOLDED[half:]
+        )  # fmt: skip
+        self.assertTrue(harness.lines()[-1].startswith("250 2.0.0 Ok: queued as "))
+        [entry] = harness.spooled
+        data = harness.spool.messages_by_id[entry.id].data
+        self.assertEqual(len(verified(self, data, self.dns)), 2)
 
     def test_plugin_skips(self) -> None:
         """

@@ -108,9 +108,9 @@ class StreamTests(SynchronousTestCase):
 
     def test_events_in_order(self) -> None:
         """
-        A subscribed client hears spooled, deferred, frozen, unfrozen,
-        removed and recovered for one entry, in that order, with
-        increasing sequence numbers.
+        A subscribed client hears spooled, failed (the attempt, with its
+        failure class), deferred, frozen, unfrozen, removed and recovered
+        for one entry, in that order, with increasing sequence numbers.
         """
         self.call(rpc.Subscribe)
         [entry] = self.successResultOf(
@@ -125,13 +125,21 @@ class StreamTests(SynchronousTestCase):
         events = self.follower.events
         self.assertEqual(
             [e["kind"] for e in events],
-            ["spooled", "deferred", "frozen", "unfrozen", "removed", "recovered"],
+            ["spooled", "failed", "deferred", "frozen", "unfrozen", "removed", "recovered"],
         )
+        self.assertEqual(
+            events[1]["fields"],
+            {
+                "outcome": "deferred", "failure_class": "connection-failure", "hop": "mx1:25",
+                "code": None, "recipients": 1,
+            },
+        )  # fmt: skip
+        self.assertEqual(events[2]["fields"]["failure_class"], "connection-failure")
         self.assertEqual({e["id"] for e in events}, {entry.id})
         seqs = [e["seq"] for e in events]
         self.assertEqual(seqs, sorted(seqs))
         self.assertEqual(events[0]["at"], 1000.0)
-        self.assertEqual(events[1]["fields"]["until"], 1060.0)
+        self.assertEqual(events[2]["fields"]["until"], 1060.0)
 
     def test_heartbeat(self) -> None:
         """

@@ -41,7 +41,7 @@ SMUGGLING = [
 
 SMUGGLED = b"MAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
 
-EHLO_REPLIES = "\n< 250" * 7
+EHLO_REPLIES = "\n< 250" * 8
 
 
 def pieces(data: bytes, size: int) -> list[bytes]:
@@ -183,7 +183,7 @@ class StartTLSInjectionTests(ServerTestCase):
         the handshake, is answered on its own.
         """
         h = self.harness(tls_context_factory=object())
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 9)
         h.send(b"STARTTLS\r\nRSET\r\n")
         self.assertEqual(h.lines(), ["220 2.0.0 Ready to start TLS"])
         self.transcript(h, "> NOOP\n< 250 2.0.0 Ok")
@@ -194,7 +194,7 @@ class StartTLSInjectionTests(ServerTestCase):
         spools nothing; the session then needs a new EHLO.
         """
         h = self.harness(tls_context_factory=object())
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 9)
         h.send(
             b"STARTTLS\r\nEHLO evil\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\nx\r\n.\r\n"
         )
@@ -517,7 +517,7 @@ class AuthBruteForceTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), auth_requires_tls=False, **kw
         )
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 9)
         return h
 
     def attempt(self, h: ServerHarness, password: str) -> None:
@@ -689,3 +689,142 @@ class ParameterTests(ServerTestCase):
             < 553 5.1.3 Bad recipient address syntax
             """,
         )
+
+
+def bdat(data: bytes, last: bool = False) -> bytes:
+    return b"BDAT %d%s\r\n" % (len(data), b" LAST" if last else b"") + data
+
+
+class ChunkingTests(ServerTestCase):
+    """
+    BDAT (RFC 3030) from a hostile client: a chunk is bytes by count, so
+    nothing in it is a command, and a chunk that cannot be read to its end
+    ends the session rather than the session taking its bytes for
+    commands.
+    """
+
+    ENVELOPE = (
+        "< 220\n> EHLO c" + EHLO_REPLIES
+        + "\n> MAIL FROM:<a@b.example>\n< 250\n> RCPT TO:<c@d.example>\n< 250"
+    )  # fmt: skip
+
+    def test_smuggling_in_a_chunk(self) -> None:
+        """
+        Every smuggling sequence and a whole pipelined transaction inside
+        one chunk, in one write or byte by byte: one message holding all of
+        it as sent, one MAIL FROM run.
+        """
+        body = b"Subject: x\r\n\r\n" + b"".join(s + SMUGGLED + b"Smuggled" for s in SMUGGLING)
+        body += b"\r\n.\r\n" + bdat(b"inner", last=True) + b"QUIT\r\n"
+        for writes in ([bdat(body, last=True)], pieces(bdat(body, last=True), 1)):
+            h = self.harness()
+            self.transcript(h, self.ENVELOPE)
+            for write in writes:
+                h.send(write)
+            [queued] = h.lines()
+            self.assertTrue(queued.startswith("250 2.0.0 Ok: queued as "), queued)
+            [data] = self.message_data(h)
+            self.assertTrue(data.endswith(body))
+            self.assertEqual(self.callbacks.names().count("process_sender"), 1)
+            self.assertFalse(h.closed)
+
+    def test_huge_chunk_size(self) -> None:
+        """
+        BDAT 10**20 (and a size of 500 digits): 552 5.3.4 at once and the
+        session is closed, nothing read into memory, nothing spooled.
+        """
+        for size in (b"1" + b"0" * 20, b"9" * 500):
+            h = self.harness()
+            self.transcript(h, self.ENVELOPE)
+            h.send(b"BDAT " + size + b" LAST\r\n" + b"x" * 100_000)
+            self.assertEqual(h.lines(), ["552 5.3.4 Message size exceeds fixed limit"])
+            self.assertTrue(h.closed)
+            self.assertEqual(len(h.protocol._buffer), 0)
+            self.assertEqual(self.entries(h), [])
+            self.assertTrue(all(w.aborted for w in h.spool.writers))
+
+    def test_announced_then_silent(self) -> None:
+        """
+        A client that announces a chunk, sends part of it and falls silent
+        is closed by the idle timeout (421 4.4.2); one that trickles it is
+        closed by the command deadline.  The message is dropped either way.
+        """
+        h = self.harness()
+        self.transcript(h, self.ENVELOPE)
+        h.send(b"BDAT 1000 LAST\r\nsome")
+        h.clock.advance(h.factory.settings.idle_timeout)
+        self.assertEqual(h.lines(), ["421 4.4.2 localhost Error: timeout exceeded"])
+        self.assertTrue(h.spool.writers[0].aborted)
+        self.assertEqual(self.entries(h), [])
+        h = self.harness()
+        self.transcript(h, self.ENVELOPE)
+        h.send(b"BDAT 1000 LAST\r\n")
+        while not h.closed:
+            h.send(b"x")
+            h.clock.advance(5)
+        self.assertEqual(h.lines(), ["421 4.4.2 localhost Error: timeout exceeded"])
+        self.assertTrue(h.spool.writers[0].aborted)
+        h.disconnect()
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_pipelined_after_chunk(self) -> None:
+        """
+        Commands pipelined behind a chunk are commands; behind a refused
+        chunk too (it is read and thrown away first), so a client cannot
+        get its chunk run by having it refused.
+        """
+        h = self.harness()
+        self.transcript(h, "< 220\n> EHLO c" + EHLO_REPLIES)
+        h.send(bdat(b"NOOP\r\n" * 3, last=True) + b"MAIL FROM:<a@b.example>\r\n"
+               + b"RCPT TO:<c@d.example>\r\n" + bdat(b"RSET\r\n") + b"RSET\r\n")  # fmt: skip
+        self.assertEqual(
+            h.lines(),
+            [
+                "503 5.5.1 Error: need MAIL command",
+                "250 2.1.0 Ok",
+                "250 2.1.5 Ok",
+                "250 2.0.0 Ok: 6 bytes",
+                "250 2.0.0 Ok",
+            ],
+        )
+        self.assertTrue(h.spool.writers[0].aborted)
+        self.assertEqual(self.entries(h), [])
+
+    def test_discarded_chunks_are_bounded(self) -> None:
+        """
+        Chunks pipelined after a refusal are thrown away only up to 1.5
+        times the size limit in all; the chunk past it closes the session.
+        """
+        h = self.harness(max_message_size=10_000)
+        self.transcript(h, self.ENVELOPE)
+        h.send(bdat(b"x" * 10_001))
+        sent = 1
+        while not h.closed:
+            h.send(bdat(b"y" * 1000))
+            sent += 1
+            self.assertLess(sent, 100)
+        lines = h.lines()
+        self.assertEqual(lines[0], "552 5.3.4 Message size exceeds fixed limit")
+        self.assertEqual(len(lines), sent)
+        self.assertTrue(lines[-1].startswith("554 5.0.0 Error: 1000 bytes discarded"))
+        self.assertEqual(sent, 6)
+
+    def test_client_not_reading_replies(self) -> None:
+        """
+        A client that pipelines chunks without reading the replies is not
+        read either once MAX_PENDING_INPUT bytes wait; when it reads again
+        every chunk is answered in order.
+        """
+        h = self.harness()
+        self.transcript(h, self.ENVELOPE)
+        h.protocol.pauseProducing()
+        sent = 0
+        while h.transport.producerState == "producing":
+            h.send(bdat(b"z" * 100) * 100)
+            sent += 100
+            self.assertLess(sent, 100_000)
+        self.assertLessEqual(len(h.protocol._buffer), MAX_PENDING_INPUT + 100 * len(bdat(b"z" * 100)))
+        self.assertEqual(h.lines(), [])
+        h.protocol.resumeProducing()
+        self.assertEqual(h.transport.producerState, "producing")
+        self.assertEqual(h.lines(), ["250 2.0.0 Ok: 100 bytes"] * sent)

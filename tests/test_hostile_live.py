@@ -5,9 +5,10 @@ client (L{smtplib}) is served, with the relay's memory (C{VmHWM}, its peak
 resident size) kept within a generous bound.
 
 The outbound wire check: the relay delivers to an in-test sink that records
-the raw bytes it receives, which must hold no bare CR or LF and no
-unstuffed dot line, although the stored message holds lone CRs and dot
-lines.
+the raw bytes it receives, which must hold no bare CR or LF and, with DATA,
+no unstuffed dot line, although the stored message holds lone CRs and dot
+lines; with BDAT (the sink offers CHUNKING) the chunks hold the stored
+bytes, dot lines as they are.
 """
 
 from __future__ import annotations
@@ -102,16 +103,37 @@ class RawClient:
         self.sock.close()
 
 
+def parse_bdat_wire(wire: bytes) -> list[bytes]:
+    """
+    The messages a client sent in BDAT chunks, each its chunks up to the
+    LAST one (its other commands skipped).
+    """
+    messages, chunks, pos = [], [], 0
+    while (start := wire.find(b"BDAT ", pos)) >= 0:
+        end = wire.index(b"\r\n", start)
+        size, *last = wire[start + 5 : end].split()
+        pos = end + 2 + int(size)
+        chunks.append(wire[end + 2 : pos])
+        if last:
+            messages.append(b"".join(chunks))
+            chunks = []
+    return messages
+
+
 class RecordingSinkFactory(SMTPServerFactory):
     """
     The next hop: an in-process relay server that records every byte the
-    relay sends it.
+    relay sends it; with C{chunking}, it offers CHUNKING.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunking: bool = True) -> None:
         self.sink = SinkCallbacks()
         super().__init__(
-            callbacks=self.sink, spool=MemorySpool(), clock=reactor, hostname="sink.test"
+            callbacks=self.sink,
+            spool=MemorySpool(),
+            clock=reactor,
+            hostname="sink.test",
+            chunking=chunking,
         )
         # The bytes received, one list per connection.
         self.received: list[list[bytes]] = []
@@ -184,8 +206,59 @@ class HostileLiveTests(TestCase):
         """
         Every smuggling sequence in one DATA gives one message (the relay's
         replies: one 250 queued); the stored message keeps lone CRs and a
-        lone dot line; the relay's bytes at the next hop have no bare CR or
-        LF and every dot line stuffed, and the sink gets exactly one message.
+        lone dot line; the relay's bytes at a next hop without CHUNKING have
+        no bare CR or LF and every dot line stuffed, and the sink gets
+        exactly one message.
+        """
+        sink, bodies = yield self.smuggle_and_deliver(chunking=False)
+        for chunks in sink.received:
+            wire = b"".join(chunks)
+            pos = 0
+            while (start := wire.find(b"DATA\r\n", pos)) >= 0:
+                start += len(b"DATA\r\n")
+                pos = wire.index(b"\r\n.\r\n", start) + 2
+                bodies.append(wire[start:pos])
+        self.assertEqual(len(bodies), 2)
+        for body in bodies:
+            for line in body.split(b"\r\n"):
+                if line.startswith(b"."):
+                    self.assertTrue(line.startswith(b".."), line)
+        [attack] = [b for b in bodies if b"smuggling" in b]
+        self.assertEqual(attack.count(SMUGGLED), len(SMUGGLING))
+        self.assertIn(b"\r\n..\r\n", attack)
+        self.assertIn(b"\r\n..leading dot\r\n", attack)
+
+    @inlineCallbacks
+    def test_smuggling_and_outbound_chunks(self) -> Any:
+        """
+        The same message to a next hop that offers CHUNKING goes in BDAT
+        chunks: still no bare CR or LF on the wire, the dot lines as they
+        are (a chunk has no end marker to guard), and the sink stores the
+        message the relay stored, lone CRs made CRLF.
+        """
+        sink, bodies = yield self.smuggle_and_deliver(chunking=True)
+        for chunks in sink.received:
+            wire = b"".join(chunks)
+            self.assertNotIn(b"DATA\r\n", wire.replace(SMUGGLED, b""))
+            bodies += parse_bdat_wire(wire)
+        self.assertEqual(len(bodies), 2)
+        [attack] = [b for b in bodies if b"smuggling" in b]
+        self.assertEqual(attack.count(SMUGGLED), len(SMUGGLING))
+        self.assertIn(b"\r\n.\r\n", attack)
+        self.assertIn(b"\r\n.leading dot\r\n", attack)
+        [stored] = [e for e in sink.sink.envelopes if b"smuggling" in e.message.data]
+        self.assertTrue(stored.message.data.endswith(attack))
+
+    @inlineCallbacks
+    def smuggle_and_deliver(self, chunking: bool) -> Any:
+        """
+        Send the relay a message holding every smuggling sequence (and a
+        well-behaved client's), then let it deliver both to a recording
+        sink (offering CHUNKING or not).
+
+        @return: a Deferred firing with the sink and an empty list (for
+            the bodies the test finds on the wire); every connection's
+            wire has been checked for bare CR and LF.
         """
         sink_port = free_port()
         process, port = yield self.start_relay(
@@ -225,7 +298,7 @@ class HostileLiveTests(TestCase):
         self.assertIn(b"\r\n.\r\n", stored)
         self.assertIn(b"\r\n.leading dot\r\n", stored)
 
-        sink = RecordingSinkFactory()
+        sink = RecordingSinkFactory(chunking=chunking)
         listener = reactor.listenTCP(sink_port, sink, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(listener.stopListening)
         # Two messages: the attacker's and the well-behaved client's.
@@ -238,24 +311,10 @@ class HostileLiveTests(TestCase):
         smuggled = [e for e in sink.sink.envelopes if b"smuggling" in e.message.data]
         self.assertEqual(len(smuggled), 1)
         self.assertEqual(smuggled[0].message.data.count(SMUGGLED), len(SMUGGLING))
-        bodies = []
         for chunks in sink.received:
             wire = b"".join(chunks)
             self.assertIsNone(re.search(rb"\r(?!\n)|(?<!\r)\n", wire), wire)
-            pos = 0
-            while (start := wire.find(b"DATA\r\n", pos)) >= 0:
-                start += len(b"DATA\r\n")
-                pos = wire.index(b"\r\n.\r\n", start) + 2
-                bodies.append(wire[start:pos])
-        self.assertEqual(len(bodies), 2)
-        for body in bodies:
-            for line in body.split(b"\r\n"):
-                if line.startswith(b"."):
-                    self.assertTrue(line.startswith(b".."), line)
-        [attack] = [b for b in bodies if b"smuggling" in b]
-        self.assertEqual(attack.count(SMUGGLED), len(SMUGGLING))
-        self.assertIn(b"\r\n..\r\n", attack)
-        self.assertIn(b"\r\n..leading dot\r\n", attack)
+        return sink, []
 
     @inlineCallbacks
     def test_refused_data_pipelining_and_bare_cr(self) -> Any:
@@ -523,3 +582,65 @@ class HostileLiveTests(TestCase):
 
         replies = yield self.during_attack(port, drip)
         self.assertEqual(replies[1:], ["421 4.4.2 relay.test Error: timeout exceeded", "EOF"])
+
+    @inlineCallbacks
+    def test_chunking_attacks(self) -> Any:
+        """
+        BDAT against the real relay while a well-behaved client is served:
+        a 50 MB message in 1 MB chunks, pipelined, is queued with the
+        relay's peak memory growing by less than MAX_RSS_GROWTH (the chunks
+        stream to disk); a chunk of 10**20 bytes gets 552 5.3.4 and the
+        close; a client that announces a chunk and falls silent is closed
+        by the idle timeout.
+        """
+        process, port = yield self.start_relay(
+            "--max-message-size", str(60 * 1024 * 1024), "--idle-timeout", "3"
+        )
+        before = memory_kib(process.pid, "VmRSS")
+        envelope = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.net>\r\n"
+
+        def big() -> list[str]:
+            c = RawClient(port)
+            replies = [c.reply()]
+            c.send(b"EHLO big.example\r\n")
+            replies.append(c.reply())
+            c.send(envelope)
+            replies += [c.reply(), c.reply()]
+            chunk = b"Subject: big\r\n\r\n".ljust(1024 * 1024 - 2, b"x") + b"\r\n"
+            for n in range(50):
+                c.send(b"BDAT %d%s\r\n" % (len(chunk), b" LAST" if n == 49 else b"") + chunk)
+            replies += [c.reply() for _ in range(50)]
+            c.close()
+            return replies
+
+        replies = yield self.during_attack(port, big)
+        self.assertIn("CHUNKING", replies[1])
+        self.assertEqual(replies[4:53], ["250 2.0.0 Ok: 1048576 bytes"] * 49)
+        self.assertRegex(replies[53], r"^250 2\.0\.0 Ok: queued as ")
+        peak = memory_kib(process.pid, "VmHWM")
+        self.assertLess((peak - before) * 1024, MAX_RSS_GROWTH, (before, peak))
+
+        def huge_and_silent() -> list[str]:
+            replies = []
+            for command in (b"BDAT 100000000000000000000 LAST\r\nxyz", b"BDAT 1000\r\nsome"):
+                c = RawClient(port)
+                c.reply()
+                c.send(b"EHLO attacker.example\r\n")
+                c.reply()
+                c.send(envelope)
+                c.reply(), c.reply()
+                c.send(command)
+                replies += [c.reply(), c.reply()]
+                c.close()
+            return replies
+
+        replies = yield self.during_attack(port, huge_and_silent)
+        self.assertEqual(
+            replies,
+            [
+                "552 5.3.4 Message size exceeds fixed limit",
+                "EOF",
+                "421 4.4.2 relay.test Error: timeout exceeded",
+                "EOF",
+            ],
+        )

@@ -627,14 +627,15 @@ class DANEDeliveryTests(TwistdTestCase):
         """
         When the TLSA record does not match the MX host's certificate, the
         relay does not deliver: the attempt is deferred (4.7.5) with
-        C{tls=dane/dane/validation-failure}, and the message stays queued.
+        C{tls=dane/dane/validation-failure}, a C{tls-failure}, and the
+        message stays queued.
         """
         sink, zone, process, output, port, _ = self.dane_relay(matching=False)
         yield self.wait_listening(process, output, port)
         refused = yield deferToThread(send_message, port)
         self.assertEqual(refused, {})
         yield self.poll(
-            lambda: "tls=dane/dane/validation-failure, status=deferred" in self.output(output),
+            lambda: "tls=dane/dane/validation-failure, class=tls-failure, status=deferred" in self.output(output),
             lambda: "the deferred delivery line:\n" + self.output(output),
         )
         self.assertIn("4.7.5", self.output(output))

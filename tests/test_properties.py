@@ -1,7 +1,8 @@
 """
 Property tests (hypothesis) for the parsers of the receive path: address and
 parameter round trips, the reply parser, the whole command parser on
-arbitrary bytes, and a dot-stuffed body through the server.
+arbitrary bytes, a dot-stuffed body through the server, and a body in
+BDAT chunks of any sizes.
 
 The encoder's own properties (chunking, wire form, decoding back) are in
 L{tests.test_stuffing}; the decoder's in L{tests.test_data}; the reply
@@ -28,6 +29,7 @@ from relay.model.reply import Reply, ReplyError
 from relay.model.results import Continue
 from relay.smtp.stuffing import DotStuffer
 from relay.testing import ServerHarness
+from tests.test_chunking import ENVELOPE, bdat, without_received
 from tests.test_server import MAIL_TXN, Recorder
 from tests.test_stuffing import normalize, split
 
@@ -196,7 +198,7 @@ _ENDINGS = st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b"", b"\r\n.\r\n"])
 _LINES = st.tuples(_VERBS, st.lists(_ARGS, max_size=5).map(b"".join), _ENDINGS).map(b"".join)
 _STREAMS = st.lists(_LINES | st.binary(max_size=20), max_size=30).map(b"".join)
 
-EHLO = "< 220\n> EHLO c\n< 250-localhost" + "\n< 250-" * 7 + "\n< 250 AUTH PLAIN LOGIN"
+EHLO = "< 220\n> EHLO c\n< 250-localhost" + "\n< 250-" * 8 + "\n< 250 AUTH PLAIN LOGIN"
 # Where the arbitrary bytes start: a prefix of a session.
 _STATES = {
     "greeted": "< 220",
@@ -324,3 +326,74 @@ class ReceivedBodyProperties(SynchronousTestCase):
             self.assertEqual(received.count(b"\r\n\t"), 3)
         finally:
             h.disconnect()
+
+
+_BODIES = st.binary(max_size=3000) | st.lists(
+    st.sampled_from(
+        [b".", b"\r", b"\n", b"\r\n", b"a", b"..", b"\r\n.\r\n", b"BDAT 1 LAST\r\n", b"QUIT\r\n"]
+    )
+).map(b"".join)
+
+
+def chunked(body: bytes, sizes: list[int], empty_last: bool) -> bytes:
+    """
+    C{body} as BDAT commands with chunks of the given sizes (cycled; 0
+    makes an empty chunk), the last one marked LAST, or followed by
+    C{BDAT 0 LAST}.
+    """
+    chunks, pos = [], 0
+    while pos < len(body):
+        size = sizes[len(chunks) % len(sizes)] if sizes else len(body)
+        chunks.append(body[pos : pos + size])
+        pos += size
+    if empty_last:
+        return b"".join(map(bdat, chunks)) + b"BDAT 0 LAST\r\n"
+    *first, last = chunks or [b""]
+    return b"".join(map(bdat, first)) + bdat(last, last=True)
+
+
+class ChunkedBodyProperties(SynchronousTestCase):
+    def store(self, wire: bytes, cuts: list[int]) -> tuple[bytes, list[str]]:
+        """
+        Send C{wire} (BDAT commands and chunks, then NOOP) in reads cut at
+        C{cuts}; return the message stored (after our Received header) and
+        the server's replies.
+        """
+        h = ServerHarness(Recorder())
+        try:
+            h.play(ENVELOPE)
+            for piece in split(wire + b"NOOP\r\n", cuts):
+                h.send(piece)
+            lines = h.lines()
+            [message] = h.spool.messages_by_id.values()
+            assert message.data is not None
+            return without_received(message.data), lines
+        finally:
+            h.disconnect()
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @example(b"\tindented first line\r\n", [3], False, [])
+    @given(
+        _BODIES,
+        st.lists(st.integers(0, 700), max_size=6).filter(lambda s: not s or any(s)),
+        st.booleans(),
+        st.lists(st.integers(0, 10_000), max_size=8),
+    )
+    def test_any_chunking_stores_the_same_bytes(
+        self, body: bytes, sizes: list[int], empty_last: bool, cuts: list[int]
+    ) -> None:
+        """
+        Any body (dot lines, bare CR and LF, command text included), cut
+        into BDAT chunks of any sizes (empty ones too, the last maybe
+        C{BDAT 0 LAST}) and sent in reads cut anywhere, is stored exactly
+        as the same body sent in one chunk: the body itself, byte for byte.
+        Each chunk but the last gets 250 with its size, and the command
+        after the last runs.
+        """
+        one, one_lines = self.store(bdat(body, last=True), [])
+        many, many_lines = self.store(chunked(body, sizes, empty_last), cuts)
+        self.assertEqual(many, one)
+        self.assertEqual(one, body)
+        self.assertTrue(many_lines[-2].startswith("250 2.0.0 Ok: queued as "), many_lines)
+        self.assertEqual(many_lines[-1], "250 2.0.0 Ok")
+        self.assertTrue(all(re.fullmatch(r"250 2\.0\.0 Ok: \d+ bytes", x) for x in many_lines[:-2]))

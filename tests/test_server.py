@@ -97,7 +97,8 @@ MAIL_TXN = """
 < 250-8BITMIME
 < 250-DSN
 < 250-ENHANCEDSTATUSCODES
-< 250 SMTPUTF8
+< 250-SMTPUTF8
+< 250 CHUNKING
 > MAIL FROM:<a@example.org>
 < 250 2.1.0 Ok
 > RCPT TO:<b@example.com>
@@ -222,12 +223,12 @@ class HeloTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), tls_context_factory=object()
         )
-        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 6 + "< 250 STARTTLS")
+        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 7 + "< 250 STARTTLS")
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), auth_requires_tls=False
         )
         self.transcript(
-            h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 6 + "< 250 AUTH PLAIN LOGIN"
+            h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 7 + "< 250 AUTH PLAIN LOGIN"
         )
 
     def test_auth_not_advertised_without_tls(self) -> None:
@@ -236,7 +237,7 @@ class HeloTests(ServerTestCase):
         text and AUTH is refused with 503.
         """
         h = self.harness(Recorder(session_helo=Continue(advertise_auth=True)))
-        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 5 + "< 250 SMTPUTF8")
+        self.transcript(h, "< 220\n> EHLO c\n< 250-localhost\n" + "< 250-\n" * 6 + "< 250 CHUNKING")
         self.transcript(h, "> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n< 503 5.5.1")
 
     def test_helo_deny(self) -> None:
@@ -364,7 +365,8 @@ class MailTests(ServerTestCase):
             < 250-
             < 250-
             < 250-
-            < 250 SMTPUTF8
+            < 250-SMTPUTF8
+            < 250 CHUNKING
             > MAIL TO:<a@b.c>
             < 501 5.5.4 Syntax: MAIL FROM
             > MAIL FROM:<not an address>
@@ -813,7 +815,7 @@ class PipeliningTests(ServerTestCase):
             return d
 
         h = self.harness(Recorder(process_sender=slow, process_recipient=slow))
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
         h.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nRCPT TO:<w@y.z>\r\nNOOP\r\n")
         self.assertEqual(h.lines(), [])
         self.assertEqual(len(pending), 1)
@@ -878,7 +880,7 @@ class TimeoutTests(ServerTestCase):
             return d
 
         h = self.harness(Recorder(process_sender=slow), idle_timeout=10)
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> MAIL FROM:<a@b.c>")
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8 + "\n> MAIL FROM:<a@b.c>")
         h.clock.advance(60)
         self.assertFalse(h.closed)
         pending[0].callback(Continue())
@@ -938,7 +940,7 @@ class AuthTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True), **results), auth_requires_tls=False
         )
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 9)
         return h
 
     def test_plain_allowed(self) -> None:
@@ -1022,7 +1024,7 @@ class AuthTests(ServerTestCase):
         h = self.harness(auth_requires_tls=False)
         self.transcript(
             h,
-            "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n< 503 5.5.1",
+            "< 220\n> EHLO c" + "\n< 250" * 8 + "\n> AUTH PLAIN AGFsaWNlAHNlY3JldA==\n< 503 5.5.1",
         )
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), auth_requires_tls=False
@@ -1052,7 +1054,7 @@ class StartTLSTests(ServerTestCase):
         h = self.harness(
             Recorder(session_helo=Continue(advertise_auth=True)), tls_context_factory=ctx
         )
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8)
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 9)
         h.send("STARTTLS\r\nEHLO injected\r\nMAIL FROM:<evil@x.y>\r\n")
         self.transcript(h, "< 220 2.0.0 Ready to start TLS")
         self.assertIs(h.transport.tls_context, ctx)
@@ -1064,7 +1066,7 @@ class StartTLSTests(ServerTestCase):
         self.transcript(h, "> MAIL FROM:<a@b.c>\n< 503 5.5.1")
         # After TLS: no STARTTLS offered, AUTH offered.
         self.transcript(
-            h, "> EHLO c\n< 250-localhost" + "\n< 250-" * 6 + "\n< 250 AUTH PLAIN LOGIN"
+            h, "> EHLO c\n< 250-localhost" + "\n< 250-" * 7 + "\n< 250 AUTH PLAIN LOGIN"
         )
         self.transcript(h, "> STARTTLS\n< 503 5.5.1")
         h.send("MAIL FROM:<a@b.c>\r\nRCPT TO:<x@y.z>\r\nDATA\r\n" + MESSAGE)
@@ -1077,9 +1079,9 @@ class StartTLSTests(ServerTestCase):
         STARTTLS not offered is 502; with an argument 501.
         """
         h = self.harness()
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 7 + "\n> STARTTLS\n< 454 4.7.0")
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8 + "\n> STARTTLS\n< 454 4.7.0")
         h = self.harness(tls_context_factory=object())
-        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 8 + "\n> STARTTLS now\n< 501")
+        self.transcript(h, "< 220\n> EHLO c" + "\n< 250" * 9 + "\n> STARTTLS now\n< 501")
 
 
 class BatchTests(ServerTestCase):
@@ -1280,6 +1282,55 @@ class VariantTests(ServerTestCase):
         self.transcript(h, "< 451 4.3.0\n< 250 2.0.0 Ok")
         self.assertEqual(self.entries(h), [])
         self.flushLoggedErrors(RuntimeError)
+
+
+class HalfCloseTests(ServerTestCase):
+    """
+    A client that shuts down its sending side after its last command (as
+    Exim does after pipelining QUIT) still gets every reply.
+    """
+
+    def test_pipelined_then_shut_down(self) -> None:
+        """
+        The message and QUIT, then the client's end of input: the message
+        is queued and both replies are sent, then the connection closes.
+        """
+        h = self.harness()
+        self.transcript(h, MAIL_TXN)
+        h.send(MESSAGE + "QUIT\r\n")
+        h.protocol.readConnectionLost()
+        self.transcript(h, "< 250 2.0.0 Ok: queued\n< 221 2.0.0 Bye")
+        self.assertTrue(h.closed)
+        self.assertEqual(len(self.entries(h)), 1)
+
+    def test_shut_down_while_a_callback_waits(self) -> None:
+        """
+        The end of input while a callback is pending: the commands after it
+        are answered once it fires, then the session closes (no QUIT
+        needed).
+        """
+        envelope: Deferred[EnvelopeResult] = Deferred()
+        h = self.harness(Recorder(process_envelope=lambda *args: envelope))
+        self.transcript(h, MAIL_TXN)
+        h.send(MESSAGE + "NOOP\r\n")
+        h.protocol.readConnectionLost()
+        self.assertFalse(h.closed)
+        envelope.callback(Consume())
+        self.transcript(h, "< 250 2.0.0 Ok\n< 250 2.0.0 Ok")
+        self.assertTrue(h.closed)
+
+    def test_shut_down_mid_message(self) -> None:
+        """
+        The end of input in the middle of DATA: the message can never end,
+        so it is dropped and the session closed.
+        """
+        h = self.harness()
+        self.transcript(h, MAIL_TXN)
+        h.send("Subject: half\r\n")
+        h.protocol.readConnectionLost()
+        self.assertTrue(h.closed)
+        self.assertTrue(h.spool.writers[0].aborted)
+        self.assertEqual(self.entries(h), [])
 
 
 class ModeTests(ServerTestCase):

@@ -70,7 +70,8 @@ EHLO = """
 < 250-8BITMIME
 < 250-DSN
 < 250-ENHANCEDSTATUSCODES
-< 250 SMTPUTF8
+< 250-SMTPUTF8
+< 250 CHUNKING
 """
 
 ONE_MESSAGE = """
@@ -199,6 +200,7 @@ class RunTranscriptTests(SynchronousTestCase):
             < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
+            < 250-CHUNKING
             < 250 AUTH PLAIN LOGIN
             > AUTH PLAIN AGFsaWNlAHdyb25n
             < 535 5.7.8
@@ -250,7 +252,7 @@ class MismatchTests(SynchronousTestCase):
             run_transcript(plugin, EHLO + ONE_MESSAGE)
         self.assertIsInstance(caught.exception, TranscriptMismatch)
         lines = str(caught.exception).splitlines()
-        self.assertEqual(lines[0], "SMTP transcript differs from the script at its line 15:")
+        self.assertEqual(lines[0], "SMTP transcript differs from the script at its line 16:")
         self.assertEqual(lines[1][:10], "    < 220 ")
         self.assertEqual(
             lines[-4:],

@@ -532,6 +532,7 @@ class ImplicitTLSTranscriptTests(SynchronousTestCase):
             < 250-DSN
             < 250-ENHANCEDSTATUSCODES
             < 250-SMTPUTF8
+            < 250-CHUNKING
             < 250 AUTH PLAIN LOGIN
             > STARTTLS
             < 503 5.5.1 TLS already active
@@ -558,7 +559,7 @@ class ImplicitTLSTranscriptTests(SynchronousTestCase):
         callbacks = Recorder(session_helo=Continue(advertise_auth=True))
         h = ServerHarness(callbacks)
         self.assertIsNone(callbacks.calls_to(SessionConnectCall)[0].session.tls)
-        h.play("< 220\n> EHLO c" + "\n< 250-" * 6 + "\n< 250 SMTPUTF8")
+        h.play("< 220\n> EHLO c" + "\n< 250-" * 7 + "\n< 250 CHUNKING")
 
 
 class ScriptedClient(Peer):

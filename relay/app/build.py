@@ -387,8 +387,12 @@ def delivery_scheduler(
     C{recovery} is done), or C{None} for a spool that cannot deliver (not
     a full L{ISpool}); its traffic shaping comes from C{--shaping} and
     the plugin (when it provides L{relay.interfaces.IDestinationLimits}).
+    Failures are classified with the plugin's rules (its
+    C{failure_rules()}), then C{--failure-classes}, then the built-in
+    table.
 
-    @raise SettingsError: the shaping file cannot be used.
+    @raise SettingsError: the shaping file or the failure rules cannot be
+        used.
     """
     from relay.interfaces import ISpool
 
@@ -421,6 +425,7 @@ def delivery_scheduler(
 
     events = EventBus(reactor)
     return DeliveryScheduler(
+        failure_classifier=failure_classifier(settings, plugin),
         spool=disk,
         client=client,
         clock=reactor,
@@ -468,6 +473,29 @@ def traffic_shaper(
     suspensions.load()
     hook = plugin.destination_limits if IDestinationLimits.providedBy(plugin) else None
     return Shaper(config, reactor, suspensions, hook)
+
+
+def failure_classifier(settings: Settings, plugin: Any) -> Any:
+    """
+    The classifier of failed attempts: the plugin's rules, then those of
+    C{--failure-classes}, before the built-in table.
+
+    @raise SettingsError: when a rule cannot be used.
+    """
+    from relay.delivery.failures import (
+        FailureClassifier,
+        FailureRulesError,
+        load_rules,
+        plugin_rules,
+    )
+
+    try:
+        rules = list(plugin_rules(plugin))
+        if settings.failure_classes:
+            rules += load_rules(settings.failure_classes)
+    except FailureRulesError as e:
+        raise SettingsError(f"failure classes: {e}") from None
+    return FailureClassifier(rules)
 
 
 def dns_lookup(settings: Settings, reactor: Any) -> tuple[Any, Any]:

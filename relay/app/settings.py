@@ -100,6 +100,8 @@ class Settings:
     @ivar tls_ca_file: a PEM file of more CAs for verifying next hops and
         MTA-STS policy hosts.
     @ivar tls_policy: the TLS policy file (L{relay.delivery.tlspolicy}).
+    @ivar failure_classes: a file of failure class rules tried before the
+        built-in table (L{relay.delivery.failures}).
     @ivar mx_port: the port of MX hosts.
     @ivar dkim_keys: the DKIM keys file (L{relay.dkim.keys}), or C{None}:
         nothing is signed.
@@ -138,6 +140,7 @@ class Settings:
     dnssec: bool = False
     tls_ca_file: str | None = None
     tls_policy: str | None = None
+    failure_classes: str | None = None
     mx_port: int = 25
     dkim_keys: str | None = None
     shaping: str | None = None
@@ -278,6 +281,7 @@ class Settings:
             dnssec=bool(options["dnssec"]),
             tls_ca_file=options["tls-ca-file"],
             tls_policy=options["tls-policy"],
+            failure_classes=options["failure-classes"],
             mx_port=options["mx-port"],
             dkim_keys=options.get("dkim-keys"),
             shaping=options["shaping"],

@@ -16,6 +16,7 @@ KINDS = frozenset(
         "spooled",
         "delivered",
         "deferred",
+        "failed",
         "frozen",
         "unfrozen",
         "removed",

@@ -369,6 +369,8 @@ def format_show(
         lines.append(f"  {format_time(a.at)}  {a.hop}{peer}  {' '.join(a.reply.split())}{who}")
         if a.tls is not None:
             lines.append(f"    tls: {a.tls}")
+        if a.failure_class is not None:
+            lines.append(f"    failure class: {a.failure_class}")
     return "\n".join(lines) + "\n"
 
 

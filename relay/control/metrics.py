@@ -119,6 +119,13 @@ class RelayMetrics:
             self.expired.labels(queue=queue)
         for outcome in OUTCOMES:
             self.messages.labels(outcome=outcome)
+        self.failures = Counter(
+            "relay_delivery_failures",
+            "Recipients of failed delivery attempts, by outcome (deferred, bounced, expired) "
+            "and failure class.",
+            ["outcome", "failure_class"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "relay_delivery_latency_seconds",
             "Seconds from spooling to delivery.",
@@ -166,6 +173,12 @@ class RelayMetrics:
         if event.kind == "suspended":
             by = "rule" if event.fields.get("automatic") else "operator"
             self.suspensions.labels(by=by).inc()
+            return
+        if event.kind == "failed":
+            fields = event.fields
+            self.failures.labels(
+                outcome=str(fields.get("outcome")), failure_class=str(fields.get("failure_class"))
+            ).inc(max(1, int(fields.get("recipients") or 1)))
             return
         outcome = EVENT_OUTCOMES.get(event.kind)
         if outcome is None:

@@ -1,23 +1,28 @@
 """
 The message body on the wire: read in L{CHUNK_SIZE} chunks (from memory,
-or from its spool file off the reactor thread) and framed for DATA with
-CRLF line endings and exact dot-stuffing (L{relay.smtp.stuffing.DotStuffer})
-whatever the stored bytes hold.
+or from its spool file off the reactor thread) and framed either for DATA,
+with CRLF line endings and exact dot-stuffing
+(L{relay.smtp.stuffing.DotStuffer}), or as BDAT chunks (RFC 3030), the
+bytes as stored (only a lone CR or LF becomes CRLF,
+L{relay.smtp.stuffing.LineEndings}): no end marker, so no pass over the
+body to stuff dots.
 
-Reading (L{message_chunks}) and framing (L{write_data_body}) are apart so
-that another framing (BDAT, RFC 3030) or a change to the bytes on their
-way (a signature header) reads the same chunks.
+Reading (L{message_chunks}) and framing (L{write_data_body},
+L{write_bdat_body}) are apart so that a change to the bytes on their way
+(a signature header) reads the same chunks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Callable
 
 from twisted.internet.defer import Deferred
 
 from relay.delivery.client_protocol import SMTPClientProtocol
 from relay.model.message import Message
-from relay.smtp.stuffing import DotStuffer
+from relay.model.reply import Reply
+from relay.smtp.stuffing import DotStuffer, LineEndings
 
 CHUNK_SIZE = 64 * 1024
 
@@ -92,6 +97,107 @@ async def write_data_body(
     finally:
         # Closes the message file at once when the loop did not end.
         await chunks.aclose()
+
+
+def bdat_command(chunk: bytes, last: bool) -> bytes:
+    """
+    C{chunk} as it goes on the wire: its BDAT command, then its bytes.
+    """
+    return b"BDAT %d%s\r\n%s" % (len(chunk), b" LAST" if last else b"", chunk)
+
+
+def fits_one_chunk(message: Message) -> bool:
+    """
+    Whether C{message} goes as one chunk read from memory (what
+    L{write_bdat_body} would send as a single C{BDAT n LAST}), so that it
+    can go in the same write as the envelope's commands.
+    """
+    return message.data is not None and len(message.data) <= CHUNK_SIZE
+
+
+def one_chunk(message: Message) -> bytes:
+    """
+    The whole of a message that L{fits_one_chunk}, as a C{BDAT n LAST}.
+    """
+    assert message.data is not None
+    encoder = LineEndings()
+    return bdat_command(encoder.encode(message.data) + encoder.finish(), last=True)
+
+
+@dataclass(frozen=True)
+class ChunksSent:
+    """
+    How the BDAT chunks of a message fared.
+
+    @ivar reply: the reply that settles the message: the one to the last
+        chunk, or the first refusal of an earlier one.
+    @ivar complete: the last chunk was sent, so the hop's transaction is
+        over; after a refusal it is not, and the session is not reused
+        (RFC 3030 section 2: its state is "indeterminate").
+    """
+
+    reply: Reply
+    complete: bool
+
+
+async def write_bdat_body(
+    proto: SMTPClientProtocol,
+    message: Message,
+    run_in_thread: RunInThread | None,
+    pipelining: bool,
+) -> ChunksSent:
+    """
+    Send the body of C{message} as BDAT chunks, one per chunk read (so a
+    chunk's size is always that of the bytes in hand), the last with LAST,
+    waiting while the hop does not read.  With PIPELINING the chunks go
+    without waiting for their replies, which are read as they come; without
+    it each chunk waits for its 250.  After a refusal no chunk is sent
+    (RFC 3030 section 2) and the replies owed are read.
+
+    Each chunk goes out in one write with its command: a failure between
+    writes leaves the hop at a command boundary, never inside a chunk, and
+    a message without its last chunk is never taken for whole.
+    """
+    encoder = LineEndings()
+    owed = 0
+    refusal: Reply | None = None
+    complete = False
+    chunks = message_chunks(message, run_in_thread)
+    try:
+        async for chunk, last in chunks:
+            data = encoder.encode(chunk)
+            if last:
+                data += encoder.finish()
+            proto.write(bdat_command(data, last))
+            owed += 1
+            if last:
+                complete = True
+                break
+            if pipelining:
+                await proto.writable()
+                while proto.has_reply() and refusal is None:
+                    owed -= 1
+                    reply = await proto.next_reply()
+                    if not reply.is_positive:
+                        refusal = reply
+            else:
+                owed -= 1
+                reply = await proto.next_reply()
+                if not reply.is_positive:
+                    refusal = reply
+            if refusal is not None:
+                break
+    finally:
+        # Closes the message file at once when the loop did not end.
+        await chunks.aclose()
+    final: Reply | None = refusal
+    while owed:
+        owed -= 1
+        reply = await proto.next_reply()
+        if final is None and (not reply.is_positive or not owed):
+            final = reply
+    assert final is not None
+    return ChunksSent(final, complete)
 
 
 class _FileReader:

@@ -260,6 +260,14 @@ class SMTPClientProtocol(Protocol):
         self._set_error(ReplyTimeout(f"no reply within {self._reply_timeout} seconds"))
         self.abort()
 
+    def has_reply(self) -> bool:
+        """
+        Whether a reply has arrived that L{next_reply} would return at
+        once (for a sender that reads replies only when they are there,
+        as BDAT chunks with PIPELINING do).
+        """
+        return bool(self._replies)
+
     def next_reply(self) -> Deferred[Reply]:
         """
         The next reply from the hop; fails with L{ReplyTimeout} if it does

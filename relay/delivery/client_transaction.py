@@ -1,7 +1,14 @@
 """
 One mail transaction on an open L{ClientSession}: MAIL FROM, RCPT TO for
-every recipient and DATA with the body, pipelined when the hop offers
-PIPELINING (RFC 2920), and the reply that settled each recipient.
+every recipient and the body, with BDAT chunks when the hop offers
+CHUNKING (RFC 3030), else with DATA; pipelined when the hop offers
+PIPELINING (RFC 2920); and the reply that settled each recipient.
+
+With PIPELINING and CHUNKING a message held in memory that fits one chunk
+goes in the same write as MAIL and RCPT, as C{BDAT n LAST}: the whole
+transaction is one round trip.  (If every recipient is refused the hop
+reads the chunk and throws it away; for a larger message the chunks wait
+for the RCPT replies, so that a refused message costs no more than that.)
 
 The commands' parameters follow what the hop offered: SIZE (a message over
 the hop's limit is refused here, permanently), BODY=8BITMIME, SMTPUTF8
@@ -10,7 +17,13 @@ the hop's limit is refused here, permanently), BODY=8BITMIME, SMTPUTF8
 
 from __future__ import annotations
 
-from relay.delivery.client_body import RunInThread, write_data_body
+from relay.delivery.client_body import (
+    RunInThread,
+    fits_one_chunk,
+    one_chunk,
+    write_bdat_body,
+    write_data_body,
+)
 from relay.delivery.client_protocol import ConnectionClosed, ReplyTimeout
 from relay.delivery.client_result import DeliveryResult
 from relay.delivery.client_session import ClientSession
@@ -150,16 +163,29 @@ class Transaction:
         mail = mail_command(session, self.envelope)
         rcpts = rcpt_commands(session, self.envelope)
         recipients = [str(r) for r in self.envelope.recipients]
+        message = self.envelope.message
         pipelining = "PIPELINING" in session.extensions
+        chunking = "CHUNKING" in session.extensions
+        # The body in the envelope's write: a BDAT LAST, or DATA (its 354
+        # comes back with the envelope's replies).
+        with_envelope = (
+            (one_chunk(message) if fits_one_chunk(message) else None) if chunking else b"DATA\r\n"
+        )
         reused = session.transactions > 0
         session.transactions += 1
+        # The reply to what went with the envelope: 354, or the message's.
+        body_reply: Reply | None = None
         if pipelining:
-            proto.send(mail, *rcpts, "DATA")
+            proto.write(
+                b"".join(c.encode("utf-8") + b"\r\n" for c in (mail, *rcpts))
+                + (with_envelope or b"")
+            )
             mail_reply = await self._mail_reply(reused)
             rcpt_replies = [await proto.next_reply() for _ in rcpts]
-            data_reply = await proto.next_reply()
+            if with_envelope is not None:
+                body_reply = await proto.next_reply()
             if not mail_reply.is_positive:
-                if data_reply.code == 354:
+                if body_reply is not None and body_reply.code == 354:
                     proto.write(b".\r\n")
                     await proto.next_reply()
                 raise session.refused("MAIL FROM refused", mail_reply, mail_reply.is_permanent)
@@ -173,16 +199,37 @@ class Transaction:
                 rcpt_replies.append(await session.command(command))
         accepted = [r.is_positive for r in rcpt_replies]
         if not any(accepted):
-            if pipelining and data_reply.code == 354:
+            if body_reply is not None and body_reply.code == 354:
                 # The hop took DATA with no recipient (RFC 2920 section 3.1):
                 # send an empty message, which it must refuse.
                 proto.write(b".\r\n")
                 await proto.next_reply()
+            # (A chunk sent with the envelope was thrown away, refused.)
             await self._reset()
             return DeliveryResult(
                 session.hop, tuple(zip(recipients, rcpt_replies, strict=True)), proto.peer
             )
-        if not pipelining:
+        if chunking:
+            final = await self._chunks(body_reply, pipelining)
+        else:
+            final = await self._data(body_reply)
+        replies = tuple(
+            (address, final if ok else reply)
+            for address, ok, reply in zip(recipients, accepted, rcpt_replies, strict=True)
+        )
+        # Every outcome, whole or partial, is logged by whoever settles the
+        # entry: one line per outcome, none here.
+        return DeliveryResult(session.hop, replies, proto.peer)
+
+    async def _data(self, data_reply: Reply | None) -> Reply:
+        """
+        DATA (unless its 354 came with the envelope's replies), the body
+        and the end marker.
+
+        @return: the hop's reply to the message.
+        """
+        session, proto = self.session, self.session.proto
+        if data_reply is None:
             data_reply = await session.command("DATA")
         if data_reply.code != 354:
             raise session.refused("DATA refused", data_reply, data_reply.is_permanent)
@@ -192,13 +239,24 @@ class Transaction:
         final = await proto.next_reply()
         # A 421 means the hop is closing the connection.
         self.reusable = final.code != 421
-        replies = tuple(
-            (address, final if ok else reply)
-            for address, ok, reply in zip(recipients, accepted, rcpt_replies, strict=True)
+        return final
+
+    async def _chunks(self, chunk_reply: Reply | None, pipelining: bool) -> Reply:
+        """
+        The body in BDAT chunks (unless its one chunk went with the
+        envelope, and C{chunk_reply} answers it).  A chunk refused before
+        the last is the message's reply, as a refusal after DATA would be.
+
+        @return: the hop's reply to the message.
+        """
+        if chunk_reply is not None:
+            self.reusable = chunk_reply.code != 421
+            return chunk_reply
+        sent = await write_bdat_body(
+            self.session.proto, self.envelope.message, self._run_in_thread, pipelining
         )
-        # Every outcome, whole or partial, is logged by whoever settles the
-        # entry: one line per outcome, none here.
-        return DeliveryResult(session.hop, replies, proto.peer)
+        self.reusable = sent.complete and sent.reply.code != 421
+        return sent.reply
 
     async def _reset(self) -> None:
         """

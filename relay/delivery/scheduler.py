@@ -28,6 +28,7 @@ from relay.control.events import EventBus
 from relay.delivery.bounce import DELAYED, FAILED, RELAYED, make_report, returns_full
 from relay.delivery.due import DueQueue
 from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
+from relay.delivery.failures import FailureClassifier
 from relay.delivery.nexthop import Destination, Route
 from relay.delivery.tlspolicy import tls_destination
 from relay.interfaces import ISpoolObserver
@@ -66,6 +67,8 @@ class DeliveryScheduler(Service):
     """
     Drain the active queue of C{spool} through C{client}.
 
+    @param failure_classifier: gives each failed attempt its class
+        (L{relay.delivery.failures}); the built-in table when C{None}.
     @ivar jobs: the ids being delivered, with their L{Deferred}s.
     """
 
@@ -93,6 +96,7 @@ class DeliveryScheduler(Service):
         removed_lifetime: float = REMOVED_LIFETIME,
         shaper: Shaper | None = None,
         delay_warning: float | None = None,
+        failure_classifier: FailureClassifier | None = None,
     ) -> None:
         """
         @param bounce: send relay's own reports to senders (bounces, and
@@ -101,6 +105,9 @@ class DeliveryScheduler(Service):
             warns its sender, once (C{--delay-warning}); C{None}: never.
         """
         self.spool = spool
+        self.failure_classifier = (
+            failure_classifier if failure_classifier is not None else FailureClassifier()
+        )
         self.events = events if events is not None else EventBus(clock)
         self.client = client
         self.clock = clock
@@ -433,6 +440,7 @@ class DeliveryScheduler(Service):
             if wait is not None:
                 waits.append(self.shaper.note_wait(entry.id, wait))
             remaining += pending
+        outcomes = [(self._classified(attempt, outcome), outcome) for attempt, outcome in outcomes]
         if not waits:
             self.shaper.forget(entry.id)
         await self._settle(
@@ -531,6 +539,20 @@ class DeliveryScheduler(Service):
             pending = left
         return envelope, pending, None
 
+    def _classified(self, attempt: Attempt, outcome: str) -> Attempt:
+        """
+        C{attempt} with its failure class, when it failed.
+        """
+        if outcome == SENT:
+            return attempt
+        try:
+            failure_class = self.failure_classifier.classify_attempt(attempt)
+        except Exception:
+            # A user's table must not stop deliveries being recorded.
+            self.log.failure("Cannot classify a failure of {hop}", hop=attempt.hop)
+            return attempt
+        return dataclasses.replace(attempt, failure_class=failure_class)
+
     async def _settle(
         self,
         entry: SpoolEntry,
@@ -616,9 +638,13 @@ class DeliveryScheduler(Service):
             updated = dataclasses.replace(updated, warned_at=now)
         updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
-        self.events.emit(
-            "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error
+        last_class = next(
+            (a.failure_class for a in reversed(attempts) if a.failure_class is not None), None
         )
+        self.events.emit(
+            "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error,
+            failure_class=last_class,
+        )  # fmt: skip
         self.schedule(entry.id, at)
 
     def _wait(self, entry: SpoolEntry, waits: Sequence[Wait], wake: float | None) -> None:
@@ -678,7 +704,8 @@ class DeliveryScheduler(Service):
         """
         One line per attempt of this delivery (recipients at one hop that
         got one reply): the log counterpart of the attempts the entry
-        records.  Grouped, not one line per recipient as Postfix has it: a
+        records; and a C{failed} event for each that failed, with its
+        class (which the metrics count).  Grouped, not one line per recipient as Postfix has it: a
         message to a hundred recipients that one reply accepts is one line,
         and the line's cost is paid per message, not per recipient.
 
@@ -700,6 +727,12 @@ class DeliveryScheduler(Service):
         for (attempt, outcome), final in zip(outcomes, last, strict=True):
             if outcome == DEFERRED and expired and final:
                 outcome = EXPIRED
+            if attempt.failure_class is not None:
+                # The event stream's (and so the metrics') count by class.
+                self.events.emit(
+                    "failed", entry.id, outcome=outcome, failure_class=attempt.failure_class,
+                    hop=attempt.hop, code=attempt.code, recipients=len(attempt.recipients),
+                )  # fmt: skip
             try:
                 fields = delivery_fields(entry, attempt, outcome)
                 if outcome == DEFERRED and retry_at is not None:

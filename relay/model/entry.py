@@ -136,6 +136,10 @@ class Attempt:
     @ivar tls: the TLS policy of the attempt and what came of it, or
         C{None} when none was chosen (no hop; entries written before
         attempts recorded it).
+    @ivar failure_class: what kind of failure it was (C{bad-mailbox},
+        C{rate-limited}, ...: L{relay.delivery.failures}), or C{None} for
+        an attempt that delivered (and in entries written before attempts
+        recorded it).
     """
 
     at: float
@@ -145,6 +149,7 @@ class Attempt:
     recipients: tuple[str, ...] = ()
     address: tuple[str, int] | None = None
     tls: TLSOutcome | None = None
+    failure_class: str | None = None
 
 
 @dataclass(frozen=True)

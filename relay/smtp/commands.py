@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from relay.model.reply import Reply
 from relay.model.results import Continue, Deny, Disconnect
-from relay.smtp import auth
+from relay.smtp import auth, bdat
 
 if TYPE_CHECKING:
     from relay.smtp.protocol import SMTPServerProtocol
@@ -57,6 +57,8 @@ class Commands:
             "STARTTLS": protocol.starttls.smtp_STARTTLS,
             "AUTH": protocol.auth.smtp_AUTH,
         }
+        if protocol.settings.chunking:
+            self._handlers["BDAT"] = mail.smtp_BDAT
 
     def dispatch(self, line: str) -> Any:
         """
@@ -102,6 +104,7 @@ class Commands:
         """
         The EHLO keywords: AUTH when the plugin's C{session_helo} asked for
         it and the session is encrypted (or AUTH does not require TLS).
+        CHUNKING without BINARYMIME (as Postfix): a chunk holds text.
         """
         settings = self._protocol.settings
         tls = self._protocol.starttls.active
@@ -115,6 +118,8 @@ class Commands:
             "ENHANCEDSTATUSCODES",
             "SMTPUTF8",
         ]
+        if settings.chunking:
+            ext.append(bdat.EXTENSION)
         if settings.tls_context_factory is not None and not tls:
             ext.append("STARTTLS")
         if advertise_auth and (tls or not settings.auth_requires_tls):

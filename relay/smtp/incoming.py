@@ -1,11 +1,13 @@
 """
-The message of one DATA command, from its first byte to the reply.
+The message of one mail transaction, from its first byte to the reply,
+whether it came with DATA or in BDAT chunks.
 
-While the client sends it, L{IncomingMessage} streams the decoded data
+While the client sends it, L{IncomingMessage} streams the message's bytes
+(DATA's decoded by L{relay.smtp.data.DataReader}, or the chunks as sent)
 into the spool's message writer (memory stays flat; reading pauses while
 the writer is full), keeps the header section for the checks, and stops
-keeping data past the size limit.  At the end of data it is finished: the
-limits are checked, the message is completed in the spool, the plugin's
+keeping data past the size limit.  At its end it is finished: the limits
+are checked, the message is completed in the spool, the plugin's
 C{process_envelope} decides, the messages to spool are DKIM-signed (with
 C{--dkim-keys}, L{relay.dkim.signer}), and they are spooled (or
 quarantined, or thrown away) before the client is told: 250 only once
@@ -32,7 +34,6 @@ from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import MAX_HEADER_BYTES, header_section, parse_header_block
 from relay.model.reply import Reply
 from relay.model.results import Consume, Quarantine, Reject, Send
-from relay.smtp.data import DataReader
 
 if TYPE_CHECKING:
     from relay.smtp.protocol import SMTPServerProtocol
@@ -57,7 +58,8 @@ class IncomingMessage:
     """
     One message being received, then finished.
 
-    @ivar reader: the DATA decoder that feeds it.
+    @ivar size: the message's bytes received so far (ours, the C{Received}
+        header, not counted).
     """
 
     def __init__(
@@ -78,12 +80,13 @@ class IncomingMessage:
         # Past the size limit: the rest of the data is read and dropped.
         self._too_big = False
         self._write_failure: Failure | None = None
-        self.reader = DataReader(self.receive, reject_bare_lf=protocol.settings.reject_bare_lf)
+        self.size = 0
         self._write(received)
 
     def receive(self, data: bytes) -> None:
         """
-        Decoded data (the L{DataReader}'s sink).
+        The message's next bytes (the sink of DATA's decoder, or of a
+        BDAT chunk).
         """
         if not self._head_done:
             self._head += data[:MAX_HEADER_BYTES]
@@ -93,9 +96,10 @@ class IncomingMessage:
                 or len(self._head) >= MAX_HEADER_BYTES
             ):
                 self._head_done = True
+        self.size += len(data)
         if self._too_big:
             return
-        if self.reader.size > self._protocol.settings.max_message_size:
+        if self.size > self._protocol.settings.max_message_size:
             self._too_big = True
             self.abort()
             return
@@ -127,13 +131,27 @@ class IncomingMessage:
         if stop:
             self._protocol.pause_for_writer(writer.drained)
 
-    async def finish(self, t: Transaction) -> None:
+    def refusal(self) -> Reply | None:
         """
-        The data ended: check it, complete it in the spool, ask the plugin,
-        do what it says, and reply.
+        The reply that refuses the message so far, if a limit already
+        refuses it: the spool failed, or it is too big.
+        """
+        if self._write_failure is not None:
+            return spool_error(self._write_failure)
+        if self._too_big or self.size > self._protocol.settings.max_message_size:
+            return Reply.exceeded_storage()
+        return None
+
+    async def finish(self, t: Transaction, bare_lf_seen: bool = False) -> None:
+        """
+        The message ended: check it, complete it in the spool, ask the
+        plugin, do what it says, and reply.
+
+        @param bare_lf_seen: the message holds a bare LF (refused with
+            C{--reject-bare-lf}).
         """
         protocol = self._protocol
-        headers = self._checked_headers()
+        headers = self._checked_headers(bare_lf_seen)
         if headers is None:
             return
         try:
@@ -167,20 +185,16 @@ class IncomingMessage:
             return
         await self._carry_out(result, message, t)
 
-    def _checked_headers(self) -> tuple[tuple[str, str], ...] | None:
+    def _checked_headers(self, bare_lf_seen: bool) -> tuple[tuple[str, str], ...] | None:
         """
         The message's header fields, ours first, if it passes the checks
         that need no plugin; else the refusal is sent, and C{None}.
         """
         protocol = self._protocol
-        reader = self.reader
-        if self._write_failure is not None:
-            refusal = spool_error(self._write_failure)
-        elif self._too_big or reader.size > protocol.settings.max_message_size:
-            refusal = Reply.exceeded_storage()
-        elif reader.bare_lf_seen and protocol.settings.reject_bare_lf:
+        refusal = self.refusal()
+        if refusal is None and bare_lf_seen and protocol.settings.reject_bare_lf:
             refusal = Reply.mailbox_unavailable("5.6.2 Bare LF not allowed")
-        else:
+        if refusal is None:
             headers = parse_header_block(self._received) + parse_header_block(
                 header_section(self._head)
             )

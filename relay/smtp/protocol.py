@@ -5,16 +5,17 @@ parts, one module each:
 
   - L{relay.smtp.commands}: command dispatch, HELO/EHLO and the commands
     that need no state (NOOP, RSET, QUIT, ...);
-  - L{relay.smtp.transaction}: MAIL, RCPT and DATA, up to the message in
-    the spool and the plugin's C{process_envelope};
+  - L{relay.smtp.transaction}: MAIL, RCPT, DATA and BDAT, up to the
+    message in the spool and the plugin's C{process_envelope};
   - L{relay.smtp.auth}: AUTH PLAIN and LOGIN, with the brute-force delay;
   - L{relay.smtp.starttls}: STARTTLS and implicit TLS;
   - L{relay.smtp.timers}: the idle timeout and the per-command deadline.
 
 The core keeps what they share: the L{Session}, the session's state (one
-L{Mode}), the framing of command lines, flow control, the protocol-error
-limit, and how a command that waits (on a callback, on the spool) holds
-the input back.
+L{Mode}), the framing of the input (command lines, DATA up to its end
+marker, BDAT chunks by count), flow control, the protocol-error limit, and
+how a command that waits (on a callback, on the spool) holds the input
+back.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -37,6 +38,7 @@ from relay.model.results import Accept, Disconnect
 from relay.model.session import Session
 from relay.smtp import eager
 from relay.smtp.auth import Authentication
+from relay.smtp.bdat import ChunkReader
 from relay.smtp.callbacks import LOG_NAMESPACE, SessionLogger, call_callback
 from relay.smtp.commands import Commands
 from relay.smtp.data import DataReader
@@ -64,6 +66,19 @@ _BARE_CR = Reply.syntax_error("5.5.2 Bare CR not allowed in commands")
 _BAD_UTF8 = Reply.syntax_error("5.5.2 Invalid UTF-8 in command")
 
 
+class BodyReader(Protocol):
+    """
+    What reads a message's bytes off the input in DATA or CHUNK mode
+    (L{DataReader}, L{ChunkReader}).
+    """
+
+    def feed(self, data: bytes) -> bytes | None:
+        """
+        Take C{data}; C{None} while the body goes on, else the input past
+        its end (for the commands).
+        """
+
+
 class Mode(Enum):
     """
     What the session does with the client's input: the state of a
@@ -75,6 +90,7 @@ class Mode(Enum):
         COMMAND --a command that waits--> WAITING --it is done--> COMMAND
         COMMAND --an unfinished line past MAX_LINE: 500--> DISCARDING --its end--> COMMAND
         COMMAND --DATA: 354--> DATA --end of data--> WAITING (the message is finished)
+        COMMAND --BDAT n (n > 0)--> CHUNK --n bytes read--> WAITING (the chunk's reply)
         any --QUIT, a refusal, a limit, a timeout, the connection lost--> CLOSED
 
     A command is the next line in COMMAND mode; after a 334 challenge of
@@ -93,6 +109,8 @@ class Mode(Enum):
     DISCARDING = "discarding"
     #: Reading the message, up to the end-of-data marker.
     DATA = "data"
+    #: Reading a BDAT chunk: raw bytes, up to its announced size.
+    CHUNK = "chunk"
     #: A command waits (on a callback, the spool, the AUTH delay): input waits.
     WAITING = "waiting"
     #: Closing or closed: nothing more is read or written.
@@ -106,12 +124,13 @@ _PREGREET = Mode.PREGREET
 _COMMAND = Mode.COMMAND
 _DISCARDING = Mode.DISCARDING
 _DATA = Mode.DATA
+_CHUNK = Mode.CHUNK
 _WAITING = Mode.WAITING
 _CLOSED = Mode.CLOSED
 _TLS_HANDSHAKE = TLSState.HANDSHAKE
 
 
-@implementer(IPushProducer, IHandshakeListener)
+@implementer(IPushProducer, IHandshakeListener, IHalfCloseableProtocol)
 class SMTPServerProtocol(protocol.Protocol):
     """
     One ESMTP session: the connection, the framing of command lines, flow
@@ -125,6 +144,10 @@ class SMTPServerProtocol(protocol.Protocol):
     replies without end.  (Reading goes on below that: a TLS layer pauses
     us during its handshake, which needs to read.)  Reading also stops
     while the spool's message writer asks it to.
+
+    A client may shut down its sending side once it has sent everything
+    (Exim does, after pipelining QUIT behind the message): what it sent is
+    still answered, then the session ends (L{readConnectionLost}).
 
     @ivar factory: the server.
     @ivar settings: the server's settings.
@@ -149,8 +172,10 @@ class SMTPServerProtocol(protocol.Protocol):
         self._session_log: Logger = _log
         self._mode = _GREETING
         self._buffer = b""
-        # The message being read in DATA mode.
-        self._reader: DataReader | None = None
+        # The message (DATA mode) or the chunk (CHUNK mode) being read,
+        # and what runs once it is.
+        self._reader: BodyReader | None = None
+        self._end_of_body: Callable[[], Coroutine[Any, Any, None]] | None = None
         # Where the next line goes instead of the commands: the client's
         # response to an AUTH challenge.
         self._response_handler: Callable[[str], Any] | None = None
@@ -159,6 +184,8 @@ class SMTPServerProtocol(protocol.Protocol):
         # Whether this session holds one of the factory's max_sessions.
         self._counted = False
         self._protocol_errors = 0
+        # The client shut down its sending side: nothing more will come.
+        self._input_ended = False
         # Flow control: we are the transport's producer (_producing); it
         # paused us (_output_full); reading from it is paused while the
         # spool's writer asks (_writer_full) or too much input waits
@@ -225,6 +252,8 @@ class SMTPServerProtocol(protocol.Protocol):
         if reply is not None:
             self.reply(reply)
         self._mode = _CLOSED
+        # Nothing more is read: what waits would only hold memory.
+        self._buffer = b""
         self._cancel_timers()
         if self._producing:
             # A transport does not close while a producer is registered.
@@ -306,8 +335,26 @@ class SMTPServerProtocol(protocol.Protocol):
         Enter DATA mode: input goes to C{reader} until it sees the
         end-of-data marker, then the transaction finishes the message.
         """
+        self._read_body(_DATA, reader, self.mail.end_of_data)
+
+    def read_chunk(self, reader: ChunkReader) -> None:
+        """
+        Enter CHUNK mode: the next C{reader.remaining} bytes of input,
+        whatever they hold, go to C{reader}; then its C{on_end} runs as a
+        command does (input waits until it is done).  The chunk's bytes
+        must arrive within the command deadline, as DATA's.
+        """
+        self._read_body(_CHUNK, reader, reader.on_end)
+
+    def _read_body(
+        self,
+        mode: Mode,
+        reader: BodyReader,
+        end: Callable[[], Coroutine[Any, Any, None]],
+    ) -> None:
         self._reader = reader
-        self._mode = _DATA
+        self._end_of_body = end
+        self._mode = mode
         self.timers.start_deadline()
 
     def pause_for_writer(self, drained: Callable[[], Deferred[Any]]) -> None:
@@ -388,12 +435,41 @@ class SMTPServerProtocol(protocol.Protocol):
     def resumeProducing(self) -> None:
         self._output_full = False
         mode = self._mode
-        if mode is _COMMAND or mode is _DISCARDING or mode is _DATA:
+        if mode is _COMMAND or mode is _DISCARDING or mode is _DATA or mode is _CHUNK:
             self._process()
             self._check_pending_input()
 
     def stopProducing(self) -> None:
         pass
+
+    # IHalfCloseableProtocol, for the transport.
+
+    def readConnectionLost(self) -> None:
+        """
+        The client will send nothing more: answer what it sent, then close
+        (see L{_end_if_input_done}).
+        """
+        self._input_ended = True
+        self._end_if_input_done()
+
+    def writeConnectionLost(self) -> None:
+        # We never shut down our own side alone.
+        pass
+
+    def _end_if_input_done(self) -> None:
+        """
+        After the client's end of input: once what it sent has been read
+        as far as it goes (no command waits on a callback, the client reads
+        our replies), close; a message it did not finish is dropped.
+        """
+        if not self._input_ended or self._output_full:
+            return
+        mode = self._mode
+        if mode is _CLOSED or mode is _WAITING or mode is _GREETING or mode is _PREGREET:
+            # Closed already, or the rest comes once the callback answers.
+            return
+        self.mail.abort_message()
+        self.close()
 
     def handshakeCompleted(self) -> None:
         # IHandshakeListener: the negotiated version and cipher are known.
@@ -521,21 +597,22 @@ class SMTPServerProtocol(protocol.Protocol):
             self._process_input()
         finally:
             self._processing = False
+        self._end_if_input_done()
 
     def _process_input(self) -> None:
         while self._buffer and not self._output_full:
             mode = self._mode
-            if mode is _DATA:
-                reader = self._reader
-                assert reader is not None
+            if mode is _DATA or mode is _CHUNK:
+                reader, end = self._reader, self._end_of_body
+                assert reader is not None and end is not None
                 data, self._buffer = self._buffer, b""
                 leftover = reader.feed(data)
                 if leftover is None:
                     return
                 self._buffer = leftover
-                self._reader = None
+                self._reader = self._end_of_body = None
                 self.timers.stop_deadline()
-                self._run(self.mail.end_of_data())
+                self._run(end())
                 continue
             if mode is _DISCARDING:
                 idx = self._buffer.find(b"\n")

@@ -49,6 +49,9 @@ class ServerSettings:
     @ivar auth_failure_delay: that delay, in seconds.
     @ivar auth_max_failures: the failed attempt that closes the session
         with 421.
+    @ivar chunking: CHUNKING (BDAT, RFC 3030) is offered and accepted;
+        without it BDAT is an unknown command, as for a server that
+        predates it.
     @ivar dkim_signer: what signs accepted messages before they are
         spooled (a L{relay.dkim.signer.DkimSigner}, which SIGHUP reloads in
         place); C{None}: nothing is signed.
@@ -66,6 +69,7 @@ class ServerSettings:
     auth_failures_before_delay: int = 2
     auth_failure_delay: float = 2.0
     auth_max_failures: int = 5
+    chunking: bool = True
     dkim_signer: Any = None
 
 

@@ -1,12 +1,13 @@
 """
-A streaming encoder for the SMTP DATA phase (RFC 5321 section 4.5.2): the
-inverse of L{relay.smtp.data.DataReader}.
+Streaming encoders of a message body for the wire: L{DotStuffer} for the
+SMTP DATA phase (RFC 5321 section 4.5.2; the inverse of
+L{relay.smtp.data.DataReader}), L{LineEndings} for BDAT chunks (RFC 3030).
 
 Whatever line endings the stored bytes hold, only CRLF reaches the wire:
-lone CR and lone LF both become CRLF.  A line that begins with C{.} gets
-another C{.} (dot-stuffing), at chunk boundaries and at the very start of
-the body too.  It works on whole chunks with C{bytes.replace}: no Python
-call per line.
+lone CR and lone LF both become CRLF.  For DATA, a line that begins with
+C{.} gets another C{.} (dot-stuffing), at chunk boundaries and at the very
+start of the body too; a BDAT chunk needs no such thing.  Both work on
+whole chunks with C{bytes.replace}: no Python call per line.
 """
 
 from __future__ import annotations
@@ -64,4 +65,56 @@ class DotStuffer:
         self._pending_cr = False
         self._at_line_start = True
         self.size += len(out)
+        return out
+
+
+class LineEndings:
+    """
+    Encode a message body for BDAT chunk by chunk: lone CR and lone LF
+    become CRLF (RFC 3030 section 2: a chunk holds the message in canonical
+    form), nothing else changes.  A chunk that is canonical already (every
+    message the server took with DATA is) is returned as it is, without a
+    copy, also when a CRLF is split between two chunks: counting is all
+    the work.
+    """
+
+    def __init__(self) -> None:
+        # The last byte sent was a CR: a LF first in the next chunk ends
+        # that line; anything else means the CR was alone.
+        self._after_cr = False
+
+    def encode(self, chunk: bytes) -> bytes:
+        """
+        Encode C{chunk}.
+
+        @return: the bytes to send (may be empty).
+        """
+        if not chunk:
+            return chunk
+        # The start of the chunk: a LF that completes the CR before it
+        # stays as it is; after a lone CR, its LF comes first.
+        start, prefix = 0, b""
+        if self._after_cr:
+            if chunk[0] == 0x0A:
+                start = 1
+            else:
+                prefix = b"\n"
+        # A CR at the end may be the first half of a CRLF: sent as it is,
+        # the next chunk decides.
+        end = len(chunk) - 1 if chunk[-1] == 0x0D else len(chunk)
+        self._after_cr = end < len(chunk)
+        pairs = chunk.count(b"\r\n", start, end)
+        if pairs == chunk.count(b"\n", start, end) and pairs == chunk.count(b"\r", start, end):
+            return prefix + chunk if prefix else chunk
+        middle = chunk[start:end].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        return prefix + chunk[:start] + middle.replace(b"\n", b"\r\n") + chunk[end:]
+
+    def finish(self) -> bytes:
+        """
+        End the body: the LF of a CR that ended it, if any.  (Unlike DATA,
+        a body that does not end a line is not given an ending: a chunk has
+        no end marker that needs one.)
+        """
+        out = b"\n" if self._after_cr else b""
+        self._after_cr = False
         return out

@@ -1,15 +1,17 @@
 """
 The mail transaction of an SMTP session (RFC 5321 section 3.3): MAIL FROM,
-RCPT TO and DATA, each asked of the plugin (C{process_sender},
-C{process_recipient}), up to the C{Received} header that begins the
-message; L{relay.smtp.incoming} takes the message from there.
+RCPT TO and the message, with DATA or in BDAT chunks (RFC 3030), each
+asked of the plugin (C{process_sender}, C{process_recipient}), up to the
+C{Received} header that begins the message; L{relay.smtp.incoming} takes
+the message from there.
 """
 
 from __future__ import annotations
 
 import re
 from email.utils import formatdate
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 from relay.model.address import AddressError, EmailAddress, Sender
 from relay.model.argument import (
@@ -22,6 +24,8 @@ from relay.model.argument import (
 from relay.model.entry import new_id
 from relay.model.reply import Reply
 from relay.model.results import Continue, Reject
+from relay.smtp.bdat import SYNTAX_ERROR_TEXT, ChunkedBody, ChunkReader, discard, parse_bdat
+from relay.smtp.data import DataReader
 from relay.smtp.incoming import IncomingMessage
 
 if TYPE_CHECKING:
@@ -33,6 +37,14 @@ _RCPT = re.compile(r"^TO: ?(<[^>]*>)(?: +(.*))?$", re.I | re.S)
 _SENDER_OK = Reply.ok("2.1.0 Ok")
 _RECIPIENT_OK = Reply.ok("2.1.5 Ok")
 _NEED_MAIL = Reply.bad_sequence("5.5.1 Error: need MAIL command")
+_NO_RECIPIENTS = Reply.transaction_failed("5.5.1 No valid recipients")
+
+#: A BDAT transaction may announce this many times the message size limit
+#: in all (stored, and read to be thrown away after a refusal) before the
+#: session is closed instead of reading on: staying in step with a client
+#: means reading every byte it announced, and beyond this it is not worth
+#: it (Postfix's bound too).
+DISCARD_FACTOR = 1.5
 
 
 class Transaction:
@@ -56,7 +68,8 @@ class Transaction:
 
 class MailTransaction:
     """
-    MAIL, RCPT and DATA in one session, and the transaction they build.
+    MAIL, RCPT, DATA and BDAT in one session, and the transaction they
+    build.
 
     @ivar transaction: the transaction in progress, if any.
     """
@@ -64,17 +77,23 @@ class MailTransaction:
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self._protocol = protocol
         self.transaction: Transaction | None = None
-        # The message of the DATA command in progress (or just ended).
+        # The message being received (or just ended), with DATA or BDAT.
         self._incoming: IncomingMessage | None = None
+        # DATA's decoder, while the message comes with DATA.
+        self._data: DataReader | None = None
+        # Once the transaction's first BDAT came: its chunks' common state.
+        self._chunks: ChunkedBody | None = None
 
     def reset(self) -> None:
         """
-        Forget the transaction (RSET, HELO, STARTTLS, the end of DATA),
-        and the message being received with it.
+        Forget the transaction (RSET, HELO, STARTTLS, the end of the
+        message), and the message being received with it.
         """
         self.abort_message()
         self.transaction = None
         self._incoming = None
+        self._data = None
+        self._chunks = None
         self._protocol.log_session()
 
     def abort_message(self) -> None:
@@ -141,6 +160,10 @@ class MailTransaction:
         if t is None:
             protocol.reply(_NEED_MAIL)
             return
+        if self._chunks is not None:
+            # RFC 3030 section 2: the chunks come after every RCPT.
+            protocol.reply(Reply.bad_sequence("5.5.1 Error: RCPT after BDAT"))
+            return
         m = _RCPT.match(arg)
         if m is None:
             protocol.reply(Reply.parameter_error("5.5.4 Syntax: RCPT TO:<address> [parameters]"))
@@ -199,17 +222,20 @@ class MailTransaction:
         if t is None:
             self._refuse_data(_NEED_MAIL)
             return
-        if not t.recipients:
-            self._refuse_data(Reply.transaction_failed("5.5.1 No valid recipients"))
+        if self._chunks is not None:
+            # RFC 3030 section 2: DATA and BDAT do not mix in a transaction;
+            # the client must RSET (the chunks so far are kept until then).
+            self._refuse_data(Reply.bad_sequence("5.5.1 Error: DATA after BDAT"))
             return
-        try:
-            writer = protocol.factory.spool.receive(t.id)
-        except Exception:
-            protocol.log.failure("spool receive failed")
+        if not t.recipients:
+            self._refuse_data(_NO_RECIPIENTS)
+            return
+        incoming = self._begin_message(t)
+        if incoming is None:
             self._refuse_data(Reply.local_error())
             return
-        incoming = self._incoming = IncomingMessage(protocol, writer, self._received_header(t))
-        protocol.read_data(incoming.reader)
+        self._data = DataReader(incoming.receive, reject_bare_lf=protocol.settings.reject_bare_lf)
+        protocol.read_data(self._data)
         protocol.reply(Reply.start_mail_input())
 
     async def end_of_data(self) -> None:
@@ -217,10 +243,153 @@ class MailTransaction:
         The client ended the message: finish it (see L{IncomingMessage}),
         then the transaction is over, whatever the outcome.
         """
-        t, incoming = self.transaction, self._incoming
-        assert t is not None and incoming is not None
+        t, incoming, data = self.transaction, self._incoming, self._data
+        assert t is not None and incoming is not None and data is not None
         try:
-            await incoming.finish(t)
+            await incoming.finish(t, bare_lf_seen=data.bare_lf_seen)
+        finally:
+            self.reset()
+
+    def _begin_message(self, t: Transaction) -> IncomingMessage | None:
+        """
+        Open the transaction's message in the spool, beginning with our
+        C{Received} header; C{None} (logged) if the spool cannot.
+        """
+        protocol = self._protocol
+        try:
+            writer = protocol.factory.spool.receive(t.id)
+        except Exception:
+            protocol.log.failure("spool receive failed")
+            return None
+        self._incoming = IncomingMessage(protocol, writer, self._received_header(t))
+        return self._incoming
+
+    # -- BDAT (RFC 3030) ---------------------------------------------------
+
+    def smtp_BDAT(self, arg: str) -> Coroutine[Any, Any, None] | None:
+        """
+        C{BDAT size [LAST]}: the chunk of C{size} bytes that follows at once
+        is stored as sent (or, when the command is refused, read and thrown
+        away: the reply comes only after it, RFC 3030 section 2).  A chunk
+        gets 250 with its size; the last one the message's reply, as DATA's
+        end does.
+        """
+        protocol = self._protocol
+        try:
+            size, last = parse_bdat(arg)
+        except ValueError:
+            # Where the chunk ends is unknown: its bytes would run as
+            # commands.
+            protocol.log.warn("malformed BDAT from {remote}", remote=protocol.session.remote_host)
+            self.abort_message()
+            protocol.close(Reply(521, SYNTAX_ERROR_TEXT))
+            return None
+        t = self.transaction
+        if t is None:
+            # After BDAT LAST too (RFC 3030 section 2: 503).
+            return self._skip(size, last, _NEED_MAIL)
+        chunks = self._chunks
+        if chunks is None:
+            if not t.recipients:
+                return self._skip(size, last, _NO_RECIPIENTS)
+            if self._begin_message(t) is None:
+                return self._skip(size, last, Reply.local_error())
+            chunks = self._chunks = ChunkedBody()
+        elif chunks.failed:
+            discarded = f"5.0.0 Error: {size} bytes discarded after an earlier error"
+            return self._skip(size, last, Reply(554, discarded))
+        incoming = self._incoming
+        assert incoming is not None
+        if incoming.size + size > protocol.settings.max_message_size:
+            incoming.abort()
+            return self._skip(size, last, Reply.exceeded_storage())
+        chunks.announced += size
+        store: Callable[[bytes], None] = incoming.receive
+        if protocol.settings.reject_bare_lf:
+            # Only then is a bare LF worth looking for: stored either way.
+            def store(data: bytes) -> None:
+                chunks.note(data)
+                incoming.receive(data)
+
+        return self._read(
+            size, store, self._end_of_message if last else partial(self._end_of_chunk, size)
+        )
+
+    def _read(
+        self,
+        size: int,
+        sink: Callable[[bytes], object],
+        on_end: Callable[[], Coroutine[Any, Any, None]],
+    ) -> Coroutine[Any, Any, None] | None:
+        """
+        Read a chunk of C{size} bytes into C{sink}, then run C{on_end}
+        (at once for an empty chunk: no input is awaited).
+        """
+        if size == 0:
+            return on_end()
+        self._protocol.read_chunk(ChunkReader(size, sink, on_end))
+        return None
+
+    def _skip(self, size: int, last: bool, reply: Reply) -> Coroutine[Any, Any, None] | None:
+        """
+        Refuse a chunk with C{reply} once it is read and thrown away.  The
+        transaction, if any, failed: its later chunks are thrown away too
+        until the last one (or RSET) ends it.  A chunk too big to be worth
+        reading closes the session after the reply.
+        """
+        protocol = self._protocol
+        if self.transaction is not None:
+            if self._chunks is None:
+                self._chunks = ChunkedBody(failed=True)
+            chunks = self._chunks
+            chunks.failed = True
+            chunks.announced += size
+            announced = chunks.announced
+        else:
+            announced = size
+        if announced > protocol.settings.max_message_size * DISCARD_FACTOR:
+            # RFC 3030 section 2: a chunk cannot be cut short except by
+            # closing the connection.
+            protocol.log.warn(
+                "BDAT of {size} bytes from {remote} refused: too big to read",
+                size=size,
+                remote=protocol.session.remote_host,
+            )
+            self.abort_message()
+            protocol.close(reply)
+            return None
+
+        async def refuse() -> None:
+            protocol.reply(reply)
+            if last and self.transaction is not None:
+                self.reset()
+
+        return self._read(size, discard, refuse)
+
+    async def _end_of_chunk(self, size: int) -> None:
+        """
+        A chunk of C{size} bytes that is not the last one is stored: 250
+        with its size, or the spool's failure (the transaction failed).
+        """
+        incoming, chunks = self._incoming, self._chunks
+        assert incoming is not None and chunks is not None
+        refusal = incoming.refusal()
+        if refusal is None:
+            self._protocol.reply(Reply.ok(f"2.0.0 Ok: {size} bytes"))
+            return
+        incoming.abort()
+        chunks.failed = True
+        self._protocol.reply(refusal)
+
+    async def _end_of_message(self) -> None:
+        """
+        The last chunk is stored: finish the message as at DATA's end,
+        then the transaction is over, whatever the outcome.
+        """
+        t, incoming, chunks = self.transaction, self._incoming, self._chunks
+        assert t is not None and incoming is not None and chunks is not None
+        try:
+            await incoming.finish(t, bare_lf_seen=chunks.bare_lf_seen)
         finally:
             self.reset()
 

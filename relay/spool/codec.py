@@ -75,6 +75,8 @@ def _attempt_to_json(a: Attempt) -> dict[str, Any]:
         if a.tls.detail:
             tls["detail"] = a.tls.detail
         data["tls"] = tls
+    if a.failure_class is not None:
+        data["class"] = a.failure_class
     return data
 
 
@@ -99,6 +101,8 @@ def _attempt_from_json(a: dict[str, Any]) -> Attempt:
         recipients=tuple(a.get("recipients", ())),
         address=_peer_from_json(a.get("address")),
         tls=_tls_from_json(a.get("tls")),
+        # Absent from entries written before attempts recorded it.
+        failure_class=a.get("class"),
     )
 
 

@@ -7,7 +7,13 @@ Real C{twistd relay} processes talk to:
     directories in a temporary directory; the system Postfix is never
     configured or started): Postfix relays to relay over STARTTLS (with and
     without SASL AUTH), and relay delivers to Postfix, which stores the
-    message in a maildir;
+    message in a maildir: in BDAT chunks (Postfix offers CHUNKING), and
+    with DATA when Postfix is told not to offer it;
+  - Exim (Debian's package unpacked by C{make exim}, never installed: it
+    conflicts with postfix) as a client only, with its own configuration:
+    its smtp transport sends BDAT to relay, which offers CHUNKING;
+  - a client on a plain socket sending pipelined BDAT chunks (whatever
+    else is installed);
   - swaks: STARTTLS, AUTH PLAIN and AUTH LOGIN (a wrong password is
     refused), PIPELINING and 8-bit bodies, and PROXY protocol v1 and v2
     headers to relay's C{haproxy:} listener;
@@ -22,12 +28,15 @@ stopped at cleanup and each wait is bounded.
 from __future__ import annotations
 
 import glob
+import grp
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
 import smtplib
+import socket
 import sys
 import tempfile
 from typing import Any, Sequence
@@ -49,6 +58,8 @@ from tests.test_integration import (
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
+# Where `make exim` unpacks Debian's exim4-daemon-light (and libidn12).
+EXIM_ROOT = os.environ.get("RELAY_EXIM_ROOT", os.path.join(ROOT, "build", "exim"))
 # How long one external command (swaks, postfix start/stop) may take.
 COMMAND_TIMEOUT = 60.0
 
@@ -240,6 +251,8 @@ class InteropCase(TestCase):
         child = self.spawn(argv, output=output)
         self.relay_logs = getattr(self, "relay_logs", {})
         self.relay_logs[name] = output
+        self.relays = getattr(self, "relays", {})
+        self.relays[name] = child
 
         def ready() -> bool:
             if not child.running:
@@ -532,11 +545,14 @@ class PostfixTests(InteropCase):
         InteropCase.setUp(self)
 
     @inlineCallbacks
-    def start_postfix(self, relayhost: str | None = None, auth: bool = False) -> Any:
+    def start_postfix(
+        self, relayhost: str | None = None, auth: bool = False, chunking: bool = True
+    ) -> Any:
         """
         Configure and start the private Postfix; return its SMTP port.
         With C{auth}, its SMTP client authenticates (as alice) to
-        C{relayhost}.
+        C{relayhost}; without C{chunking}, its smtpd does not offer
+        CHUNKING (C{smtpd_discard_ehlo_keywords}).
         """
         # Postfix's sockets live in its queue directory: the trial temporary
         # directory makes their paths longer than AF_UNIX allows.
@@ -588,6 +604,8 @@ class PostfixTests(InteropCase):
             "smtpd_tls_loglevel": "1",
             "smtp_tls_loglevel": "1",
         }
+        if not chunking:
+            settings["smtpd_discard_ehlo_keywords"] = "chunking"
         if relayhost is not None:
             settings["relayhost"] = relayhost
             settings["smtp_tls_security_level"] = "encrypt"
@@ -748,6 +766,88 @@ class PostfixTests(InteropCase):
         self.assertIn("by relay.test (relay) with ESMTP", received[1])
         self.assertIn("status=sent (delivered to maildir)", self.read(self.maillog))
         yield self.poll(lambda: not self.spool_files("relay"), "relay's spool to empty")
+        # Postfix offers CHUNKING: the message went as one BDAT.
+        session = yield self.relay_session()
+        self.assertRegex(session, r"\bbdat=1\b")
+
+    @inlineCallbacks
+    def relay_to_postfix(self, data: bytes, chunking: bool) -> Any:
+        """
+        Send C{data} to a relay whose smarthost is Postfix (offering
+        CHUNKING or not); return what Postfix stored in the maildir and
+        Postfix's smtpd line for relay's session (its command counts).
+        """
+        postfix_port = yield self.start_postfix(chunking=chunking)
+        with smtplib.SMTP("127.0.0.1", postfix_port, timeout=TIMEOUT) as probe:
+            probe.ehlo("probe.example.com")
+            self.assertEqual(probe.has_extn("chunking"), chunking)
+        relay_port = yield self.start_relay("relay", f"127.0.0.1:{postfix_port}")
+        refused = yield self.send(relay_port, data)
+        self.assertEqual(refused, {})
+        new = os.path.join(self.maildir, "bob", "new")
+        [path] = yield self.poll(
+            lambda: files_under(new),
+            lambda: (
+                f"the message in {new}:\n{self.read(self.maillog)}\n"
+                + self.read(self.relay_logs["relay"])[-3000:]
+            ),
+        )
+        with open(path, "rb") as f:
+            stored = f.read()
+        session = yield self.relay_session()
+        return stored, session
+
+    @inlineCallbacks
+    def relay_session(self) -> Any:
+        """
+        Stop relay (which QUITs its idle connection to Postfix) and return
+        Postfix's smtpd line for that session, with its command counts (the
+        one session with a MAIL: the probe of EHLO has none).
+        """
+        yield self.stop(self.relays["relay"])
+        log = yield self.poll(
+            lambda: re.search(r"disconnect from \S+ .*\bmail=1\b.*", self.read(self.maillog)),
+            lambda: f"Postfix to log relay's session:\n{self.read(self.maillog)[-3000:]}",
+        )
+        return log.group()
+
+    @inlineCallbacks
+    def test_relay_sends_chunks_to_postfix(self) -> Any:
+        """
+        A message of about 300 KB (so relay keeps it in a file and sends
+        it in 64 KiB chunks, pipelined, a CRLF and a dot line across chunk
+        boundaries) reaches Postfix's maildir intact; Postfix's log counts
+        the BDAT commands and no DATA.
+        """
+        size = 64 * 1024
+        head = (
+            b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: chunks\r\n"
+            b"Date: Tue, 24 Nov 2026 12:00:00 +0000\r\nMessage-ID: <chunks@example.com>\r\n\r\n"
+        )
+        line = b"0123456789" * 7 + b"\r\n"
+        body = line * (4 * size // len(line)) + b".\r\n..two\r\n.lead\r\ncaf\xc3\xa9\r\n"
+        data = head + body
+        stored, session = yield self.relay_to_postfix(data, chunking=True)
+        # Postfix stores LF line endings in a maildir.
+        self.assertTrue(stored.endswith(data.replace(b"\r\n", b"\n")), stored[-200:])
+        bdat = int(re.search(r"\bbdat=(\d+)", session).group(1))  # type: ignore[union-attr]
+        self.assertGreaterEqual(bdat, 4, session)
+        self.assertNotIn("data=", session)
+
+    @inlineCallbacks
+    def test_relay_sends_data_to_postfix_without_chunking(self) -> Any:
+        """
+        Postfix told not to offer CHUNKING: relay sends DATA, and the
+        message (dot lines stuffed on the wire) arrives intact.
+        """
+        data = (
+            b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: data\r\n"
+            b"Date: Tue, 24 Nov 2026 12:00:00 +0000\r\nMessage-ID: <data@example.com>\r\n\r\n.\r\n..two\r\nend\r\n"
+        )
+        stored, session = yield self.relay_to_postfix(data, chunking=False)
+        self.assertTrue(stored.endswith(data.replace(b"\r\n", b"\n")), stored)
+        self.assertIn("data=1", session)
+        self.assertNotIn("bdat=", session)
 
 
     @inlineCallbacks
@@ -873,3 +973,260 @@ class ProxyProtocolTests(InteropCase):
         received = yield self.proxied_message("1", "TCP4", "203.0.113.7", "192.0.2.25")
         self.assertIn("from swaks.example.com ([203.0.113.7])", received)
 
+
+
+EXIM_CONFIGURATION = """\
+exim_path = {wrapper}
+exim_user = {user}
+exim_group = {group}
+spool_directory = {directory}/spool
+log_file_path = {directory}/log/%slog
+primary_hostname = exim.test
+keep_environment =
+
+begin routers
+
+to_relay:
+  driver = manualroute
+  route_list = * 127.0.0.1::{port} byname
+  transport = relay_smtp
+  self = send
+
+begin transports
+
+relay_smtp:
+  driver = smtp
+  hosts_try_chunking = *
+  hosts_avoid_tls = {avoid_tls}
+"""
+
+
+class EximTests(InteropCase):
+    """
+    Exim's smtp transport as a client of relay: it sends BDAT when relay
+    offers CHUNKING.
+
+    Exim is Debian's exim4-daemon-light, unpacked by C{make exim} and run
+    from a copy in a temporary directory as C{nobody} with its own
+    configuration (C{-C}), delivering one message in the foreground
+    (C{-odf}) through a manualroute router to relay.  The binary looks up
+    the user it was built for (C{Debian-exim}) by name, so it runs in a
+    private mount namespace (C{unshare -m}) in which a copy of
+    /etc/passwd and /etc/group that names it is bind-mounted: nothing on
+    the system changes.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        exim = os.path.join(EXIM_ROOT, "usr", "sbin", "exim4")
+        if not os.path.isfile(exim):
+            raise SkipTest(f"Exim is not unpacked in {EXIM_ROOT}; `make exim` unpacks it")
+        if os.geteuid() != 0:
+            raise SkipTest("Exim runs in a mount namespace of its own, which needs root")
+        for tool in ("unshare", "setpriv"):
+            if shutil.which(tool) is None:
+                raise SkipTest(f"{tool} (util-linux) is not installed")
+        InteropCase.setUp(self)
+        self.sink, sink_port = self.start_sink()
+        self.port = yield self.start_relay("relay", f"127.0.0.1:{sink_port}")
+        self.exim_dir = self.exim_directory(exim)
+
+    def exim_directory(self, exim: str) -> str:
+        """
+        A directory that C{nobody} can use: Exim's binary and library, a
+        wrapper that points the library path at them, its configuration,
+        spool and log, and the passwd and group files of its namespace.
+        """
+        nobody = pwd.getpwnam("nobody")
+        group = grp.getgrgid(nobody.pw_gid).gr_name
+        directory = tempfile.mkdtemp(prefix="relay-interop-exim-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        os.chmod(directory, 0o755)
+        lib = os.path.join(directory, "lib")
+        os.makedirs(lib)
+        for name in glob.glob(os.path.join(EXIM_ROOT, "usr", "lib", "*", "libidn.so*")):
+            shutil.copy(name, lib)
+        shutil.copy(exim, os.path.join(directory, "exim4"))
+        os.chmod(os.path.join(directory, "exim4"), 0o755)
+        wrapper = os.path.join(directory, "exim")
+        with open(wrapper, "w") as f:
+            f.write(f'#!/bin/sh\nLD_LIBRARY_PATH={lib} exec {directory}/exim4 "$@"\n')
+        os.chmod(wrapper, 0o755)
+        for sub in ("spool", "log"):
+            os.makedirs(os.path.join(directory, sub))
+            os.chown(os.path.join(directory, sub), nobody.pw_uid, nobody.pw_gid)
+        with open(os.path.join(directory, "exim.conf"), "w") as f:
+            f.write(EXIM_CONFIGURATION.format(
+                wrapper=wrapper, user="nobody", group=group, directory=directory, port=self.port,
+                avoid_tls="${if exists{" + directory + "/no-tls}{*}{}}",
+            ))  # fmt: skip
+        for name, line in (
+            ("passwd", f"Debian-exim:x:{nobody.pw_uid}:{nobody.pw_gid}::/nonexistent:/bin/false\n"),
+            ("group", f"Debian-exim:x:{nobody.pw_gid}:\n"),
+        ):
+            with open(f"/etc/{name}") as system, open(os.path.join(directory, name), "w") as f:
+                f.write(system.read() + line)
+        return directory
+
+    def exim(self, message: str, *args: str) -> Deferred[Any]:
+        """
+        Run Exim (as C{nobody}, in its namespace) on the message file
+        C{message} with C{args}; return its output and exit code.
+        """
+        d = self.exim_dir
+        exim = shlex.join([
+            "setpriv", "--reuid", "nobody", "--regid", str(pwd.getpwnam("nobody").pw_gid),
+            "--clear-groups", os.path.join(d, "exim"), "-C", os.path.join(d, "exim.conf"), *args,
+        ])  # fmt: skip
+        script = (
+            f"mount --bind {d}/passwd /etc/passwd && mount --bind {d}/group /etc/group"
+            f" && exec {exim} < {shlex.quote(message)}"
+        )
+        return self.command(["unshare", "--mount", "sh", "-c", script])
+
+    @inlineCallbacks
+    def exim_to_relay(self, tls: bool) -> Any:
+        """
+        Have Exim send a message to relay (over STARTTLS or in clear);
+        check that it went with BDAT and reached the sink intact; return
+        Exim's output and relay's Received header.
+        """
+        if not tls:
+            open(os.path.join(self.exim_dir, "no-tls"), "w").close()
+        body = b"Sent by Exim.\n.\n..two dots\n.lead\ncaf\xc3\xa9\n" + b"x" * 70 + b"\n"
+        message = os.path.join(self.exim_dir, "message.eml")
+        with open(message, "wb") as f:
+            f.write(
+                b"From: alice@example.com\nTo: bob@example.net\nSubject: from Exim\n"
+                b"Message-ID: <exim-bdat@example.com>\n\n" + body
+            )
+        os.chmod(message, 0o644)
+        out, code = yield self.exim(message, "-odf", "-oi", "-v", "-f", SENDER, RECIPIENT)
+        self.assertEqual(code, 0, out)
+        # Exim's -v transcript: the EHLO reply's lines, then "SMTP+>" for a
+        # command it pipelines; its delivery log line has K for CHUNKING.
+        self.assertRegex(out, r"\n\s+250[- ]CHUNKING\n")
+        self.assertRegex(out, r"SMTP[>|+]> BDAT \d+ LAST\n")
+        self.assertNotRegex(out, r"SMTP[>|+]> DATA")
+        self.assertRegex(out, r"=> bob@example\.net .* K C=\"250 2\.0\.0 Ok: queued as ")
+        [envelope] = yield self.at_sink(self.sink)
+        self.assertEqual(str(envelope.sender), SENDER)
+        self.assertEqual([str(r) for r in envelope.recipients], [RECIPIENT])
+        self.assertEqual(envelope.message.header("Message-ID"), "<exim-bdat@example.com>")
+        data = envelope.message.data
+        self.assertTrue(data.endswith(b"\r\n\r\n" + body.replace(b"\n", b"\r\n")), data[-300:])
+        received = received_headers(data)
+        [by_relay] = [r for r in received if "by relay.test (relay)" in r]
+        self.assertIn("from exim.test ([127.0.0.1])", by_relay)
+        self.assertTrue(any("by exim.test" in r for r in received), received)
+        return out, by_relay
+
+    @inlineCallbacks
+    def test_exim_sends_bdat(self) -> Any:
+        """
+        Exim takes the STARTTLS relay offers, sees CHUNKING in relay's
+        second EHLO reply and sends the message with BDAT, pipelined with
+        MAIL and RCPT; relay queues it and delivers it to the sink with the
+        body intact (dot lines, 8-bit, a line that is a lone dot) after
+        Exim's and relay's Received headers.
+        """
+        out, by_relay = yield self.exim_to_relay(tls=True)
+        self.assertRegex(out, r"SMTP>> STARTTLS")
+        self.assertIn("with ESMTPS", by_relay)
+
+    @inlineCallbacks
+    def test_exim_sends_bdat_and_shuts_down(self) -> Any:
+        """
+        In clear text Exim pipelines QUIT behind the last chunk and shuts
+        down its side of the connection before reading the replies: relay
+        still answers everything (the queued reply, then 221).
+        """
+        out, by_relay = yield self.exim_to_relay(tls=False)
+        self.assertRegex(out, r"SMTP\+> BDAT \d+ LAST\n\s+SMTP\+> QUIT\n\s+SMTP\(shutdown\)>>")
+        self.assertRegex(out, r"SMTP<< 221 2\.0\.0 Bye")
+        self.assertIn("with ESMTP id", by_relay)
+
+
+class SocketChunkingTests(InteropCase):
+    """
+    BDAT from a client on a plain socket (this test's own bytes, whatever
+    is installed): pipelined chunks, and the refusals that keep a session
+    usable.
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> Any:  # type: ignore[override]
+        InteropCase.setUp(self)
+        self.sink, sink_port = self.start_sink()
+        self.port = yield self.start_relay("relay", f"127.0.0.1:{sink_port}", certificate=False)
+
+    def talk(self, script: list[bytes], replies: int) -> Deferred[list[str]]:
+        """
+        Send every piece of C{script} at once (pipelined), after the
+        greeting and EHLO; return the greeting, the EHLO reply and the
+        next C{replies} replies, one string each.
+        """
+
+        def run() -> list[str]:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
+                reader = sock.makefile("rb")
+
+                def reply() -> str:
+                    lines = []
+                    while True:
+                        line = reader.readline().decode("utf-8", "replace").rstrip("\r\n")
+                        if not line:
+                            return " / ".join(lines) or "EOF"
+                        lines.append(line)
+                        if line[3:4] != "-":
+                            return " / ".join(lines)
+
+                out = [reply()]
+                sock.sendall(b"EHLO socket.example\r\n")
+                out.append(reply())
+                sock.sendall(b"".join(script))
+                out += [reply() for _ in range(replies)]
+                sock.sendall(b"QUIT\r\n")
+                out.append(reply())
+                return out
+
+        return deferToThread(run)
+
+    @inlineCallbacks
+    def test_pipelined_chunks(self) -> Any:
+        """
+        MAIL, RCPT and three chunks (the last one BDAT 0 LAST) in one
+        write, then a chunk without MAIL (holding "QUIT"), refused with 503
+        once it is read: the session goes on and QUIT ends it.  The message
+        reaches the sink with its dot line as sent (and the lone LF made
+        CRLF by relay's client: a chunk holds canonical text).
+        """
+        first = b"Subject: socket\r\nMessage-ID: <socket@example.com>\r\n\r\n.\r\n"
+        second = b"bare\nlf and the end\r\n"
+        script = [
+            b"MAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@example.net>\r\n",
+            b"BDAT %d\r\n" % len(first), first,
+            b"BDAT %d\r\n" % len(second), second,
+            b"BDAT 0 LAST\r\n",
+            b"BDAT 6 LAST\r\nQUIT\r\n",
+        ]  # fmt: skip
+        replies = yield self.talk(script, 6)
+        self.assertIn("250 CHUNKING", replies[1])
+        self.assertEqual(
+            replies[2:7],
+            [
+                "250 2.1.0 Ok",
+                "250 2.1.5 Ok",
+                f"250 2.0.0 Ok: {len(first)} bytes",
+                f"250 2.0.0 Ok: {len(second)} bytes",
+                replies[6],
+            ],
+        )
+        self.assertRegex(replies[6], r"^250 2\.0\.0 Ok: queued as ")
+        self.assertEqual(replies[7:], ["503 5.5.1 Error: need MAIL command", "221 2.0.0 Bye"])
+        [envelope] = yield self.at_sink(self.sink)
+        self.assertEqual(envelope.message.header("Message-ID"), "<socket@example.com>")
+        self.assertTrue(
+            envelope.message.data.endswith(first + b"bare\r\nlf and the end\r\n"),
+            envelope.message.data,
+        )
