@@ -38,7 +38,9 @@ crash: $(STAMP)
 interop: $(STAMP) deb-tools exim
 	$(BIN)/trial $(TRIAL_ARGS) tests.system.interop
 
-# Benchmarks against Postfix, aiosmtpd and twisted.mail; writes bench/RESULTS.md.
+# Benchmarks against Postfix, Haraka, python-slimta, aiosmtpd and twisted.mail
+# (Haraka and slimta installed into $TMPDIR/relay-bench-cache when missing);
+# writes bench/RESULTS.md and bench/ratios.png.
 bench: $(STAMP) deb-tools
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

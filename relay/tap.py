@@ -125,6 +125,28 @@ def _non_negative_int(name: str):  # type: ignore[no-untyped-def]
     return coerce
 
 
+def auto_receivers(cores: int | None = None) -> int:
+    """
+    What C{--receivers auto} means: a receiving process per core, or none
+    (this process receives) on a machine with one core, where another
+    process has no core of its own to run on.
+    """
+    cores = os.cpu_count() if cores is None else cores
+    return cores if cores and cores > 1 else 0
+
+
+def _receivers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        return auto_receivers()
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0:
+        raise usage.UsageError(f"--receivers must be auto, 0 or a positive integer, not {value!r}")
+    return number
+
+
 class Options(usage.Options, strcred.AuthOptionMixin):
     """
     The options of C{twistd relay}.
@@ -204,10 +226,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "DKIM-sign mail with the keys listed in FILE, one per line: DOMAIN SELECTOR KEYFILE "
          "[rsa|ed25519] (SIGHUP reloads it; relayctl dkim-record prints the DNS record)."],
         ["receivers", None, 0,
-         "Receive SMTP in this many separate processes (0: in this one). The main process "
-         "then keeps the spool, delivery and control; --smtp must be tcp:, tcp6:, implicit-tls: "
-         "or haproxy:.",
-         _non_negative_int("receivers")],
+         "Receive SMTP in this many separate processes (0: in this one; auto: one per core, "
+         "none on one core). The main process then keeps the spool, delivery and control; "
+         "--smtp must be tcp:, tcp6:, implicit-tls: or haproxy:.",
+         _receivers],
     ]
 
     compData = usage.Completions(

@@ -7,6 +7,7 @@ the real C{twistd relay --receivers 2}.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -461,6 +462,24 @@ class MasterReportTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
 
 
+class FakeListeningPort:
+    """
+    A listening port that records being paused and resumed.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def stopReading(self) -> None:
+        self.calls.append("stop")
+
+    def startReading(self) -> None:
+        self.calls.append("start")
+
+    def stopListening(self) -> None:
+        self.calls.append("close")
+
+
 def synchronous(f: Any, *args: Any, **kw: Any) -> Deferred[Any]:
     return defer.maybeDeferred(f, *args, **kw)
 
@@ -558,6 +577,63 @@ class ReceiverTests(SynchronousTestCase):
         receiver.factory.sessions = 0
         self.reactor.advance(1.0)
         self.assertEqual(self.sent, [{"t": "sessions", "n": 2}, {"t": "sessions", "n": 0}])
+
+    def test_full_receiver_stops_accepting(self) -> None:
+        """
+        A receiver whose sessions reach its share of max_sessions stops
+        reading its listening ports (the other receivers take the
+        connections from the shared queue) and reads them again once a
+        session ends; below the share nothing changes.
+        """
+        self.start = dataclasses.replace(
+            self.start, settings=dataclasses.replace(self.settings, max_sessions=5, receivers=2)
+        )
+        receiver = self.make()
+        receiver.start()
+        ports = [FakeListeningPort(), FakeListeningPort()]
+        receiver.ports[:] = ports
+        self.assertEqual(receiver.gate.share, 3)
+        factory = receiver.factory
+        calls = lambda: [p.calls for p in ports]  # noqa: E731
+        factory.sessions = 2
+        self.assertEqual(calls(), [[], []])
+        factory.sessions = 3
+        factory.sessions = 4  # accepted in the same batch: still paused, once
+        self.assertEqual(calls(), [["stop"], ["stop"]])
+        factory.sessions = 3
+        self.assertEqual(calls(), [["stop"], ["stop"]])
+        factory.sessions = 2
+        self.assertEqual(calls(), [["stop", "start"], ["stop", "start"]])
+        # Once stopping, the ports are closed, not resumed.
+        factory.sessions = 3
+        receiver.stop()
+        factory.sessions = 0
+        after = ["stop", "start", "stop", "close"]
+        self.assertEqual(calls(), [after, after])
+
+    def test_no_421_below_max_sessions(self) -> None:
+        """
+        A receiver answers 421 too many connections only past the whole
+        max_sessions, not past its share: a connection it accepted after
+        it filled its share (in the same accept batch) is served.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        self.start = dataclasses.replace(
+            self.start, settings=dataclasses.replace(self.settings, max_sessions=3, receivers=2)
+        )
+        receiver = self.make()
+        receiver.start()
+        receiver.ports[:] = [FakeListeningPort()]
+        replies = []
+        for n in range(4):
+            protocol = receiver.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4000 + n))
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4000 + n))
+            protocol.makeConnection(transport)
+            replies.append(transport.value()[:3])
+        self.assertEqual(replies, [b"220", b"220", b"220", b"421"])
+        self.assertTrue(receiver.gate.paused)
 
     def test_stop_waits_for_sessions(self) -> None:
         receiver = self.make()

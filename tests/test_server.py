@@ -1423,3 +1423,44 @@ class SettingsTests(SynchronousTestCase):
         one, two = factory.buildProtocol(None), factory.buildProtocol(None)
         self.assertIs(one.settings, factory.settings)
         self.assertIs(two.settings, factory.settings)
+
+
+class CallCallbackTests(SynchronousTestCase):
+    """
+    L{relay.smtp.callbacks.call_callback}: every kind of answer a plugin
+    callback gives becomes a L{Deferred} of the same outcome.
+    """
+
+    def test_answers(self) -> None:
+        """
+        A plain value, a L{Deferred}, a coroutine and a L{Deferred} that
+        fires with a coroutine all give a L{Deferred} of the value.
+        """
+        from twisted.internet.defer import succeed
+
+        from relay.smtp.callbacks import call_callback
+
+        async def coroutine(x: int) -> int:
+            return x + 1
+
+        self.assertEqual(self.successResultOf(call_callback(lambda x: x, 1)), 1)
+        self.assertEqual(self.successResultOf(call_callback(lambda x: succeed(x), 2)), 2)
+        self.assertEqual(self.successResultOf(call_callback(coroutine, 2)), 3)
+        self.assertEqual(
+            self.successResultOf(call_callback(lambda x: succeed(coroutine(x)), 3)), 4
+        )
+
+    def test_failures(self) -> None:
+        """
+        A callback that raises, or answers a L{Failure}, gives a failed
+        L{Deferred} with that error.
+        """
+        from twisted.python.failure import Failure
+
+        from relay.smtp.callbacks import call_callback
+
+        def raises() -> None:
+            raise ValueError("no")
+
+        self.failureResultOf(call_callback(raises), ValueError)
+        self.failureResultOf(call_callback(lambda: Failure(KeyError("k"))), KeyError)

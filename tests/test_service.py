@@ -290,7 +290,7 @@ class ReceiversServiceTests(SynchronousTestCase):
         """
         The master opens no SMTP listener of its own: a receiver pool has
         the endpoints, and the settings the receivers get (max_sessions
-        shared among them, absolute paths, the plugin and AUTH by name).
+        and their number, absolute paths, the plugin and AUTH by name).
         """
         from relay.app.pool import ReceiverPool
 
@@ -313,7 +313,8 @@ class ReceiversServiceTests(SynchronousTestCase):
         settings = pool.settings
         self.assertEqual(settings.callbacks, f"{__name__}.Policy")
         self.assertEqual(settings.auth, ("memory:alice:secret",))
-        self.assertEqual(settings.max_sessions, 4)  # 10 shared by 3, rounded up
+        # The whole limit: each receiver takes its share (AcceptGate).
+        self.assertEqual((settings.max_sessions, settings.receivers), (10, 3))
         self.assertEqual(settings.hostname, "relay.test")
         self.assertEqual(settings.smarthost, "mx.example.com:25")
         self.assertEqual(settings.retry_intervals, (60,))

@@ -82,8 +82,8 @@ class SettingsTests(SynchronousTestCase):
 
     def test_for_receivers(self) -> None:
         """
-        Receivers get the plugin by name, absolute paths and their share
-        of the sessions (rounded up); the rest as it is.
+        Receivers get the plugin by name and absolute paths; the rest as it
+        is (max_sessions too: each takes its share of it, rounded up).
         """
         settings = Settings(
             spool="sp", quarantine="q", callbacks=Policy, tls_cert="c.pem", tls_key="k.pem",
@@ -94,8 +94,11 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(shared.spool, os.path.abspath("sp"))
         self.assertEqual(shared.quarantine, os.path.abspath("q"))
         self.assertEqual((shared.tls_cert, shared.tls_key), (os.path.abspath("c.pem"), os.path.abspath("k.pem")))
-        self.assertEqual(shared.max_sessions, 4)
+        self.assertEqual((shared.max_sessions, shared.receivers), (10, 3))
         self.assertEqual(shared.hostname, "relay.test")
+        from relay.app.receiver import session_share
+
+        self.assertEqual(session_share(shared.max_sessions, shared.receivers), 4)
 
     def test_json_round_trip(self) -> None:
         """

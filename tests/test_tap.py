@@ -229,8 +229,20 @@ class ReceiversOptionTests(SynchronousTestCase):
                         "--smtp", "haproxy:tcp6:2526")  # fmt: skip
         self.assertEqual(options["receivers"], 2)
 
+    def test_auto(self) -> None:
+        """
+        C{--receivers auto} is a receiver per core, and none (this process
+        receives) on one core.
+        """
+        from relay.tap import auto_receivers
+
+        options = parse("--receivers", "auto", "--smtp", "tcp:2525:interface=127.0.0.1")
+        self.assertEqual(options["receivers"], auto_receivers())
+        self.assertEqual([auto_receivers(n) for n in (1, 2, 8)], [0, 2, 8])
+        self.assertEqual(auto_receivers(0), 0)
+
     def test_bad_counts(self) -> None:
-        for bad in ("-1", "x", "1.5", ""):
+        for bad in ("-1", "x", "1.5", "", "automatic"):
             with self.assertRaises(usage.UsageError) as raised:
                 parse("--receivers", bad)
             self.assertIn("--receivers", str(raised.exception))

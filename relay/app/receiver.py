@@ -76,6 +76,48 @@ class MasterReport:
         self._send(dict(t="quarantined", entries=[entry_to_json(e) for e in entries], reason=reason))
 
 
+class AcceptGate:
+    """
+    A receiver's share of C{--max-sessions}: once its open sessions reach
+    C{share} it stops accepting (its listening ports stop reading), and
+    starts again once one ends.
+
+    The receivers accept from the same listening sockets, and which of
+    them the kernel wakes for a connection is not even: a receiver that
+    answered "421 too many connections" at its share would refuse clients
+    while the others had room.  A paused receiver leaves its connections in
+    the shared accept queue for the others; when every receiver is at its
+    share the clients wait in the queue (as Postfix's do when every smtpd
+    is busy) until a session ends.  The hard limit that answers 421 is the
+    whole C{--max-sessions} (one receiver's factory can only pass its share
+    by the few connections one accept batch takes after it filled up).
+
+    @param ports: the listening ports (C{stopReading}/C{startReading}).
+    """
+
+    def __init__(self, share: int, ports: list[Any]) -> None:
+        self.share = max(1, share)
+        self.ports = ports
+        self.paused = False
+
+    def sessions_changed(self, n: int) -> None:
+        if n >= self.share and not self.paused:
+            self.paused = True
+            for port in self.ports:
+                port.stopReading()
+        elif n < self.share and self.paused:
+            self.paused = False
+            for port in self.ports:
+                port.startReading()
+
+
+def session_share(max_sessions: int, receivers: int) -> int:
+    """
+    One receiver's share of C{max_sessions}, rounded up.
+    """
+    return -(-max_sessions // max(1, receivers))
+
+
 class Receiver:
     """
     One receiving process: SMTP on the adopted sockets, mail into the
@@ -121,6 +163,10 @@ class Receiver:
         # What SIGHUP reloads here (L{relay.app.reload.ReloadService}).
         self.reloadables: list[Any] = self.parts.reloadables
         self.ports: list[Any] = []
+        self.gate = AcceptGate(
+            session_share(self.settings.max_sessions, self.settings.receivers), self.ports
+        )
+        self.factory.on_sessions = self.gate.sessions_changed
         self._sessions_reported = 0
         self._sessions_loop: Any = None
         self.stopped: Any = None
@@ -178,8 +224,9 @@ class Receiver:
             return self.stopped
         if self._sessions_loop is not None and self._sessions_loop.running:
             self._sessions_loop.stop()
+        self.factory.on_sessions = None
         stopping = [defer.maybeDeferred(p.stopListening) for p in self.ports]
-        self.ports = []
+        del self.ports[:]
         done: defer.Deferred[None] = defer.Deferred()
         deadline = self.reactor.seconds() + self.grace
 

@@ -223,8 +223,9 @@ class Settings:
 
     def for_receivers(self) -> Settings:
         """
-        The settings each receiver process gets: the plugin by name, the
-        paths absolute, and C{max_sessions} shared among them (rounded up).
+        The settings each receiver process gets: the plugin by name and
+        the paths absolute.  (Each receiver takes its share of
+        C{max_sessions}, L{relay.app.receiver.AcceptGate}.)
         """
 
         def absolute(path: str | None) -> str | None:
@@ -238,7 +239,6 @@ class Settings:
             tls_cert=absolute(self.tls_cert),
             tls_key=absolute(self.tls_key),
             dkim_keys=absolute(self.dkim_keys),
-            max_sessions=-(-self.max_sessions // max(1, self.receivers)),
         )
 
     # -- other forms ----------------------------------------------------------

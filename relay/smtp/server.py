@@ -82,7 +82,7 @@ class SMTPServerFactory(protocol.Factory):
     @ivar spool: where accepted mail goes.
     @ivar clock: the time of every timer of every session.
     @ivar settings: the server's settings.
-    @ivar sessions: the number of open sessions.
+    @ivar sessions: the number of open sessions (the protocol counts them).
     @ivar on_rejected: called (with no arguments) when C{process_envelope}
         rejects a message, for the metrics; C{None}: nobody counts.
     """
@@ -111,8 +111,22 @@ class SMTPServerFactory(protocol.Factory):
         self.spool = spool
         self.clock = clock
         self.settings = dataclasses.replace(base, **changes) if changes else base
-        self.sessions = 0
+        self._sessions = 0
         self.on_rejected: Callable[[], object] | None = None
+        #: Called with the number of open sessions whenever it changes (a
+        #: receiver process stops accepting at its share, see
+        #: L{relay.app.receiver.AcceptGate}); C{None}: nobody watches.
+        self.on_sessions: Callable[[int], object] | None = None
+
+    @property
+    def sessions(self) -> int:
+        return self._sessions
+
+    @sessions.setter
+    def sessions(self, n: int) -> None:
+        self._sessions = n
+        if self.on_sessions is not None:
+            self.on_sessions(n)
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # type: ignore[override]
         return SMTPServerProtocol(self)
