@@ -234,6 +234,41 @@ class ISpool(Interface):
         @return: a L{Deferred} firing with C{(due time, entry id)} pairs.
         """
 
+    def stream(queue, select=None, parse=True, page_size=200):  # type: ignore[no-untyped-def]
+        """
+        The entries of C{queue}, a page at a time, in the order the queue
+        gives them (each page in creation order): a listing of any length
+        with one page in memory.
+
+        @param select: an L{relay.spool.reader.EntrySelector} saying which
+            entries are kept (all when C{None}); asked off the reactor
+            thread.
+        @param parse: whether the pages carry the entries, or only their
+            ids (then an entry is read only when C{select} needs it).
+        @param page_size: entries per page, at most.
+        @return: an L{IEntryStream}.
+        @raise ValueError: if there is no such queue.
+        """
+
+    def message_chunk(entry_id, offset, size):  # type: ignore[no-untyped-def]
+        """
+        Part of an entry's message, for reading one of any size in chunks.
+
+        @return: a L{Deferred} firing with up to C{size} bytes from
+            C{offset} (C{b""} past the end), or failing with L{KeyError}
+            when there is no such entry.
+        """
+
+    def unchanged_since(queue, before, limit):  # type: ignore[no-untyped-def]
+        """
+        The entries of C{queue} not changed since C{before} (a frozen or
+        removed entry is changed when it comes into its queue), oldest
+        first, at most C{limit}, without reading them: the candidates for
+        expiry.
+
+        @return: a L{Deferred} firing with C{(time, entry id)} pairs.
+        """
+
     def get(entry_id):  # type: ignore[no-untyped-def]
         """
         @return: a L{Deferred} firing with the L{SpoolEntry}, or failing
@@ -265,6 +300,29 @@ class ISpool(Interface):
         its message with it once no other entry shares it.
 
         @return: a L{Deferred} that fires when it is gone.
+        """
+
+
+class IEntryStream(Interface):
+    """
+    A listing of one queue in pages (L{ISpool.stream}): the reader asks
+    for the next page when it has dealt with the last, so that neither
+    side holds more than a page.
+    """
+
+    def next_page():  # type: ignore[no-untyped-def]
+        """
+        @return: a L{Deferred} firing with the next
+            L{relay.spool.reader.EntryPage}; the last has C{done} set, and
+            after it every page is empty and last.
+        """
+
+    def close():  # type: ignore[no-untyped-def]
+        """
+        Stop reading (a reader that stops early must call it), once a
+        page being read is done.
+
+        @return: a L{Deferred} that fires when the queue is let go of.
         """
 
 

@@ -310,6 +310,23 @@ that tools written for those (C{pflogsumm}, a C{grep status=deferred})
 read it.
 """
 
+DELIVERY_TLS_FORMAT = (
+    "{entry_id}: to={to}, relay={relay}, delay={delay}, dsn={dsn}, "
+    "tls={tls_policy}/{tls_source}/{tls_result}, status={outcome} ({reply})"
+)
+"""
+The text of a delivery line of an attempt with a TLS policy: C{tls=} says
+the policy, where it came from and the result (C{tls=dane/dane/ok},
+C{tls=mta-sts/mta-sts/certificate-host-mismatch}, C{tls=may/default/plain}).
+"""
+
+
+def delivery_format(fields: dict[str, Any]) -> str:
+    """
+    The format of the delivery line with C{fields} (L{delivery_fields}).
+    """
+    return DELIVERY_TLS_FORMAT if "tls_policy" in fields else DELIVERY_FORMAT
+
 SENT = "sent"
 DEFERRED = "deferred"
 BOUNCED = "bounced"
@@ -338,14 +355,18 @@ def delivery_fields(entry: SpoolEntry, attempt: Attempt, outcome: str) -> dict[s
         (C{ip:port} connected to, or C{None}), C{relay} (the line's
         C{host[ip]:port}), C{code} (or C{None} when no reply came),
         C{dsn} (the enhanced status), C{delay} (seconds since the entry
-        was spooled) and C{reply} (the reply, or what went wrong).
+        was spooled) and C{reply} (the reply, or what went wrong); with a
+        TLS policy, C{tls_policy}, C{tls_source}, C{tls_result} and
+        C{tls_detail} (see L{relay.model.entry.TLSOutcome}; the line's
+        format is then L{DELIVERY_TLS_FORMAT}, see L{delivery_format}).
     """
     recipients = list(attempt.recipients)
     to = ",".join(f"<{r}>" for r in recipients[:LISTED_RECIPIENTS])
     if len(recipients) > LISTED_RECIPIENTS:
         to += f" and {len(recipients) - LISTED_RECIPIENTS} more"
     address = attempt.address
-    return {
+    tls = getattr(attempt, "tls", None)
+    fields: dict[str, Any] = {
         "event": "delivery",
         "outcome": outcome,
         "entry_id": entry.id,
@@ -361,6 +382,12 @@ def delivery_fields(entry: SpoolEntry, attempt: Attempt, outcome: str) -> dict[s
         "delay": round(max(0.0, attempt.at - entry.created_at), 2),
         "reply": attempt.reply,
     }
+    if tls is not None:
+        fields.update(
+            tls_policy=tls.policy, tls_source=tls.source, tls_result=tls.result,
+            tls_detail=tls.detail,
+        )  # fmt: skip
+    return fields
 
 
 def delivery_status(attempt: Attempt, outcome: str) -> str:

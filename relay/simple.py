@@ -48,8 +48,11 @@ class Defaults:
 
     @ivar hostname: the name in the greeting.
     @ivar next_hop_choices: the default route (the smarthost); empty means
-        the delivery side looks up each recipient domain's MX.
-    @ivar retry_intervals: the default retry schedule (empty: the relay's).
+        the delivery side looks up each recipient domain's MX.  For the
+        plugin's information: an envelope sent with no next hops takes the
+        default route as it is configured when the mail is delivered.
+    @ivar retry_intervals: the default retry schedule (empty: the
+        relay's); likewise applied to envelopes that give none.
     @ivar checker: the L{ICredentialsChecker} for AUTH, or C{None}.
     @ivar clock: the relay's clock, for the greeting's date (C{None}: the
         system time).
@@ -118,8 +121,10 @@ class Simple:
             [
                 EnvelopeWithNextHop(
                     envelope,
-                    next_hop_choices=self.defaults.next_hop_choices,
-                    retry_intervals=self.defaults.retry_intervals,
+                    # The default route and schedule, by reference: the
+                    # relay applies the ones configured when it delivers.
+                    next_hop_choices=(),
+                    retry_intervals=(),
                 )
             ]
         )

@@ -19,7 +19,7 @@ from relay.app._compat import check_server_endpoint
 from relay.app.auth import bytes_users
 from relay.app.settings import DEFAULT_SMTP as _DEFAULT_SMTP
 from relay.app.settings import RELAY_TLS_MODES, Settings, SettingsError, tls_needed
-from relay.model.retry import parse_interval, parse_retry_intervals
+from relay.model.retry import parse_duration, parse_interval, parse_retry_intervals
 from relay.simple import CallbacksError, load_callbacks
 from relay.spool.layout import control_in_spool
 
@@ -89,6 +89,29 @@ def _positive(kind: type, name: str):  # type: ignore[no-untyped-def]
     return coerce
 
 
+def _duration(name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: Any) -> float:
+        if isinstance(value, float):
+            return value  # the default
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+
+    return coerce
+
+
+def _port(name: str):  # type: ignore[no-untyped-def]
+    def coerce(value: Any) -> int:
+        if isinstance(value, int):
+            return value  # the default
+        if not str(value).isdigit() or not 0 < int(value) < 65536:
+            raise usage.UsageError(f"--{name} must be a port number, not {value!r}")
+        return int(value)
+
+    return coerce
+
+
 def _non_negative_int(name: str):  # type: ignore[no-untyped-def]
     def coerce(value: str) -> int:
         try:
@@ -120,6 +143,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["reject-bare-lf", None, "Reject messages with bare LF line endings."],
         ["allow-auth-without-tls", None, "Offer AUTH also on unencrypted sessions."],
         ["no-bounce", None, "Do not send bounce messages for failed deliveries."],
+        ["dnssec", None,
+         "The --resolver servers validate DNSSEC: trust their AD bit (enables DANE)."],
     ]
 
     optParameters = [
@@ -141,12 +166,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          _positive(int, "max-sessions")],
         ["max-send-jobs", None, 10, "Most simultaneous outgoing deliveries.",
          _positive(int, "max-send-jobs")],
+        ["bounced-lifetime", None, 7 * 86400.0,
+         "Keep settled entries (every recipient delivered or bounced) frozen this long, "
+         "e.g. 7d (0: delete at once).", _duration("bounced-lifetime")],
+        ["removed-lifetime", None, 7 * 86400.0,
+         "Keep removed entries this long, e.g. 7d (0: delete at the next expiry run).",
+         _duration("removed-lifetime")],
         ["hostname", None, None, "The host name in the greeting (default: this host's FQDN)."],
         ["tls-cert", None, None,
          "PEM certificate file, the certificate followed by its intermediates (with --tls-key, "
          "enables STARTTLS and implicit-tls: listeners; SIGHUP reloads both files)."],
         ["tls-key", None, None, "PEM private key file (with --tls-cert)."],
         ["relay-tls", None, "may", "TLS when relaying: none, may, encrypt or verify."],
+        ["tls-ca-file", None, None,
+         "PEM file of more CAs to trust when verifying next hops and MTA-STS policy hosts."],
+        ["tls-policy", None, None,
+         "TLS policy per destination: lines of DOMAIN, .DOMAIN or [HOST]:PORT and one of none, "
+         "may, encrypt, verify [match=NAMES], dane, dane-only, mta-sts."],
+        ["mx-port", None, 25, "The port of MX hosts (Postfix's smtp_tcp_port).",
+         _port("mx-port")],
         ["idle-timeout", None, 300.0, "Seconds of client silence before the session is closed.",
          _positive(float, "idle-timeout")],
         ["receivers", None, 0,
@@ -163,6 +201,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             "tls-cert": usage.CompleteFiles("*.pem"),
             "tls-key": usage.CompleteFiles("*.pem"),
             "relay-tls": usage.CompleteList(RELAY_TLS_MODES),
+            "tls-ca-file": usage.CompleteFiles("*.pem"),
+            "tls-policy": usage.CompleteFiles(),
         }
     )
 
@@ -170,6 +210,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         usage.Options.__init__(self)
         self["smtp"] = []
         self["auth-descriptions"] = []
+        self["resolver"] = []
 
     def parseOptions(self, options: Any = None) -> None:
         """
@@ -196,6 +237,45 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         # Checked in postOptions: reading it imports Twisted's endpoints,
         # which must wait until we know whether TLS is needed.
         self["smtp"].append(endpoint)
+
+    def opt_resolver(self, server: str) -> None:
+        """
+        Ask this DNS resolver, HOST[:PORT] (an IP address; [v6]:PORT),
+        instead of the system's (repeatable: tried in order).
+        """
+        from relay.delivery.nexthop import parse_server
+
+        try:
+            host, port = parse_server(server)
+        except ValueError as e:
+            raise usage.UsageError(f"--resolver: {e}") from None
+        self["resolver"].append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+    def _check_outbound_tls(self) -> None:
+        """
+        The options of TLS towards next hops: files that exist and parse.
+        """
+        if self["dnssec"] and not self["resolver"]:
+            raise usage.UsageError(
+                "--dnssec needs --resolver: only a resolver you name is trusted to validate"
+            )
+        ca_file = self["tls-ca-file"]
+        if ca_file is not None:
+            if not os.path.isfile(ca_file):
+                raise usage.UsageError(f"--tls-ca-file: no such file: {ca_file!r}")
+            from relay.app.build import check_ca_file
+
+            try:
+                check_ca_file(ca_file)
+            except ValueError as e:
+                raise usage.UsageError(f"--tls-ca-file: {e}") from None
+        if self["tls-policy"] is not None:
+            from relay.delivery.tlspolicy import PolicyFile, PolicyFileError
+
+            try:
+                PolicyFile.load(self["tls-policy"])
+            except PolicyFileError as e:
+                raise usage.UsageError(f"--tls-policy: {e}") from None
 
     def postOptions(self) -> None:
         if not self["smtp"]:
@@ -292,6 +372,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     parse_listener(endpoint)
                 except ValueError as e:
                     raise usage.UsageError(f"--smtp with --receivers: {e}") from None
+
+        self._check_outbound_tls()
 
         checkers = self.get("credCheckers") or []
         self["checker"] = bytes_users(checkers[0]) if checkers else None

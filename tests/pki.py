@@ -25,9 +25,12 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _certificate(
-    subject: str, public_key: Any, issuer: str, issuer_key: Any, *, ca: bool
+    subject: str, public_key: Any, issuer: str, issuer_key: Any, *, ca: bool,
+    expired: bool = False,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:
+        now -= datetime.timedelta(days=60)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -110,6 +113,25 @@ class PKI:
         with open(key_path, "wb") as f:
             f.write(key_pem(key))
 
+    def leaf(self, name: str = "relay.test", expired: bool = False) -> tuple[x509.Certificate, Any]:
+        """
+        A server certificate for C{name} signed by the intermediate (one
+        whose validity ended a month ago when C{expired}), and its key.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = _certificate(name, key.public_key(), "Relay Test Intermediate",
+                            self.intermediate_key, ca=False, expired=expired)  # fmt: skip
+        return leaf, key
+
+    def server_pem(self, name: str = "relay.test", expired: bool = False) -> bytes:
+        """
+        The PEM of a server certificate for C{name}, the intermediate and
+        the key: what C{ssl.PrivateCertificate.loadPEM} takes (and a server
+        presents the intermediate with it only if given as a chain).
+        """
+        leaf, key = self.leaf(name, expired)
+        return _pem(leaf) + key_pem(key)
+
     def trust_root(self) -> ssl.Certificate:
         return ssl.Certificate.loadPEM(_pem(self.root))
 
@@ -185,4 +207,22 @@ def certificate(*names: str, san: bool = True) -> bytes:
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
+    )
+
+
+def server_options(name: str, *, expired: bool = False, self_signed: bool = False) -> Any:
+    """
+    A server's TLS options (C{CertificateOptions}): a certificate for
+    C{name} from the test PKI presented with its intermediate (one that
+    expired a month ago when C{expired}), or a self-signed one.
+    """
+    from OpenSSL import crypto
+
+    if self_signed:
+        return ssl.PrivateCertificate.loadPEM(certificate(name)).options()
+    leaf, key = pki().leaf(name, expired)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(leaf),
+        extraCertChain=[crypto.X509.from_cryptography(pki().intermediate)],
     )

@@ -1102,3 +1102,34 @@ class ReuseTests(SynchronousTestCase):
         self.assertTrue(transport.disconnected)
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(done, [None])
+
+
+class DeadHostTests(SynchronousTestCase):
+    """
+    The client tells the MX rules which hosts refused (L{DeadHosts}).
+    """
+
+    def test_refused_host_remembered(self) -> None:
+        """
+        A host that refused the connection is marked dead; one that took a
+        connection is alive again.
+        """
+        from relay.delivery.mx import DeadHosts
+
+        reactor = MemoryReactorClock()
+        dead = DeadHosts(reactor)
+        client = RelayClient(
+            reactor, ClientSettings(hostname="relay.test", tls=TLSPolicy("none")), dead_hosts=dead
+        )
+        result: list[Any] = []
+        client.send("192.0.2.1:25", envelope()).addBoth(result.append)
+        _, _, factory, _, _ = reactor.tcpClients[0]
+        factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+        self.assertIsInstance(result[0], Failure)
+        self.assertTrue(dead.is_dead("192.0.2.1"))
+        client.send("192.0.2.1:25", envelope()).addBoth(result.append)
+        _, _, factory, _, _ = reactor.tcpClients[1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 25))
+        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 25)))
+        self.assertFalse(dead.is_dead("192.0.2.1"))
+        protocol.connectionLost(Failure(ConnectionDone()))

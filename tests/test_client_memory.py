@@ -427,3 +427,196 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(caught.exception.reply.code, 535)
         self.assertFalse(caught.exception.permanent)
         self.assertEqual(harness.spooled, [])
+
+
+# -- TLS per destination ----------------------------------------------------------
+
+
+def dane_ee(cert: Any, selector: int = 1) -> Any:
+    """
+    The DANE-EE(3) SHA-256 record of C{cert} (its key, or the whole
+    certificate with C{selector} 0).
+    """
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    from relay.delivery.dane import TLSARecord
+
+    if selector == 0:
+        data = cert.public_bytes(serialization.Encoding.DER)
+    else:
+        data = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    return TLSARecord(3, selector, 1, hashlib.sha256(data).digest())
+
+
+class DestinationTLSTests(SynchronousTestCase):
+    """
+    The policies chosen per destination, over real TLS: DANE, verify with
+    match= names, MTA-STS in testing mode, SNI, and what the attempt says.
+    """
+
+    def setUp(self) -> None:
+        from tests.pki import pki
+
+        self.leaf, self.key = pki().leaf("mx.example.test")
+
+    def harness(self, tls: TLSPolicy, leaf: Any = None) -> ClientHarness:
+        """
+        A server presenting C{leaf} (this test's certificate for
+        mx.example.test by default) with the intermediate.
+        """
+        from OpenSSL import crypto
+
+        from tests.pki import pki
+
+        leaf, key = (self.leaf, self.key) if leaf is None else leaf
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(leaf),
+            extraCertChain=[crypto.X509.from_cryptography(pki().intermediate)],
+        )
+        return ClientHarness(settings=replace(SETTINGS, tls=tls), tls_context_factory=options)
+
+    def test_dane_ee_delivers(self) -> None:
+        """
+        A DANE-EE record of the server's key: delivered over TLS, SNI the
+        MX host name, the attempt's TLS outcome C{dane from dane: ok}.
+        """
+        from relay.model.entry import TLSOutcome
+
+        policy = TLSPolicy("dane", tlsa=(dane_ee(self.leaf),), source="dane")
+        harness = self.harness(policy)
+        result = harness.deliver(make_envelope("a@example.org", "b@example.com"), "mx.example.test:25")
+        self.assertEqual(result.tls, TLSOutcome("dane", "dane", "ok"))
+        self.assertEqual(len(harness.spooled), 1)
+        server = harness.connections[0].server_transport.getHandle()
+        self.assertEqual(server.get_servername(), b"mx.example.test")
+
+    def test_dane_mismatch_defers(self) -> None:
+        """
+        TLSA records the chain does not match: 4.7.5, temporary, QUIT
+        without MAIL; the outcome says validation-failure.
+        """
+        from tests.pki import pki
+
+        other, _ = pki().leaf("mx.example.test")
+        policy = TLSPolicy("dane", tlsa=(dane_ee(other, 0),), source="dane")
+        harness = self.harness(policy)
+        with self.assertRaises(DeliveryError) as caught:
+            harness.deliver(make_envelope("a@example.org", "b@example.com"), "mx.example.test:25")
+        error = caught.exception
+        self.assertFalse(error.permanent)
+        assert error.reply is not None and error.tls is not None
+        self.assertEqual(error.reply.enhanced_status, "4.7.5")
+        self.assertEqual((error.tls.policy, error.tls.result), ("dane", "validation-failure"))
+        self.assertEqual(harness.spooled, [])
+        transcript = harness.connections[0].transcript
+        self.assertFalse(any(x.startswith("> MAIL") for x in transcript))
+        self.assertEqual(transcript[-2:], ("> QUIT", "< 221 2.0.0 Bye"))
+
+    def test_dane_ta(self) -> None:
+        """
+        DANE-TA: the intermediate, presented in the chain, as trust anchor
+        for the MX host name; another host name is a host mismatch.
+        """
+        import hashlib
+
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from relay.delivery.dane import TLSARecord
+        from tests.pki import pki
+
+        digest = hashlib.sha256(pki().intermediate.public_bytes(Encoding.DER)).digest()
+        policy = TLSPolicy("dane", tlsa=(TLSARecord(2, 0, 1, digest),), source="dane")
+        result = self.harness(policy).deliver(
+            make_envelope("a@example.org", "b@example.com"), "mx.example.test:25"
+        )
+        self.assertEqual(result.tls and result.tls.result, "ok")
+        with self.assertRaises(DeliveryError) as caught:
+            self.harness(policy).deliver(
+                make_envelope("a@example.org", "b@example.com"), "mx2.example.test:25"
+            )
+        self.assertEqual(caught.exception.tls and caught.exception.tls.result, "certificate-host-mismatch")
+
+    def test_verify_match_names_and_expiry(self) -> None:
+        """
+        C{verify} accepts a certificate for a C{match=} name; an expired
+        certificate from the trusted CA is certificate-expired.
+        """
+        from tests.pki import pki
+
+        root = pki().trust_root()
+        alt = pki().leaf("alt.example.test")
+        policy = TLSPolicy("verify", trust_root=root, match=("alt.example.test",), source="file")
+        result = self.harness(policy, alt).deliver(
+            make_envelope("a@example.org", "b@example.com"), "mx.example.test:25"
+        )
+        self.assertEqual(result.tls and (result.tls.policy, result.tls.source, result.tls.result),
+                         ("verify", "file", "ok"))  # fmt: skip
+        with self.assertRaises(DeliveryError) as caught:
+            self.harness(TLSPolicy("verify", trust_root=root), alt).deliver(
+                make_envelope("a@example.org", "b@example.com"), "mx.example.test:25"
+            )
+        self.assertEqual(caught.exception.tls and caught.exception.tls.result, "certificate-host-mismatch")
+        expired = pki().leaf("mx.example.test", expired=True)
+        with self.assertRaises(DeliveryError) as caught:
+            self.harness(TLSPolicy("verify", trust_root=root), expired).deliver(
+                make_envelope("a@example.org", "b@example.com"), "mx.example.test:25"
+            )
+        self.assertEqual(caught.exception.tls and caught.exception.tls.result, "certificate-expired")
+
+    def test_mta_sts_testing_records_and_delivers(self) -> None:
+        """
+        MTA-STS in testing mode: a certificate for another name is recorded
+        (certificate-host-mismatch) and the message goes all the same.
+        """
+        from tests.pki import pki
+
+        policy = TLSPolicy("verify", trust_root=pki().trust_root(), name="mta-sts",
+                           source="mta-sts", enforced=False)  # fmt: skip
+        result = self.harness(policy, pki().leaf("other.example.test")).deliver(
+            make_envelope("a@example.org", "b@example.com"), "mx.example.test:25"
+        )
+        self.assertEqual(result.tls and (result.tls.policy, result.tls.result),
+                         ("mta-sts", "certificate-host-mismatch"))  # fmt: skip
+
+    def test_required_tls_not_offered(self) -> None:
+        """
+        DANE with a hop that offers no STARTTLS: 4.7.0, starttls-not-supported.
+        """
+        harness = ClientHarness(settings=replace(SETTINGS, tls=TLSPolicy("dane", tlsa=(dane_ee(self.leaf),))))
+        with self.assertRaises(DeliveryError) as caught:
+            harness.deliver(make_envelope("a@example.org", "b@example.com"), "mx.example.test:25")
+        self.assertEqual(caught.exception.tls and caught.exception.tls.result, "starttls-not-supported")
+
+    def test_sessions_kept_per_policy(self) -> None:
+        """
+        With policies per destination, a connection opened under one policy
+        is not reused for mail that asks another; a policy that refuses the
+        hop makes no connection at all.
+        """
+        from relay.delivery.client import RelayClient
+        from relay.delivery.nexthop import Destination
+        from relay.delivery.tlspolicy import PolicyFile, TLSPolicies
+
+        policies = TLSPolicies(
+            TLSPolicy("encrypt"), policy_file=PolicyFile(["strict.test dane-only"])
+        )
+        harness = self.harness(TLSPolicy("encrypt"))
+        harness.client = RelayClient(harness.reactor, replace(SETTINGS, tls=TLSPolicy("encrypt")),
+                                     policies=policies)  # fmt: skip
+        hop = "mx.example.test:25"
+        for destination in (Destination(None), Destination(None, chosen="may"), Destination(None)):
+            d = harness.client.send(hop, make_envelope("a@example.org", "b@example.com"), destination)
+            harness.pump()
+            self.assertEqual(self.successResultOf(d).tls.policy, destination.chosen or "encrypt")  # type: ignore[union-attr]
+        self.assertEqual(len(harness.connections), 2)
+        d = harness.client.send(hop, make_envelope("a@example.org", "b@strict.test"),
+                                Destination("strict.test"))  # fmt: skip
+        harness.pump()
+        error = self.failureResultOf(d, DeliveryError).value
+        self.assertEqual(error.tls.result, "dane-required")
+        self.assertEqual(len(harness.connections), 2)

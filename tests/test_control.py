@@ -6,6 +6,7 @@ and a L{DiskSpool}, with a fake delivery scheduler.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable, Iterable
@@ -18,11 +19,19 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.control import rpc
-from relay.control.server import ControlFactory, ControlLocator, ControlProtocol, plugin_locators
-from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, SpoolEntry
+from relay.control.client import ControlClient
+from relay.control.server import (
+    LIST_PAGE,
+    ControlFactory,
+    ControlLocator,
+    ControlProtocol,
+    plugin_locators,
+)
+from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, SpoolEntry, new_id
+from relay.model.message import Message
 from relay.spool.disk import DiskSpool
 from relay.testing import MemorySpool
-from tests.test_spool import make_envelope
+from tests.test_spool import DATA, make_envelope
 
 
 def synchronous(f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
@@ -39,6 +48,7 @@ class FakeScheduler:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
+        self.smarthost = "smart.example:2525"
         self.max_send_jobs = 10
         self.unscheduled: list[str] = []
         self.notified: list[SpoolEntry] = []
@@ -107,10 +117,20 @@ class ControlMixin:
         )
 
     def connect(self, scheduler: Any, locators: list[Any]) -> None:
+        self.pages: list[dict[str, Any]] = []
+
         def server() -> ControlProtocol:
             return ControlProtocol(self.spool, scheduler, locators, self.clock)
 
-        self.client, self.server, self.pump = iosim.connectedServerAndClient(server, amp.AMP)
+        def client() -> ControlClient:
+            return ControlClient(
+                on_entries=lambda entries, ids, unreadable: self.pages.append(
+                    {"entries": entries, "ids": ids, "unreadable": unreadable}
+                ),
+                on_data=lambda data: self.pages.append({"data": data}),
+            )
+
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(server, client)
 
     def call(self, command: type[amp.Command], **kw: Any) -> Any:
         """
@@ -138,15 +158,40 @@ class ControlMixin:
     def queue_of(self, entry_id: str) -> str:
         return str(self.successResultOf(self.spool.get(entry_id)).queue)  # type: ignore[attr-defined]
 
+    def listed(self, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """
+        L{rpc.Status} with C{kw}: the entries of its pages (JSON) and its
+        answer.
+        """
+        del self.pages[:]
+        answer = self.call(rpc.Status, **kw)
+        entries = [
+            json.loads(line)
+            for page in self.pages
+            for line in (page["entries"] or "").splitlines()
+        ]
+        return entries, answer
+
+    def counts(self, **kw: Any) -> dict[str, int]:
+        """
+        L{rpc.Count}'s answer, without the queues it left out.
+        """
+        return {q: n for q, n in self.call(rpc.Count, **kw).items() if n is not None}
+
+    def entry(self, entry_id: str) -> SpoolEntry:
+        return self.successResultOf(self.spool.get(entry_id))  # type: ignore[attr-defined, no-any-return]
+
     # -- Status, Count ------------------------------------------------
 
     def test_status(self) -> None:
         """
-        L{rpc.Status} answers the active queue by default, as JSON entries
-        with their queue.
+        L{rpc.Status} lists the active queue by default, in pages of JSON
+        Lines (one entry per line, with its queue), and answers how many
+        it listed.
         """
-        entries = json.loads(self.call(rpc.Status)["entries"])
+        entries, answer = self.listed()
         self.assertEqual(sorted(e["id"] for e in entries), sorted([self.a.id, self.b.id]))  # type: ignore[attr-defined]
+        self.assertEqual(answer, {"entries": 2, "unreadable": 0})  # type: ignore[attr-defined]
         for e in entries:
             self.assertEqual(e["queue"], ACTIVE)  # type: ignore[attr-defined]
             self.assertEqual(e["recipients"], ["a@example.com"])  # type: ignore[attr-defined]
@@ -154,15 +199,16 @@ class ControlMixin:
     def test_status_queue(self) -> None:
         """
         L{rpc.Status} with a queue lists that queue, quarantine reasons
-        included.
+        included; an empty queue sends no page.
         """
         [q] = self.successResultOf(  # type: ignore[attr-defined]
             self.spool.quarantine([make_envelope("bad")], "virus found")
         )
-        entries = json.loads(self.call(rpc.Status, queue=QUARANTINE)["entries"])
+        entries, _ = self.listed(queue=QUARANTINE)
         self.assertEqual([(e["id"], e["queue"], e["reason"]) for e in entries],  # type: ignore[attr-defined]
                          [(q.id, QUARANTINE, "virus found")])
-        self.assertEqual(json.loads(self.call(rpc.Status, queue=FROZEN)["entries"]), [])  # type: ignore[attr-defined]
+        entries, answer = self.listed(queue=FROZEN)
+        self.assertEqual((entries, self.pages, answer["entries"]), ([], [], 0))  # type: ignore[attr-defined]
 
     def test_status_bad_queue(self) -> None:
         """
@@ -171,14 +217,129 @@ class ControlMixin:
         message = self.fails(rpc.Status, rpc.BadArgument, queue="nowhere")
         self.assertIn("nowhere", message)  # type: ignore[attr-defined]
 
+    def test_status_pages(self) -> None:
+        """
+        A listing longer than a page comes in several pages, each in
+        creation order, every entry once; C{ids_only} pages carry ids.
+        """
+        more = [make_envelope(new_id(900.0 + i)) for i in range(LIST_PAGE + 50)]
+        made = self.successResultOf(self.spool.enqueue(more))  # type: ignore[attr-defined]
+        entries, answer = self.listed()
+        self.assertGreaterEqual(len(self.pages), 2)  # type: ignore[attr-defined]
+        self.assertEqual(answer["entries"], len(made) + 2)  # type: ignore[attr-defined]
+        self.assertEqual(sorted(e["id"] for e in entries),  # type: ignore[attr-defined]
+                         sorted([e.id for e in made] + [self.a.id, self.b.id]))
+        for page in self.pages:
+            lines = [json.loads(line) for line in page["entries"].splitlines()]
+            order = [(e["created_at"], e["id"]) for e in lines]
+            self.assertEqual(order, sorted(order))  # type: ignore[attr-defined]
+        del self.pages[:]
+        answer = self.call(rpc.Status, ids_only=True)
+        ids = [i for page in self.pages for i in page["ids"].splitlines()]
+        self.assertEqual(sorted(ids), sorted(e["id"] for e in entries))  # type: ignore[attr-defined]
+        self.assertEqual([p["entries"] for p in self.pages], [None] * len(self.pages))  # type: ignore[attr-defined]
+
+    def test_status_filters(self) -> None:
+        """
+        L{rpc.Status} lists only the entries every filter admits.
+        """
+        [c] = self.successResultOf(self.spool.enqueue(  # type: ignore[attr-defined]
+            [make_envelope("three", recipients=("z@other.example",))]
+        ))
+        entries, _ = self.listed(recipient="@other.example")
+        self.assertEqual([e["id"] for e in entries], [c.id])  # type: ignore[attr-defined]
+        entries, _ = self.listed(recipient="@other.example", sender="nobody@example.org")
+        self.assertEqual(entries, [])  # type: ignore[attr-defined]
+        self.fails(rpc.Status, rpc.BadArgument, recipient="no-at-sign")
+        self.fails(rpc.Status, rpc.BadArgument, via="host:notaport")
+
+    def test_status_large_entry(self) -> None:
+        """
+        An entry whose JSON is larger than AMP's 64 KiB value limit is
+        listed whole.
+        """
+        recipients = tuple(f"recipient{i:05}@example.com" for i in range(3000))
+        [big] = self.successResultOf(  # type: ignore[attr-defined]
+            self.spool.enqueue([make_envelope("big", recipients=recipients)])
+        )
+        entries, _ = self.listed(recipient="recipient02999@example.com")
+        self.assertEqual([len(e["recipients"]) for e in entries], [3000])  # type: ignore[attr-defined]
+        self.assertGreater(len(json.dumps(entries[0])), 65535)  # type: ignore[attr-defined]
+
     def test_count(self) -> None:
         """
-        L{rpc.Count} counts every queue.
+        L{rpc.Count} counts every queue, or one, and with filters only the
+        entries they admit.
         """
         self.successResultOf(self.spool.quarantine([make_envelope("bad")], "spam"))  # type: ignore[attr-defined]
         self.assertEqual(  # type: ignore[attr-defined]
             self.call(rpc.Count), {"active": 2, "frozen": 0, "removed": 0, "quarantine": 1}
         )
+        self.assertEqual(self.counts(queue=QUARANTINE), {"quarantine": 1})  # type: ignore[attr-defined]
+        self.call(rpc.Freeze, ids=[self.a.id])
+        self.assertEqual(  # type: ignore[attr-defined]
+            self.call(rpc.Count, sender="s@example.org"),
+            {"active": 1, "frozen": 1, "removed": 0, "quarantine": 1},
+        )
+        self.assertEqual(  # type: ignore[attr-defined]
+            self.counts(sender="@elsewhere.example", queue=ACTIVE), {"active": 0}
+        )
+
+    # -- Summary, Show -------------------------------------------------
+
+    def test_summary(self) -> None:
+        """
+        L{rpc.Summary} tallies the active queue per recipient domain in age
+        buckets (the top rows, the total), or per next hop.
+        """
+        self.clock.advance(100000)
+        now = self.clock.seconds()
+        self.successResultOf(self.spool.enqueue([  # type: ignore[attr-defined]
+            make_envelope(new_id(now - 7 * 60), recipients=("x@b.example", "y@a.example")),
+            make_envelope(new_id(now - 400 * 60), recipients=("x@b.example",)),
+        ]))
+        result = self.call(rpc.Summary, top=2)
+        rows = json.loads(result["rows"])
+        # one-0 and two-0 (ids that carry no time) were created 100000 s ago
+        self.assertEqual(rows, [["b.example", [0, 1, 0, 0, 0, 0, 0, 1]],  # type: ignore[attr-defined]
+                                ["example.com", [0, 0, 0, 0, 0, 0, 0, 2]]])
+        self.assertEqual(json.loads(result["total"]), [0, 1, 0, 0, 0, 0, 0, 3])  # type: ignore[attr-defined]
+        self.assertEqual((result["entries"], result["groups"]), (4, 3))  # type: ignore[attr-defined]
+        by_hop = self.call(rpc.Summary, by="next-hop")
+        self.assertEqual(json.loads(by_hop["rows"]),  # type: ignore[attr-defined]
+                         [["mx.example.net:25", [0, 1, 0, 0, 0, 0, 0, 3]]])
+        self.fails(rpc.Summary, rpc.BadArgument, by="color")
+
+    def test_show(self) -> None:
+        """
+        L{rpc.Show} answers the entry and its message's header section;
+        L{rpc.ShowMessage} sends the whole message in chunks.
+        """
+        result = self.call(rpc.Show, id=self.a.id)
+        self.assertEqual(json.loads(result["entry"])["id"], self.a.id)  # type: ignore[attr-defined]
+        self.assertEqual(result["headers"], b"Subject: hello\r\nFrom: s@example.org\r\n\r\n")  # type: ignore[attr-defined]
+        self.assertEqual(result["smarthost"], "smart.example:2525")  # type: ignore[attr-defined]
+        del self.pages[:]
+        self.assertEqual(self.call(rpc.ShowMessage, id=self.a.id), {"size": len(DATA)})  # type: ignore[attr-defined]
+        self.assertEqual(b"".join(p["data"] for p in self.pages), DATA)  # type: ignore[attr-defined]
+        self.fails(rpc.Show, rpc.UnknownEntry, id="nosuch")
+        self.fails(rpc.ShowMessage, rpc.UnknownEntry, id="nosuch")
+
+    def test_show_large_message(self) -> None:
+        """
+        A message of several chunks comes whole, in order, a chunk a page;
+        its headers alone stay its header section.
+        """
+        body = b"".join(b"line %06d of a long message\r\n" % i for i in range(40000))
+        data = b"Subject: big\r\n\r\n" + body
+        [big] = self.successResultOf(self.spool.enqueue(  # type: ignore[attr-defined]
+            [make_envelope("big", message=Message.from_bytes(data))]
+        ))
+        del self.pages[:]
+        self.assertEqual(self.call(rpc.ShowMessage, id=big.id), {"size": len(data)})  # type: ignore[attr-defined]
+        self.assertGreater(len(self.pages), 2)  # type: ignore[attr-defined]
+        self.assertEqual(b"".join(p["data"] for p in self.pages), data)  # type: ignore[attr-defined]
+        self.assertEqual(self.call(rpc.Show, id=big.id)["headers"], b"Subject: big\r\n\r\n")  # type: ignore[attr-defined]
 
     # -- Freeze, SendFrozen --------------------------------------------
 
@@ -238,36 +399,206 @@ class ControlMixin:
         new retry intervals when given.
         """
         self.call(rpc.Freeze, ids=[self.b.id])
-        done = self.call(
+        result = self.call(
             rpc.SendFrozen, ids=[], all=False, frozen=True, retry_intervals=[5.0, 7.5]
-        )["done"]
-        self.assertEqual(done, [self.b.id])  # type: ignore[attr-defined]
-        entry = self.successResultOf(self.spool.get(self.b.id))  # type: ignore[attr-defined]
+        )
+        self.assertEqual(result, {"done": [], "matched": 1, "changed": 1, "settled": 0})  # type: ignore[attr-defined]
+        entry = self.entry(self.b.id)
         self.assertEqual((entry.queue, entry.schedule, entry.step), (ACTIVE, (5.0, 7.5), 0))  # type: ignore[attr-defined]
-        untouched = self.successResultOf(self.spool.get(self.a.id))  # type: ignore[attr-defined]
+        untouched = self.entry(self.a.id)
         self.assertEqual(untouched.schedule, (60, 300.5))  # type: ignore[attr-defined]
 
     def test_send_all(self) -> None:
         """
-        L{rpc.SendFrozen} with C{all} sends every active and frozen entry.
+        L{rpc.SendFrozen} with C{all} looks at every active and frozen
+        entry: the frozen one goes back, the active one already due is
+        matched but not changed.
         """
         self.call(rpc.Freeze, ids=[self.b.id])
-        done = self.call(rpc.SendFrozen, ids=[], all=True, frozen=False)["done"]
-        self.assertEqual(sorted(done), sorted([self.a.id, self.b.id]))  # type: ignore[attr-defined]
+        result = self.call(rpc.SendFrozen, ids=[], all=True, frozen=False)
+        self.assertEqual((result["matched"], result["changed"]), (2, 1))  # type: ignore[attr-defined]
         self.assertEqual(self.queue_of(self.b.id), ACTIVE)  # type: ignore[attr-defined]
-        self.assertEqual(len(self.scheduler.notified), 2)  # type: ignore[attr-defined]
+        self.assertEqual([e.id for e in self.scheduler.notified], [self.b.id])  # type: ignore[attr-defined]
 
-    def test_send_frozen_bad_arguments(self) -> None:
+    def test_action_needs_a_selection(self) -> None:
         """
-        Nothing to send, ids with C{all}, or negative retry intervals are
-        L{rpc.BadArgument}s.
+        An action given no ids, no C{all} and no filter does nothing and
+        is an L{rpc.BadArgument}; so are ids with C{all}, and a queue the
+        action cannot act on.
         """
-        self.fails(rpc.SendFrozen, rpc.BadArgument, ids=[], all=False, frozen=False)
-        self.fails(rpc.SendFrozen, rpc.BadArgument, ids=[self.a.id], all=True, frozen=False)
-        self.fails(
-            rpc.SendFrozen, rpc.BadArgument, ids=[self.a.id], all=False, frozen=False,
-            retry_intervals=[-1.0],
+        self.fails(rpc.Freeze, rpc.BadArgument, ids=[])
+        self.fails(rpc.Remove, rpc.BadArgument, ids=[])
+        self.fails(rpc.SendNow, rpc.BadArgument, ids=[])
+        self.fails(rpc.Freeze, rpc.BadArgument, ids=[self.a.id], all=True)
+        self.fails(rpc.Freeze, rpc.BadArgument, ids=[], queue=REMOVED)
+        self.fails(rpc.Freeze, rpc.BadArgument, ids=[], younger=-1.0)
+        self.assertEqual((self.queue_of(self.a.id), self.queue_of(self.b.id)), (ACTIVE, ACTIVE))  # type: ignore[attr-defined]
+
+    def test_freeze_by_filter(self) -> None:
+        """
+        L{rpc.Freeze} with a filter freezes the active entries it admits,
+        and answers how many matched and changed (not their ids).
+        """
+        [c] = self.successResultOf(self.spool.enqueue(  # type: ignore[attr-defined]
+            [make_envelope("three", recipients=("z@other.example",))]
+        ))
+        result = self.call(rpc.Freeze, ids=[], recipient="@example.com")
+        self.assertEqual(result, {"done": [], "matched": 2, "changed": 2, "settled": 0})  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            [self.queue_of(i) for i in (self.a.id, self.b.id, c.id)], [FROZEN, FROZEN, ACTIVE]
         )
+        self.assertEqual(sorted(self.scheduler.unscheduled), sorted([self.a.id, self.b.id]))  # type: ignore[attr-defined]
+        frozen = self.entry(self.a.id)
+        self.assertEqual((frozen.reason, frozen.moved_at), ("frozen by operator", 1000.0))  # type: ignore[attr-defined]
+        # again: nothing active matches any more
+        result = self.call(rpc.Freeze, ids=[], recipient="@example.com")
+        self.assertEqual((result["matched"], result["changed"]), (0, 0))  # type: ignore[attr-defined]
+
+    def test_freeze_ids_and_filter(self) -> None:
+        """
+        Ids and filters together: only the named entries the filters admit
+        are changed; the ids changed are answered.
+        """
+        result = self.call(rpc.Freeze, ids=[self.a.id, self.b.id], sender="other@example.org")
+        self.assertEqual(result, {"done": [], "matched": 0, "changed": 0, "settled": 0})  # type: ignore[attr-defined]
+        result = self.call(rpc.Freeze, ids=[self.a.id], sender="S@Example.org")
+        self.assertEqual(result, {"done": [self.a.id], "matched": 1, "changed": 1, "settled": 0})  # type: ignore[attr-defined]
+
+    def test_remove_by_queue(self) -> None:
+        """
+        L{rpc.Remove} with C{all} takes the active and frozen entries (not
+        the quarantine); C{queue} quarantine takes the quarantined ones.
+        """
+        [q] = self.successResultOf(self.spool.quarantine([make_envelope("bad")], "spam"))  # type: ignore[attr-defined]
+        self.call(rpc.Freeze, ids=[self.b.id])
+        result = self.call(rpc.Remove, ids=[], all=True)
+        self.assertEqual((result["matched"], result["changed"]), (2, 2))  # type: ignore[attr-defined]
+        self.assertEqual(self.queue_of(q.id), QUARANTINE)  # type: ignore[attr-defined]
+        self.assertEqual(self.entry(self.a.id).moved_at, 1000.0)  # type: ignore[attr-defined]
+        result = self.call(rpc.Remove, ids=[], queue=QUARANTINE)
+        self.assertEqual((result["matched"], result["changed"]), (1, 1))  # type: ignore[attr-defined]
+        self.assertEqual(self.counts(), {"active": 0, "frozen": 0, "removed": 3, "quarantine": 0})  # type: ignore[attr-defined]
+
+    def test_age_filters(self) -> None:
+        """
+        C{younger} and C{older} measure from the relay's clock, by the time
+        an id carries (entries whose ids carry none, by their creation).
+        """
+        self.clock.advance(3600)
+        now = self.clock.seconds()
+        [old, young] = self.successResultOf(self.spool.enqueue([  # type: ignore[attr-defined]
+            make_envelope(new_id(now - 3000)), make_envelope(new_id(now - 60)),
+        ]))
+        result = self.call(rpc.Freeze, ids=[], older=1800.0, younger=3500.0)
+        self.assertEqual(result["changed"], 1)  # type: ignore[attr-defined]
+        self.assertEqual(self.queue_of(old.id), FROZEN)  # type: ignore[attr-defined]
+        # one-0 and two-0 were created at 1000: an hour old
+        self.assertEqual(self.counts(older=3600.0, queue=ACTIVE), {"active": 2})  # type: ignore[attr-defined]
+        self.assertEqual(self.counts(younger=120.0, queue=ACTIVE), {"active": 1})  # type: ignore[attr-defined]
+        self.assertEqual(self.queue_of(young.id), ACTIVE)  # type: ignore[attr-defined]
+
+    def settle(self, entry: SpoolEntry, failed: tuple[str, ...], delivered: tuple[str, ...] = ()) -> SpoolEntry:
+        """
+        Make C{entry} settled (its recipients failed or delivered, the
+        failures reported) and frozen, as the scheduler leaves it.
+        """
+        settled = dataclasses.replace(
+            entry,
+            recipients=(),
+            failed_recipients=tuple((r, "550 5.1.1 no such user") for r in failed),
+            reported=failed,
+            delivered_recipients=delivered,
+        )
+        self.successResultOf(self.spool.update(settled))  # type: ignore[attr-defined]
+        return self.successResultOf(self.spool.move(entry.id, FROZEN))  # type: ignore[attr-defined, no-any-return]
+
+    def test_send_settled(self) -> None:
+        """
+        C{send} of a settled entry changes nothing (it is counted as
+        settled); with C{retry_failed} its failed recipients are pending
+        again and no longer reported, and it is due now.
+        """
+        self.settle(self.a, ("a@example.com",))
+        result = self.call(rpc.SendFrozen, ids=[self.a.id], all=False, frozen=False)
+        self.assertEqual(result, {"done": [], "matched": 1, "changed": 0, "settled": 1})  # type: ignore[attr-defined]
+        self.assertEqual(self.queue_of(self.a.id), FROZEN)  # type: ignore[attr-defined]
+        result = self.call(rpc.SendFrozen, ids=[], all=False, frozen=True)
+        self.assertEqual((result["changed"], result["settled"]), (0, 1))  # type: ignore[attr-defined]
+        result = self.call(
+            rpc.SendFrozen, ids=[self.a.id], all=False, frozen=False, retry_failed=True
+        )
+        self.assertEqual(result, {"done": [self.a.id], "matched": 1, "changed": 1, "settled": 0})  # type: ignore[attr-defined]
+        entry = self.entry(self.a.id)
+        self.assertEqual(  # type: ignore[attr-defined]
+            (entry.queue, [str(r) for r in entry.recipients], entry.failed_recipients,
+             entry.reported, entry.next_attempt_at),
+            (ACTIVE, ["a@example.com"], (), (), 1000.0),
+        )  # fmt: skip
+
+    def test_send_now_settled(self) -> None:
+        """
+        C{send-now} leaves a settled entry alone unless C{retry_failed}; a
+        pending one is tried now.
+        """
+        self.settle(self.a, ("a@example.com",))
+        result = self.call(rpc.SendNow, ids=[], all=True)
+        self.assertEqual((result["matched"], result["changed"], result["settled"]), (2, 1, 1))  # type: ignore[attr-defined]
+        self.assertEqual(self.scheduler.sent_now, [self.b.id])  # type: ignore[attr-defined]
+        result = self.call(rpc.SendNow, ids=[self.a.id], retry_failed=True)
+        self.assertEqual(result["done"], [self.a.id])  # type: ignore[attr-defined]
+        self.assertEqual(self.scheduler.sent_now, [self.b.id, self.a.id])  # type: ignore[attr-defined]
+        self.assertEqual(self.queue_of(self.a.id), ACTIVE)  # type: ignore[attr-defined]
+
+    def test_retry_failed_keeps_delivered(self) -> None:
+        """
+        C{retry_failed} puts back the failed recipients only: the delivered
+        ones stay delivered.
+        """
+        [c] = self.successResultOf(self.spool.enqueue(  # type: ignore[attr-defined]
+            [make_envelope("three", recipients=("x@example.com", "y@example.com"))]
+        ))
+        self.settle(c, ("y@example.com",), delivered=("x@example.com",))
+        self.call(rpc.SendFrozen, ids=[c.id], all=False, frozen=False, retry_failed=True)
+        entry = self.entry(c.id)
+        self.assertEqual(  # type: ignore[attr-defined]
+            ([str(r) for r in entry.recipients], entry.delivered_recipients),
+            (["y@example.com"], ("x@example.com",)),
+        )
+
+    def test_send_reroute(self) -> None:
+        """
+        C{send} with C{next_hop} sets the entries' only next hop and makes
+        them due now; a bad hop is an L{rpc.BadArgument}.
+        """
+        later = dataclasses.replace(self.entry(self.a.id), next_attempt_at=5000.0)
+        self.successResultOf(self.spool.update(later))  # type: ignore[attr-defined]
+        result = self.call(
+            rpc.SendFrozen, ids=[], all=False, frozen=False, via="MX.example.net", next_hop="new.example:2525"
+        )
+        self.assertEqual((result["matched"], result["changed"]), (2, 2))  # type: ignore[attr-defined]
+        for entry_id in (self.a.id, self.b.id):
+            entry = self.entry(entry_id)
+            self.assertEqual(  # type: ignore[attr-defined]
+                (entry.next_hop_choices, entry.next_attempt_at), (("new.example:2525",), 1000.0)
+            )
+        # again: they are already there
+        result = self.call(rpc.SendFrozen, ids=[], all=True, frozen=False, next_hop="new.example:2525")
+        self.assertEqual((result["matched"], result["changed"]), (2, 0))  # type: ignore[attr-defined]
+        self.fails(rpc.SendFrozen, rpc.BadArgument, ids=[], all=True, frozen=False, next_hop="x:y")
+
+    def test_next_hop_filter_default_route(self) -> None:
+        """
+        An entry on the default route matches the relay's smarthost, and
+        C{default}; one with its own hops matches them.
+        """
+        [c] = self.successResultOf(self.spool.enqueue([  # type: ignore[attr-defined]
+            dataclasses.replace(make_envelope("three"), next_hop_choices=())
+        ]))
+        self.assertEqual(self.counts(via="smart.example:2525", queue=ACTIVE), {"active": 1})  # type: ignore[attr-defined]
+        self.assertEqual(self.counts(via="default", queue=ACTIVE), {"active": 1})  # type: ignore[attr-defined]
+        self.assertEqual(self.counts(via="mx.example.net", queue=ACTIVE), {"active": 2})  # type: ignore[attr-defined]
+        entries, _ = self.listed(via="smart.example:2525")
+        self.assertEqual([e["id"] for e in entries], [c.id])  # type: ignore[attr-defined]
 
     # -- SendNow -------------------------------------------------------
 
@@ -439,3 +770,139 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(control_endpoint("unix:/c.sock:mode=0660"), "unix:/c.sock:mode=0660")
         self.assertEqual(control_endpoint("tcp:1234:interface=127.0.0.1"),
                          "tcp:1234:interface=127.0.0.1")
+
+
+class RecordingSpool(MemorySpool):
+    """
+    A L{MemorySpool} that keeps the streams it hands out, and whether
+    each was closed.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        MemorySpool.__init__(self, clock)
+        self.streams: list[Any] = []
+        self.closed: list[Any] = []
+
+    def stream(self, queue: str, select: Any = None, parse: bool = True, page_size: int = 200) -> Any:
+        stream = MemorySpool.stream(self, queue, select, parse, page_size)
+        close = stream.close
+
+        def closing() -> Any:
+            self.closed.append(stream)
+            return close()
+
+        stream.close = closing  # type: ignore[method-assign]
+        self.streams.append(stream)
+        return stream
+
+
+class HeldClient(amp.AMP):
+    """
+    A client that answers each page only when the test says so.
+    """
+
+    def __init__(self) -> None:
+        amp.AMP.__init__(self)
+        self.waiting: list[tuple[Deferred[dict[str, Any]], str]] = []
+
+    @rpc.EntriesPage.responder
+    def entries_page(
+        self, stream: int, entries: str | None = None, ids: str | None = None,
+        unreadable: str | None = None,
+    ) -> Deferred[dict[str, Any]]:  # fmt: skip
+        d: Deferred[dict[str, Any]] = Deferred()
+        self.waiting.append((d, entries or ""))
+        return d
+
+
+class FlowControlTests(SynchronousTestCase):
+    """
+    A listing goes a page at a time, the next read only when the client
+    answered the last (one page read ahead): the relay holds at most two
+    pages, whatever the queue's length.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.spool = RecordingSpool(self.clock)
+        self.made = self.successResultOf(
+            self.spool.enqueue([make_envelope(f"e{i:04}") for i in range(5 * LIST_PAGE)])
+        )
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: ControlProtocol(self.spool, None, (), self.clock), HeldClient
+        )
+
+    def test_waits_for_the_client(self) -> None:
+        """
+        The server sends the first page and reads one more, then waits; each
+        answer lets one more page go; the answer comes after the last page,
+        and the stream is closed.
+        """
+        d = self.client.callRemote(rpc.Status, stream=7)
+        self.pump.flush()
+        [stream] = self.spool.streams
+        self.assertEqual((len(self.client.waiting), stream.pages), (1, 2))
+        self.pump.flush()
+        self.assertEqual((len(self.client.waiting), stream.pages), (1, 2))
+        self.assertNoResult(d)
+        seen = 0
+        while self.client.waiting:
+            answer, entries = self.client.waiting.pop(0)
+            seen += len(entries.splitlines())
+            answer.callback({})
+            self.pump.flush()
+            self.assertLessEqual(stream.pages - (seen // LIST_PAGE), 2)
+        self.assertEqual(seen, len(self.made))
+        self.assertEqual(self.successResultOf(d), {"entries": len(self.made), "unreadable": 0})
+        self.assertEqual(self.spool.closed, [stream])
+
+    def test_client_goes_away(self) -> None:
+        """
+        A client that goes away mid-listing ends it: the stream is closed,
+        nothing more is read, nothing is logged as an error.
+        """
+        self.client.callRemote(rpc.Status).addErrback(lambda _: None)
+        self.pump.flush()
+        [stream] = self.spool.streams
+        self.client.transport.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.spool.closed, [stream])
+        self.assertEqual(stream.pages, 2)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ChunkedTests(SynchronousTestCase):
+    """
+    L{rpc.Chunked} spreads a long value over keys each under AMP's limit.
+    """
+
+    def round_trip(self, argument: rpc.Chunked, value: Any) -> tuple[dict[bytes, bytes], Any]:
+        strings: dict[bytes, bytes] = {}
+        argument.toBox(b"v", strings, {"v": value}, None)
+        objects: dict[str, Any] = {}
+        argument.fromBox(b"v", dict(strings), objects, None)
+        return strings, objects["v"]
+
+    def test_long_text(self) -> None:
+        """
+        Text of 200 KB (multi-byte characters split across keys) comes back
+        whole; every key holds at most L{rpc.CHUNK} bytes.
+        """
+        text = "é" * 100_000 + "end"
+        strings, back = self.round_trip(rpc.Chunked(), text)
+        self.assertEqual(back, text)
+        self.assertEqual(sorted(strings), [b"v", b"v.1", b"v.2", b"v.3"])
+        self.assertLessEqual(max(len(v) for v in strings.values()), rpc.CHUNK)
+
+    def test_bytes_and_short(self) -> None:
+        """
+        Bytes stay bytes; a short value is one key; an optional one that
+        is absent is C{None}.
+        """
+        strings, back = self.round_trip(rpc.Chunked(binary=True), b"\x00\xff")
+        self.assertEqual((strings, back), ({b"v": b"\x00\xff"}, b"\x00\xff"))
+        objects: dict[str, Any] = {}
+        rpc.Chunked(optional=True).fromBox(b"v", {}, objects, None)
+        self.assertEqual(objects, {"v": None})
+        self.assertRaises(KeyError, rpc.Chunked().toBox, b"v", {}, {}, None)

@@ -6,21 +6,29 @@ with no server running.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import sys
 from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.control import ctl
+from relay.control.client import ControlClient
+from relay.control.formats import TableWriter
+from relay.control.server import LIST_PAGE, ControlProtocol
 from relay.model.address import EmailAddress, Sender
-from relay.model.entry import FROZEN, REMOVED, Attempt, SpoolEntry
+from relay.model.entry import FROZEN, REMOVED, Attempt, SpoolEntry, TLSOutcome, new_id
 from relay.spool.codec import entry_to_json
 from relay.spool.disk import DiskSpool
-from tests.test_spool import make_envelope, synchronous
+from tests.test_control import FakeScheduler
+from tests.test_spool import DATA, make_envelope, synchronous
 
 NOW = 1_700_000_000.0
 
@@ -84,8 +92,8 @@ TABLE = (
     "           LAST ERROR\n"
     "aaaa-0  <s@example.org>  a@example.com                5m   in 2m         mx.example.net:25"
     "  -\n"
-    "bbbb-0  <>               x@example.com,y@example.com  2h   now           MX"
-    "                 451 4.3.0 mailbox temporarily unavail...\n"
+    "bbbb-0  <>               x@example.com,y@example.com  2h   now           default"
+    "            451 4.3.0 mailbox temporarily unavail...\n"
     "cccc-1  <s@example.org>  a@example.com                3d   -             mx.example.net:25"
     "  -\n"
 )
@@ -103,28 +111,32 @@ EXIM = (
     "\n"
 )
 
-JSON = """\
-[
-  {
-    "created_at": 1699999700.0,
-    "envelope_id": "aaaa",
-    "id": "aaaa-0",
-    "message_size": 1536,
-    "next_attempt_at": 1700000120.0,
-    "next_hop_choices": [
-      "mx.example.net:25"
-    ],
-    "queue": "active",
-    "recipients": [
-      "a@example.com"
-    ],
-    "schedule": [
-      60.0
-    ],
-    "sender": "s@example.org",
-    "version": 2
-  }
-]
+JSON = (
+    '{"created_at": 1699999700.0, "envelope_id": "aaaa", "id": "aaaa-0", "message_size": 1536, '
+    '"next_attempt_at": 1700000120.0, "next_hop_choices": ["mx.example.net:25"], '
+    '"queue": "active", "recipients": ["a@example.com"], "schedule": [60.0], '
+    '"sender": "s@example.org", "version": 2}\n'
+)
+
+
+SHOW = """\
+id: bbbb-0
+queue: active
+envelope id: bbbb
+sender: <>
+size: 200
+created: 2023-11-14T20:13:20+00:00 (2h ago)
+received from: client.example [192.0.2.7]
+next hops: default route (now smart.example:25)
+schedule: 60s, step 0
+next attempt: 2023-11-14T22:13:15+00:00 (5s ago)
+recipients:
+  pending    x@example.com
+  pending    y@example.com
+  delivered  d@example.com
+  failed     f@example.com: 550 5.1.1 no such user (reported)
+attempts: 9 (1 kept)
+  2023-11-14T21:13:20+00:00  mx:25  451 4.3.0 mailbox temporarily unavailable, please try again much later
 """
 
 
@@ -145,7 +157,7 @@ class FormatTests(SynchronousTestCase):
     def test_table(self) -> None:
         """
         The table has a header and one aligned row per entry: the null
-        sender is C{<>}, recipients are comma-joined, the next hop is C{MX}
+        sender is C{<>}, recipients are comma-joined, the next hop is C{default}
         when none is given, the next attempt is C{-} unless active, and the
         last error is truncated.
         """
@@ -176,10 +188,70 @@ class FormatTests(SynchronousTestCase):
 
     def test_json(self) -> None:
         """
-        The JSON format is the entries' metadata, indented and sorted.
+        The JSON format is JSON Lines (like C{postqueue -j}): one object
+        per entry, its metadata document with keys sorted.
         """
         self.assertEqual(ctl.format_json(ENTRIES[:1]), JSON)
-        self.assertEqual(json.loads(ctl.format_json(ENTRIES)), [entry_to_json(e) for e in ENTRIES])
+        self.assertEqual(
+            [json.loads(line) for line in ctl.format_json(ENTRIES).splitlines()],
+            [entry_to_json(e) for e in ENTRIES],
+        )
+
+    def test_table_streams(self) -> None:
+        """
+        Written a page at a time, the table has one header, its columns
+        fit the first page and widen for a later page with wider cells.
+        """
+        out = io.StringIO()
+        writer = TableWriter(out, NOW)
+        writer.write(ENTRIES[:1])
+        writer.write(ENTRIES[1:])
+        writer.finish()
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[:2], ctl.format_table(ENTRIES[:1], NOW).splitlines())
+        self.assertEqual(len(lines), 4)
+        self.assertEqual([line.startswith("ID") for line in lines], [True, False, False, False])
+        self.assertIn("451 4.3.0", lines[2])
+
+    def test_show(self) -> None:
+        """
+        C{show} prints the entry's metadata: sender, each recipient with
+        its state, the next hops or the default route and where it goes
+        now, the schedule, and the attempts with their count.
+        """
+        entry = dataclasses.replace(
+            ENTRIES[1],
+            delivered_recipients=("d@example.com",),
+            failed_recipients=(("f@example.com", "550 5.1.1 no\r\n such user"),),
+            reported=("f@example.com",),
+            attempt_count=9,
+            received_from="client.example [192.0.2.7]",
+        )
+        self.assertEqual(ctl.format_show(entry, NOW, "smart.example:25"), SHOW)
+        self.assertIn("next hops: default route (now the MX of each domain)",
+                      ctl.format_show(entry, NOW))  # fmt: skip
+        self.assertIn("next hops: default route (the relay's --smarthost, else MX)",
+                      ctl.format_show(entry, NOW, route_known=False))  # fmt: skip
+        self.assertIn("next hops: mx.example.net:25\nschedule: 60s, step 0\n",
+                      ctl.format_show(ENTRIES[2], NOW))  # fmt: skip
+
+    def test_show_tls(self) -> None:
+        """
+        C{show} names the TLS policy a plugin chose for the entry and, under
+        each attempt, the policy that applied, its source and its result.
+        """
+        attempt = dataclasses.replace(
+            ENTRIES[1].attempts[0],
+            tls=TLSOutcome("dane", "dane", "tlsa-invalid", "no TLSA record matched"),
+        )
+        entry = dataclasses.replace(ENTRIES[1], tls_policy="verify", attempts=(attempt,))
+        text = ctl.format_show(entry, NOW, "smart.example:25")
+        self.assertIn("schedule: 60s, step 0\ntls policy: verify (chosen by the plugin)\n", text)
+        self.assertIn(
+            "please try again much later\n    tls: dane from dane: tlsa-invalid (no TLSA record matched)\n",
+            text,
+        )
+        self.assertNotIn("tls", ctl.format_show(ENTRIES[1], NOW, "smart.example:25"))
 
     def test_duration(self) -> None:
         """
@@ -244,8 +316,54 @@ class ParseTests(SynchronousTestCase):
             ("status", "--format", "xml"),
             ("status", "--queue", "nowhere"),
             ("--control", "unix:x", "--spool", "y", "count"),
+            ("freeze", "--all", "id1"),
+            ("remove", "--queue", "bogus"),
+            ("send", "--frozen", "id1"),
+            ("send", "--frozen", "--queue", "active"),
+            ("send", "--all", "--next-hop", "host:port"),
+            ("status", "--younger", "soon"),
+            ("count", "--older", "0"),
+            ("status", "--sender", "bob"),
+            ("status", "--recipient", "<>"),
+            ("status", "--next-hop", "host:0"),
+            ("send", "--next-hop", "x:25"),
+            ("summary", "--top", "-1"),
+            ("summary", "--by", "color"),
+            ("show",),
         ]:
             self.assertUsage(*argv)
+
+    def test_action_selection(self) -> None:
+        """
+        An action takes IDs, C{--all}, or at least one filter (C{--queue}
+        among them); the filters are passed on in seconds.
+        """
+        for argv in [
+            ("freeze", "--sender", "@example.com"),
+            ("remove", "--queue", "frozen"),
+            ("send-now", "--older", "1h"),
+            ("send", "--via", "old.example", "--next-hop", "new.example:2525"),
+            ("remove", "--all"),
+            ("freeze", "id1"),
+        ]:
+            options = ctl.parse_args(list(argv))
+            self.assertEqual(options.command, argv[0])
+        options = ctl.parse_args(["send-now", "--older", "1h", "--younger", "90"])
+        self.assertEqual(options.filters, {"older": 3600.0, "younger": 90.0})
+        options = ctl.parse_args(["send", "--via", "old.example", "--next-hop", "new.example:2525"])
+        self.assertEqual((options.filters, options.reroute), ({"via": "old.example"}, "new.example:2525"))
+
+    def test_help(self) -> None:
+        """
+        C{--help} of each command exits with 0 and names its options.
+        """
+        for command, option in [("status", "--format"), ("summary", "--top"), ("show", "--body"),
+                                ("send", "--retry-failed"), ("freeze", "--recipient")]:  # fmt: skip
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            code, _, _ = run_main(command, "--help")
+            self.assertEqual(code, 0)
+            self.assertIn(option, out.getvalue())
 
     def test_send(self) -> None:
         """
@@ -276,7 +394,7 @@ class RemoteTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
-        self.response: dict[str, Any] = {"done": []}
+        self.response: dict[str, Any] = {"done": [], "matched": 0, "changed": 0, "settled": 0}
         self.error: Exception | None = None
 
         def fake(control: str, command: Any, **kwargs: Any) -> dict[str, Any]:
@@ -292,7 +410,7 @@ class RemoteTests(SynchronousTestCase):
         Without C{--control}, commands talk to the control socket inside
         the spool: C{--spool DIR}'s, else the default spool's.
         """
-        self.response = {"done": ["id1"]}
+        self.response = {"done": ["id1"], "matched": 1, "changed": 1, "settled": 0}
         run_main("--spool", "/var/spool/relay", "freeze", "id1")
         run_main("freeze", "id1")
         run_main("--control", "tcp:127.0.0.1:9999", "freeze", "id1")
@@ -303,19 +421,14 @@ class RemoteTests(SynchronousTestCase):
 
     def test_commands(self) -> None:
         """
-        Each subcommand calls its AMP command with its arguments.
+        Each action calls its AMP command with its arguments, and prints
+        the ids named that changed, then how many entries changed.
         """
-        self.response = {"done": ["id1"]}
+        self.response = {"done": ["id1"], "matched": 2, "changed": 1, "settled": 0}
         cases = [
             (("freeze", "id1", "id2"), "Freeze", {"ids": ["id1", "id2"]}),
             (("send-now", "id1"), "SendNow", {"ids": ["id1"]}),
             (("remove", "id1"), "Remove", {"ids": ["id1"]}),
-            (("recover", "--removed", "id1"), "Recover", {"ids": ["id1"], "source": REMOVED}),
-            (
-                ("recover", "--quarantined", "id1"),
-                "Recover",
-                {"ids": ["id1"], "source": "quarantine"},
-            ),
             (("send", "--all"), "SendFrozen", {"ids": [], "all": True, "frozen": False}),
             (
                 ("send", "--frozen", "--retry-intervals", "1m,5m"),
@@ -323,13 +436,51 @@ class RemoteTests(SynchronousTestCase):
                 {"ids": [], "all": False, "frozen": True, "retry_intervals": [60.0, 300.0]},
             ),
             (("send", "id1"), "SendFrozen", {"ids": ["id1"], "all": False, "frozen": False}),
+            (
+                ("send", "--via", "old:25", "--next-hop", "new:25", "--retry-failed"),
+                "SendFrozen",
+                {"ids": [], "all": False, "frozen": False, "via": "old:25", "next_hop": "new:25",
+                 "retry_failed": True},
+            ),  # fmt: skip
+            (
+                ("freeze", "--sender", "@x.example", "--recipient", "b@y.example", "--older", "1h",
+                 "--younger", "2d", "--queue", "active"),
+                "Freeze",
+                {"ids": [], "sender": "@x.example", "recipient": "b@y.example", "older": 3600.0,
+                 "younger": 172800.0, "queue": "active"},
+            ),  # fmt: skip
+            (("remove", "--all", "--next-hop", "mx:25"), "Remove", {"ids": [], "all": True, "via": "mx:25"}),
+            (("send-now", "--all", "--retry-failed"), "SendNow",
+             {"ids": [], "all": True, "retry_failed": True}),  # fmt: skip
         ]
         for argv, name, kwargs in cases:
             del self.calls[:]
             code, out, err = run_main("--control", "unix:/c.sock", *argv)
             self.assertEqual((code, err), (0, ""))
             self.assertEqual(self.calls, [("unix:/c.sock", name, kwargs)])
-            self.assertEqual(out, f"{argv[0]}: id1\n")
+            self.assertEqual(out, f"{argv[0]}: id1\n{argv[0]}: changed 1 of 2 matching entries\n")
+
+    def test_recover(self) -> None:
+        """
+        C{recover} calls L{rpc.Recover} with its ids and source, and prints
+        each id recovered.
+        """
+        self.response = {"done": ["id1"]}
+        for argv, source in [(("--removed", "id1"), REMOVED), (("--quarantined", "id1"), "quarantine")]:
+            del self.calls[:]
+            code, out, err = run_main("--control", "unix:/c.sock", "recover", *argv)
+            self.assertEqual((code, out, err), (0, "recover: id1\n", ""))
+            self.assertEqual(self.calls, [("unix:/c.sock", "Recover", {"ids": ["id1"], "source": source})])
+
+    def test_settled_hint(self) -> None:
+        """
+        When settled entries were left alone, the count line says so and
+        how to retry them.
+        """
+        self.response = {"done": [], "matched": 1, "changed": 0, "settled": 1}
+        code, out, err = run_main("--control", "unix:/c", "send", "id1")
+        self.assertEqual(out, "send: changed 0 of 1 matching entry "
+                              "(1 settled: --retry-failed puts their failed recipients back)\n")  # fmt: skip
 
     def test_set_max_send_jobs(self) -> None:
         """
@@ -342,17 +493,30 @@ class RemoteTests(SynchronousTestCase):
 
     def test_status_and_count(self) -> None:
         """
-        With C{--control}, status and count ask the server.
+        With C{--control}, status asks the server, printing each page as
+        it comes; count asks the server and prints the queues it answers.
         """
-        self.response = {
-            "entries": json.dumps([entry_to_json(e) for e in ENTRIES]),
-        }
+
+        def streaming(control: str, command: Any, client: Any = None, **kwargs: Any) -> dict[str, Any]:
+            self.calls.append((control, command.__name__, kwargs))
+            for entry in ENTRIES:
+                client.on_entries(ctl.format_json([entry]), None, None)
+            return {"entries": len(ENTRIES), "unreadable": 0}
+
+        self.patch(ctl, "_call", streaming)
         code, out, err = run_main("--control", "unix:/c", "status", "--format", "exim")
         self.assertEqual((code, out, err), (0, EXIM, ""))
         self.assertEqual(self.calls, [("unix:/c", "Status", {"queue": "active"})])
+        code, out, err = run_main("--control", "unix:/c", "status")
+        self.assertEqual([line.split()[0] for line in out.splitlines()],
+                         ["ID", "aaaa-0", "bbbb-0", "cccc-1"])  # fmt: skip
+        self.patch(ctl, "_call", lambda control, command, **kw: self.response)
         self.response = {"active": 3, "frozen": 1, "removed": 0, "quarantine": 2}
         code, out, err = run_main("--control", "unix:/c", "count")
         self.assertEqual((code, out), (0, "active: 3\nfrozen: 1\nremoved: 0\nquarantine: 2\n"))
+        self.response = {"active": None, "frozen": 1, "removed": None, "quarantine": None}
+        code, out, err = run_main("--control", "unix:/c", "count", "--queue", "frozen")
+        self.assertEqual((code, out), (0, "frozen: 1\n"))
 
     def test_unknown_entry(self) -> None:
         """
@@ -431,7 +595,8 @@ class DiskTests(SynchronousTestCase):
         """
         A control socket left behind by a relay that was killed (nothing
         listens on it) does not stop C{status} and C{count} from reading
-        the spool directory.
+        the spool directory (count reads names only: the unreadable
+        junk.json counts).
         """
         import socket
 
@@ -443,15 +608,22 @@ class DiskTests(SynchronousTestCase):
         stale.bind(os.path.join(spool, "control.sock"))  # bound, never listening
         self.patch(ctl, "_call", lambda *a, **kw: self.fail("no relay to call"))
         code, out, err = run_main("--spool", spool, "--quarantine", self.quarantine, "count")
-        self.assertEqual((code, out), (0, "active: 1\nfrozen: 1\nremoved: 0\nquarantine: 1\n"))
+        self.assertEqual((code, out), (0, "active: 2\nfrozen: 1\nremoved: 0\nquarantine: 1\n"))
 
     def test_count(self) -> None:
         """
-        C{relayctl --spool DIR count} counts every queue from disk.
+        C{relayctl --spool DIR count} counts every queue from disk, from
+        the names of the files (the unreadable junk.json is named like an
+        entry, so it counts); with a filter, the entries it admits.
         """
         code, out, err = run_main("--spool", self.path, "--quarantine", self.quarantine, "count")
         self.assertEqual(code, 0)
-        self.assertEqual(out, "active: 1\nfrozen: 1\nremoved: 0\nquarantine: 1\n")
+        self.assertEqual(out, "active: 2\nfrozen: 1\nremoved: 0\nquarantine: 1\n")
+        code, out, err = run_main("--spool", self.path, "--quarantine", self.quarantine, "count",
+                                  "--queue", "frozen", "--sender", "S@example.org")  # fmt: skip
+        self.assertEqual((code, out), (0, "frozen: 1\n"))
+        code, out, err = run_main("--spool", self.path, "count", "--recipient", "@nowhere.example")
+        self.assertEqual(out, "active: 0\nfrozen: 0\nremoved: 0\nquarantine: 0\n")
 
     def test_status(self) -> None:
         """
@@ -478,7 +650,7 @@ class DiskTests(SynchronousTestCase):
             "json",
         )
         self.assertEqual(code, 0)
-        [data] = json.loads(out)
+        [data] = [json.loads(line) for line in out.splitlines()]
         self.assertEqual((data["id"], data["reason"]), (self.q.id, "looks like spam"))
         code, out, err = run_main(
             "--spool",
@@ -589,3 +761,185 @@ class RPCTests(SynchronousTestCase):
         self.error = ctl.OperationFailed("cannot connect to unix:/c: refused")
         code, out, err = run_main("--control", "unix:/c", "rpc", "tests.test_ctl.PingRPC", "text=x")
         self.assertEqual((code, err), (1, "relayctl rpc: cannot connect to unix:/c: refused\n"))
+
+
+class InMemoryRelay:
+    """
+    What C{relayctl} calls, for tests: each call goes over an in-memory
+    connection (iosim) to a real L{ControlProtocol} over C{spool}, with
+    the client protocol relayctl uses.
+    """
+
+    def __init__(self, spool: Any, scheduler: Any, clock: Clock) -> None:
+        self.spool = spool
+        self.scheduler = scheduler
+        self.clock = clock
+        self.clients: list[ControlClient] = []
+
+    def __call__(self, control: str, command: Any, client: Any = None, **kwargs: Any) -> Any:
+        client = client if client is not None else ControlClient()
+        self.clients.append(client)
+        c, _, pump = iosim.connectedServerAndClient(
+            lambda: ControlProtocol(self.spool, self.scheduler, (), self.clock), lambda: client
+        )
+        outcome: list[Any] = []
+        c.callRemote(command, **kwargs).addBoth(outcome.append)
+        pump.flush()
+        [result] = outcome
+        if isinstance(result, Failure):
+            raise result.value
+        return result
+
+
+class QueueToolsTests(SynchronousTestCase):
+    """
+    C{relayctl}'s status, count, summary, show and the bulk actions, end to
+    end over a disk spool: through a relay (a real control endpoint in
+    memory) and straight from the directory, which print the same.
+    """
+
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp())
+        self.clock = Clock()
+        self.spool = DiskSpool(self.path, synchronous, self.clock)
+        self.scheduler = FakeScheduler(self.clock)
+        self.relay = InMemoryRelay(self.spool, self.scheduler, self.clock)
+        self.patch(ctl, "_call", self.relay)
+        made = [
+            (3, make_envelope(new_id(NOW - 3 * 60), recipients=("a@a.example",))),
+            (30, make_envelope(new_id(NOW - 30 * 60), recipients=("b@b.example", "c@a.example"))),
+            (400, make_envelope(new_id(NOW - 400 * 60), recipients=("d@b.example",))),
+            (7, dataclasses.replace(
+                make_envelope(new_id(NOW - 7 * 60), recipients=("e@c.example",)),
+                next_hop_choices=(),
+            )),
+        ]  # fmt: skip
+        self.ids = []
+        for minutes, envelope in made:
+            # accepted when its id says it was, as in a relay
+            self.clock.advance(NOW - minutes * 60 - self.clock.seconds())
+            [entry] = self.successResultOf(self.spool.enqueue([envelope]))
+            self.ids.append(entry.id)
+        self.clock.advance(NOW - self.clock.seconds())
+        self.oldest_first = [self.ids[i] for i in (2, 1, 3, 0)]
+
+    def both(self, *argv: str) -> str:
+        """
+        Run C{relayctl argv} through the relay and from disk; both must
+        succeed and print the same: return what they print.
+        """
+        code, remote, err = run_main("--control", "unix:/c", *argv)
+        self.assertEqual((code, err), (0, ""))
+        self.patch(ctl, "_call", lambda *a, **kw: self.fail("no relay to call"))
+        code, local, err = run_main("--spool", self.path, *argv)
+        self.patch(ctl, "_call", self.relay)
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(local, remote)
+        return remote
+
+    def test_status_formats(self) -> None:
+        """
+        C{status} in each format, with and without filters: a table, the
+        exim layout, JSON Lines and ids, oldest first.
+        """
+        table = self.both("status").splitlines()
+        self.assertEqual(table[0].split()[:3], ["ID", "SENDER", "RECIPIENTS"])
+        self.assertEqual([line.split()[0] for line in table[1:]], self.oldest_first)
+        exim = self.both("status", "--format", "exim")
+        self.assertIn(f" 6h    {len(DATA)} {self.ids[2]} <s@example.org>\n          d@b.example\n", exim)
+        lines = self.both("status", "--format", "json").splitlines()
+        self.assertEqual([json.loads(line)["id"] for line in lines], self.oldest_first)
+        ids = self.both("status", "--format", "ids")
+        self.assertEqual(ids, "".join(i + "\n" for i in self.oldest_first))
+        filtered = self.both("status", "--format", "ids", "--recipient", "@b.example", "--older", "1h")
+        self.assertEqual(filtered, self.ids[2] + "\n")
+        self.assertEqual(self.both("status", "--format", "ids", "--younger", "5m"), self.ids[0] + "\n")
+        self.assertEqual(self.both("status", "--format", "ids", "--next-hop", "default"),
+                         self.ids[3] + "\n")  # fmt: skip
+
+    def test_count(self) -> None:
+        """
+        C{count}, all queues or one, with filters.
+        """
+        self.assertEqual(self.both("count"), "active: 4\nfrozen: 0\nremoved: 0\nquarantine: 0\n")
+        self.assertEqual(self.both("count", "--queue", "active", "--recipient", "@a.example"),
+                         "active: 2\n")  # fmt: skip
+
+    def test_summary(self) -> None:
+        """
+        C{summary}: entries per recipient domain in age buckets, the total
+        first; by next hop, entries on the default route under the
+        relay's smarthost (a row of their own from disk).
+        """
+        self.assertEqual(self.both("summary"), (
+            "DOMAIN    T 5 10 20 40 80 160 320 320+\n"
+            "TOTAL     4 1  1  0  1  0   0   0    1\n"
+            "a.example 2 1  0  0  1  0   0   0    0\n"
+            "b.example 2 0  0  0  1  0   0   0    1\n"
+            "c.example 1 0  1  0  0  0   0   0    0\n"
+        ))  # fmt: skip
+        self.assertEqual(self.both("summary", "--top", "1").splitlines()[2].split()[0], "a.example")
+        code, out, err = run_main("--control", "unix:/c", "summary", "--by", "next-hop")
+        self.assertEqual(out.splitlines()[2:], [
+            "mx.example.net:25  3 1  0  0  1  0   0   0    1",
+            "smart.example:2525 1 0  1  0  0  0   0   0    0",
+        ])  # fmt: skip
+        code, out, err = run_main("--spool", self.path, "summary", "--by", "next-hop")
+        self.assertIn("(default route)   1 0  1", out)
+
+    def test_show(self) -> None:
+        """
+        C{show ID}: the entry and its headers, or with C{--body} the whole
+        message; the relay says where the default route goes now.
+        """
+        code, remote, err = run_main("--control", "unix:/c", "show", self.ids[3])
+        self.assertEqual((code, err), (0, ""))
+        code, local, err = run_main("--spool", self.path, "show", self.ids[3])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("next hops: default route (now smart.example:2525)\n", remote)
+        self.assertIn("next hops: default route (the relay's --smarthost, else MX)\n", local)
+        self.assertEqual(remote.replace("now smart.example:2525", "the relay's --smarthost, else MX"),
+                         local)  # fmt: skip
+        self.assertTrue(remote.startswith(f"id: {self.ids[3]}\nqueue: active\n"))
+        self.assertIn("  pending    e@c.example\n", remote)
+        self.assertTrue(remote.endswith(
+            "*** MESSAGE HEADERS ***\nSubject: hello\r\nFrom: s@example.org\r\n\r\n*** END ***\n"
+        ))
+        body = self.both("show", "--body", self.ids[0])
+        self.assertTrue(body.endswith("*** MESSAGE ***\n" + DATA.decode() + "*** END ***\n"))
+
+    def test_show_unknown(self) -> None:
+        """
+        C{show} of an unknown id exits with 1 and says so.
+        """
+        code, out, err = run_main("--control", "unix:/c", "show", "nosuch")
+        self.assertEqual((code, out, err), (1, "", "relayctl show: unknown entry: no such entry: nosuch\n"))
+        code, out, err = run_main("--spool", self.path, "show", "nosuch")
+        self.assertEqual((code, out, err), (1, "", "relayctl show: no such entry: nosuch\n"))
+
+    def test_bulk_freeze_and_send(self) -> None:
+        """
+        A filtered freeze freezes what matches and says how many; C{send}
+        by filter brings them back, rerouted.
+        """
+        code, out, err = run_main("--control", "unix:/c", "freeze", "--recipient", "@b.example")
+        self.assertEqual((code, out, err), (0, "freeze: changed 2 of 2 matching entries\n", ""))
+        self.assertEqual(self.both("count"), "active: 2\nfrozen: 2\nremoved: 0\nquarantine: 0\n")
+        code, out, err = run_main("--control", "unix:/c", "send", "--frozen", "--next-hop", "new.example")
+        self.assertEqual(out, "send: changed 2 of 2 matching entries\n")
+        self.assertEqual(self.both("status", "--format", "ids", "--next-hop", "new.example:25"),
+                         "".join(i + "\n" for i in (self.ids[2], self.ids[1])))  # fmt: skip
+        code, out, err = run_main("--control", "unix:/c", "freeze")
+        self.assertEqual((code, out), (ctl.USAGE, ""))
+        self.assertIn("give IDs, --all or a filter", err)
+
+    def test_listing_pages(self) -> None:
+        """
+        Through the relay a long listing comes in several pages, printed as
+        they come.
+        """
+        more = [make_envelope(new_id(NOW - 10)) for _ in range(LIST_PAGE + 1)]
+        self.successResultOf(self.spool.enqueue(more))
+        out = self.both("status", "--format", "ids")
+        self.assertEqual(len(out.splitlines()), LIST_PAGE + 5)
+        self.assertEqual(self.relay.clients[0].pages, 2)

@@ -159,12 +159,17 @@ class StreamTests(SynchronousTestCase):
         When the connection closes the server unsubscribes it and stops
         its heartbeat.
         """
+        def heartbeats() -> list[object]:
+            return [c for c in self.clock.getDelayedCalls() if "_beat" in repr(c.func)]
+
         self.call(rpc.Subscribe)
         self.assertEqual(len(self.scheduler.events._subscribers), 1)
+        self.assertEqual(len(heartbeats()), 1)
         self.follower.transport.loseConnection()  # type: ignore[union-attr]
         self.pump.flush()
         self.assertEqual(self.scheduler.events._subscribers, [])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # The scheduler's own calls (its scans) stay; the heartbeat went.
+        self.assertEqual(heartbeats(), [])
         self.scheduler.events.emit("delivered", "x")
 
 

@@ -8,13 +8,21 @@ import os
 from typing import Any
 
 from prometheus_client import generate_latest
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.control.events import EventBus
-from relay.control.metrics import SPOOL_INTERVAL, RelayMetrics, metrics_resource, metrics_service
+from relay.control.metrics import (
+    MAX_SPOOL_INTERVAL,
+    SPOOL_INTERVAL,
+    RelayMetrics,
+    metrics_resource,
+    metrics_service,
+    next_count_in,
+)
+from relay.model.entry import QueueCount
 from relay.tap import Options
 
 
@@ -28,16 +36,26 @@ def lines(metrics: RelayMetrics) -> list[str]:
 
 class FakeSpool:
     """
-    A spool answering fixed entry lists per queue, counting calls.
+    A spool answering fixed counts per queue, counting calls; it has no
+    C{entries}, so the metrics cannot read entries.
     """
 
-    def __init__(self, sizes: dict[str, int]) -> None:
+    def __init__(self, sizes: dict[str, int], oldest: dict[str, float] | None = None) -> None:
         self.sizes = sizes
+        self.oldest = oldest or {}
         self.calls = 0
+        self.pending: list[Deferred[QueueCount]] = []
+        self.hold = False
 
-    def entries(self, queue: str) -> Any:
+    def count(self, queue: str) -> Deferred[QueueCount]:
         self.calls += 1
-        return succeed([object()] * self.sizes.get(queue, 0))
+        count = QueueCount(self.sizes.get(queue, 0), self.oldest.get(queue))
+        if self.hold:
+            d: Deferred[QueueCount] = Deferred()
+            self.pending.append(d)
+            d.addCallback(lambda _: count)
+            return d
+        return succeed(count)
 
 
 class CollectorTests(SynchronousTestCase):
@@ -63,6 +81,20 @@ class CollectorTests(SynchronousTestCase):
         self.assertIn('relay_messages_total{outcome="frozen"} 1.0', out)
         self.assertIn('relay_messages_total{outcome="delivered"} 0.0', out)
 
+    def test_expired_counted(self) -> None:
+        """
+        Each entry deleted by expiry counts under its queue.
+        """
+        bus = EventBus(Clock())
+        metrics = RelayMetrics()
+        bus.subscribe(metrics.observe)
+        bus.emit("expired", "a-0", queue="frozen")
+        bus.emit("expired", "b-0", queue="frozen")
+        bus.emit("expired", "c-0", queue="removed")
+        out = lines(metrics)
+        self.assertIn('relay_spool_expired_total{queue="frozen"} 2.0', out)
+        self.assertIn('relay_spool_expired_total{queue="removed"} 1.0', out)
+
     def test_delivery_latency(self) -> None:
         """
         A delivered event with C{created_at} observes its age in the
@@ -85,7 +117,8 @@ class CollectorTests(SynchronousTestCase):
     def test_sessions_and_spool(self) -> None:
         """
         C{relay_sessions} reads the callable at scrape time;
-        C{relay_spool_entries} shows the last counts per queue.
+        C{relay_spool_entries} shows the last counts per queue (from
+        C{ISpool.count}: no entry is read).
         """
         state = {"sessions": 3}
         metrics = RelayMetrics(sessions=lambda: state["sessions"])
@@ -97,6 +130,57 @@ class CollectorTests(SynchronousTestCase):
         self.assertIn('relay_spool_entries{queue="quarantine"} 0.0', out)
         state["sessions"] = 0
         self.assertIn("relay_sessions 0.0", lines(metrics))
+
+    def test_oldest_age(self) -> None:
+        """
+        C{relay_spool_oldest_age_seconds} is the age of each queue's oldest
+        entry at scrape time (it grows between counts), 0 for an empty
+        queue, and absent for a queue whose ids say no age.
+        """
+        clock = Clock()
+        clock.advance(10_000)
+        metrics = RelayMetrics(clock=clock)
+        spool = FakeSpool({"active": 2, "frozen": 1, "removed": 0}, {"active": 9_000.0})
+        self.successResultOf(metrics.count_spool(spool))
+        out = lines(metrics)
+        self.assertIn('relay_spool_oldest_age_seconds{queue="active"} 1000.0', out)
+        self.assertIn('relay_spool_oldest_age_seconds{queue="removed"} 0.0', out)
+        self.assertNotIn("frozen", " ".join(line for line in out if "oldest" in line))
+        clock.advance(500)
+        self.assertIn('relay_spool_oldest_age_seconds{queue="active"} 1500.0', lines(metrics))
+
+    def test_next_count_in(self) -> None:
+        """
+        The wait before the next count is 100 times what the last count
+        took, within 30 s and 10 min.
+        """
+        self.assertEqual(
+            [next_count_in(t) for t in (0.0, 0.2, 0.5, 2.0, 60.0)],
+            [SPOOL_INTERVAL, SPOOL_INTERVAL, 50.0, 200.0, MAX_SPOOL_INTERVAL],
+        )
+
+    def test_slow_count_waits_longer(self) -> None:
+        """
+        A count that takes long (a large spool) puts the next one further
+        off, and no count starts while one runs.
+        """
+        reactor = MemoryReactorClock()
+        spool = FakeSpool({"active": 2})
+        spool.hold = True
+        metrics = RelayMetrics()
+        service = metrics_service("tcp:9025:interface=127.0.0.1", metrics, spool, None, reactor)
+        service.startService()
+        self.assertEqual(spool.calls, 4)
+        reactor.advance(2.0)
+        self.assertEqual(spool.calls, 4)
+        for d in spool.pending:
+            d.callback(None)
+        del spool.pending[:]
+        reactor.advance(199.0)
+        self.assertEqual(spool.calls, 4)
+        reactor.advance(1.0)
+        self.assertEqual(spool.calls, 8)
+        service.stopService()
 
     def test_own_registry(self) -> None:
         """

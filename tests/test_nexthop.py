@@ -12,6 +12,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.trial.unittest import SynchronousTestCase
 
+from relay.delivery.dns import ResolverLookup
 from relay.delivery.nexthop import address_literal, make_router, parse_hop, route_recipients
 from relay.model.address import EmailAddress
 
@@ -22,8 +23,8 @@ def mx(preference: int, name: str) -> dns.RRHeader:
 
 class FakeResolver:
     """
-    Answers C{lookupMailExchange} from a dict of domain -> answers or
-    exception.
+    A twisted.names resolver that answers C{lookupMailExchange} from a dict
+    of domain -> answers or exception (and has no other records).
     """
 
     def __init__(self, answers: dict[str, Any]) -> None:
@@ -37,6 +38,11 @@ class FakeResolver:
             return defer.fail(a)
         return defer.succeed((a, [], []))
 
+    def lookupAddress(self, name: str) -> Deferred[Any]:
+        return defer.succeed(([], [], []))
+
+    lookupIPV6Address = lookupAddress
+
 
 def rcpts(*texts: str) -> list[EmailAddress]:
     return [EmailAddress.parse(t) for t in texts]
@@ -48,7 +54,8 @@ class RouteTests(SynchronousTestCase):
     """
 
     def route(self, resolver: Any, *recipients: str, hops: tuple[str, ...] = ()) -> Any:
-        return self.successResultOf(route_recipients(rcpts(*recipients), hops, resolver))
+        lookup = ResolverLookup(resolver)
+        return self.successResultOf(route_recipients(rcpts(*recipients), hops, lookup))
 
     def test_next_hop_choices(self) -> None:
         """
@@ -135,6 +142,29 @@ class RouteTests(SynchronousTestCase):
         self.successResultOf(route(rcpts("a@x.test"), ()))
         self.successResultOf(route(rcpts("a@y.test"), ()))
         self.assertEqual(len(made), 1)
+
+
+class DestinationTests(SynchronousTestCase):
+    """
+    Each route says what its hops' TLS policy depends on.
+    """
+
+    def test_destinations(self) -> None:
+        """
+        Next hops given: a destination without domain; by MX: the domain,
+        and whether the MX answer was validated (never, from the system's
+        resolver).
+        """
+        from relay.delivery.nexthop import Destination
+
+        r = FakeResolver({"x.test": [mx(10, "mx.x.test")]})
+        route = make_router(lambda: r)
+        [smart] = self.successResultOf(route(rcpts("a@x.test"), ("smart.test:25",)))
+        self.assertEqual(smart.destination, Destination(None))
+        self.assertFalse(smart.destination.via_mx)
+        [by_mx] = self.successResultOf(route(rcpts("a@x.test"), ()))
+        self.assertEqual(by_mx.destination, Destination("x.test", mx_authenticated=False))
+        self.assertTrue(by_mx.destination.via_mx)
 
 
 class ParseHopTests(SynchronousTestCase):

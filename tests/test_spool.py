@@ -727,30 +727,71 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.assertEqual(self.files("messages"), ["e0-0.eml", "e3-0.eml"])
         self.assertEqual(self.files("tmp"), [])
 
-    def test_update_fsyncs_before_rename(self) -> None:
+    def test_update_durable_before_rename(self) -> None:
         """
-        C{update} fsyncs the new metadata (with its mtime set to the next
-        attempt) before renaming it over the old one, and leaves the
-        directory unsynced (losing that rename only brings the old state
-        back).
+        C{update} makes the new metadata (with its mtime set to the next
+        attempt) durable before renaming it over the old one: one syncfs,
+        or an fsync of the file where there is no syncfs; the directory is
+        left unsynced (losing that rename only brings the old state back).
         """
+        head = [("create", "tmp/env1-0.json"), ("write", "tmp/env1-0.json"),
+                ("set_mtime", "tmp/env1-0.json")]  # fmt: skip
+        for use_syncfs, durable in (
+            (True, [("close", "tmp/env1-0.json"), ("syncfs", ".")]),
+            (False, [("fsync", "tmp/env1-0.json"), ("close", "tmp/env1-0.json")]),
+        ):
+            self.root = self.mktemp()
+            base = os.path.join(os.path.abspath(self.root), "spool")
+            fs = FaultyFileSystem()
+            s = self.spool_with(fs, use_syncfs=use_syncfs)
+            [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+            del fs.steps[:]
+            self.successResultOf(s.update(dataclasses.replace(entry, next_attempt_at=5.0)))
+            self.assertEqual(
+                [(name, os.path.relpath(path, base)) for name, path in fs.steps if name != "unlink"],
+                head + durable + [("rename", "active/env1-0.json")],
+            )
+
+    def test_updates_batched(self) -> None:
+        """
+        Updates requested while one batch runs go together into the next:
+        one syncfs for all of them, then their renames.
+        """
+        runner = ManualRunner()
         fs = FaultyFileSystem()
-        s = self.spool_with(fs)
-        [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+        s = self.spool_with(fs, runner, use_syncfs=True)
+        d = s.enqueue([make_envelope(f"env{i}") for i in range(4)])
+        runner.run_all()
+        entries = self.successResultOf(d)
         del fs.steps[:]
-        self.successResultOf(s.update(dataclasses.replace(entry, next_attempt_at=5.0)))
-        base = os.path.join(os.path.abspath(self.root), "spool")
-        self.assertEqual(
-            [(name, os.path.relpath(path, base)) for name, path in fs.steps if name != "unlink"],
-            [
-                ("create", "tmp/env1-0.json"),
-                ("write", "tmp/env1-0.json"),
-                ("set_mtime", "tmp/env1-0.json"),
-                ("fsync", "tmp/env1-0.json"),
-                ("close", "tmp/env1-0.json"),
-                ("rename", "active/env1-0.json"),
-            ],
-        )
+        first = s.update(dataclasses.replace(entries[0], next_attempt_at=7.0))
+        rest = [s.update(dataclasses.replace(e, next_attempt_at=8.0)) for e in entries[1:]]
+        runner.run_all()
+        self.assertEqual([self.successResultOf(d).next_attempt_at for d in [first, *rest]],
+                         [7.0, 8.0, 8.0, 8.0])  # fmt: skip
+        self.assertEqual([name for name, _ in fs.steps].count("syncfs"), 2)
+
+    def test_update_batch_sync_fails(self) -> None:
+        """
+        When the batch cannot be made durable, every update of it fails
+        and the old metadata stands, with nothing left in tmp/.
+        """
+        runner = ManualRunner()
+        fs = FaultyFileSystem()
+        s = self.spool_with(fs, runner, use_syncfs=True)
+        d = s.enqueue([make_envelope(f"env{i}") for i in range(2)])
+        runner.run_all()
+        entries = self.successResultOf(d)
+        fs.fail("syncfs", errno.EIO, times=2)
+        updates = [s.update(dataclasses.replace(e, next_attempt_at=9.0)) for e in entries]
+        runner.run_all()
+        for d in updates:
+            self.failureResultOf(d, OSError)
+        for entry in entries:
+            d = s.get(entry.id)
+            runner.run_all()
+            self.assertEqual(self.successResultOf(d).next_attempt_at, entry.next_attempt_at)
+        self.assertEqual(os.listdir(s.layout.tmp_dir), [])
 
     def test_finish_batched(self) -> None:
         """
@@ -787,7 +828,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         """
         If the directory cannot be fsynced after the metadata went, the
         message file stays (a power loss could bring the entry back), for
-        C{recover} to remove at the next start.
+        the sweep after the next start to remove.
         """
         fs = FaultyFileSystem()
         s = self.spool_with(fs)
@@ -796,7 +837,7 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
         self.successResultOf(s.finish(entry.id))
         self.assertEqual(self.files("active"), [])
         self.assertEqual(self.files("messages"), ["env1-0.eml"])
-        self.assertEqual(self.successResultOf(s.recover()), 1)
+        self.assertEqual(self.successResultOf(s.sweep(before=float("inf"))), 1)
         self.assertEqual(self.files("messages"), [])
 
     def test_fresh_entries_need_no_disk_reads(self) -> None:
@@ -1124,20 +1165,41 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
 
     def test_recover(self) -> None:
         """
-        C{recover} removes leftovers in C{tmp/} and messages no entry
-        refers to, and keeps everything acknowledged.
+        C{recover} removes leftovers in C{tmp/}; the sweep removes
+        messages no entry refers to that were made before the given time
+        (a newer one may be a commit under way), and keeps everything
+        acknowledged.
         """
         s = self.spool()
         [entry] = self.successResultOf(s.enqueue([make_envelope()]))
         root = os.path.join(self.root, "spool")
-        for name in ("tmp/m1.eml", "tmp/x-0.json", "messages/orphan-0.eml"):
+        for name in ("tmp/m1.eml", "tmp/x-0.json", "messages/orphan-0.eml",
+                     "messages/arriving-0.eml"):  # fmt: skip
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"junk")
-        self.assertEqual(self.successResultOf(s.recover()), 3)
+        os.utime(os.path.join(root, "messages/orphan-0.eml"), (1000.0, 1000.0))
+        os.utime(os.path.join(root, "messages/arriving-0.eml"), (3000.0, 3000.0))
+        self.assertEqual(self.successResultOf(s.recover()), 2)
         self.assertEqual(self.files("tmp"), [])
-        self.assertEqual(self.files("messages"), ["env1-0.eml"])
+        self.assertEqual(self.successResultOf(s.sweep(before=2000.0)), 1)
+        self.assertEqual(self.files("messages"), ["arriving-0.eml", "env1-0.eml"])
         self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
         self.assertEqual(self.successResultOf(s.recover()), 0)
+
+    def test_sweep_after_lock(self) -> None:
+        """
+        By default the sweep spares every file made since the spool's lock
+        was taken (minus the filesystem's clock margin): a relay does not
+        remove what its own commits under way, or its receivers', made.
+        """
+        s = self.spool()
+        s.lock()
+        self.addCleanup(s.unlock)
+        self.successResultOf(s.recover())  # makes the directories
+        with open(os.path.join(self.root, "spool", "messages", "fresh-0.eml"), "wb") as f:
+            f.write(b"in flight")
+        self.assertEqual(self.successResultOf(s.sweep()), 0)
+        self.assertEqual(self.files("messages"), ["fresh-0.eml"])
 
     def test_restart(self) -> None:
         """

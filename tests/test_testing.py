@@ -539,4 +539,4 @@ class HelperTests(SynchronousTestCase):
         plugin.configure(Defaults(next_hop_choices=["smart.test:25"]))
         envelope = make_envelope("a@example.org", "b@example.com")
         result = call_callback(plugin.process_envelope, log, make_session(), envelope)
-        self.assertEqual(result, Send([EnvelopeWithNextHop(envelope, ["smart.test:25"])]))
+        self.assertEqual(result, Send([EnvelopeWithNextHop(envelope)]))

@@ -391,13 +391,15 @@ class SimpleTests(SynchronousTestCase):
 
     def test_default_route(self):
         """
-        C{process_envelope} sends on the configured route and schedule.
+        C{process_envelope} sends on the default route and schedule, by
+        reference (no hops, no intervals): the relay applies the ones
+        configured when it delivers, not those of the day it accepted.
         """
         simple = Simple()
         simple.configure(Defaults(next_hop_choices=("smart.example:25",), retry_intervals=(60,)))
         received = envelope()
         result = simple.process_envelope(LOG, Session("s1"), received)
-        self.assertEqual(result, Send([EnvelopeWithNextHop(received, ["smart.example:25"], [60])]))
+        self.assertEqual(result, Send([EnvelopeWithNextHop(received, [], [])]))
 
     def test_auth_without_checker(self):
         """

@@ -309,6 +309,11 @@ def build_relay(
         from relay.control.metrics import RelayMetrics
 
         metrics = RelayMetrics(sessions=open_sessions)
+        counts = getattr(getattr(delivery, "client", None), "tls_counts", None)
+        if counts is not None:
+            from relay.delivery.tlspolicy import TLSCollector
+
+            metrics.registry.register(TLSCollector(counts))
     on_rejected = metrics.rejected if metrics is not None else None
     if settings.receivers:
         pool = receiver_pool(settings, disk, delivery, recovery, reactor, on_rejected)
@@ -350,31 +355,128 @@ def delivery_scheduler(
 
     if not ISpool.providedBy(disk):
         return None
-    from relay.delivery.client import ClientSettings, RelayClient, TLSPolicy
-    from relay.delivery.nexthop import make_router
+    from relay.delivery.client import ClientSettings, RelayClient
+    from relay.delivery.mx import DeadHosts, Myself, listeners_of
+    from relay.delivery.nexthop import MXRules, make_router
     from relay.delivery.scheduler import DeliveryScheduler
 
-    def resolver() -> Any:
-        from twisted.names import client as names_client
-
-        return names_client.createResolver()
-
+    lookup, name_resolver = dns_lookup(settings, reactor)
+    policies = tls_policies(settings, reactor, run_in_thread, lookup, name_resolver)
+    dead = DeadHosts(reactor)
+    rules = MXRules(
+        dead=dead,
+        myself=Myself(frozenset({settings.hostname.lower().rstrip(".")}), listeners_of(settings.smtp)),
+        port=settings.mx_port,
+    )
     client = RelayClient(
         reactor,
-        ClientSettings(hostname=settings.hostname, tls=TLSPolicy(settings.relay_tls)),
+        ClientSettings(hostname=settings.hostname, tls=policies.default),
         run_in_thread=run_in_thread,
+        policies=policies,
+        dead_hosts=dead,
+        name_resolver=name_resolver,
     )
     return DeliveryScheduler(
         spool=disk,
         client=client,
         clock=reactor,
-        route=make_router(resolver),
+        route=make_router(lookup, settings.smarthost, rules),
         max_send_jobs=settings.max_send_jobs,
         default_retry_intervals=settings.retry_intervals,
+        bounced_lifetime=settings.bounced_lifetime,
+        removed_lifetime=settings.removed_lifetime,
         bounce=settings.bounce,
         hostname=settings.hostname,
         smarthost=settings.smarthost,
         wait_for=recovery.wait,
+    )
+
+
+def dns_lookup(settings: Settings, reactor: Any) -> tuple[Any, Any]:
+    """
+    The DNS of delivery: the C{--resolver} servers (trusted to validate
+    with C{--dnssec}), which also resolve the hops' addresses; else the
+    system's resolver, made on first use, and the reactor's name resolver.
+
+    @return: the L{relay.delivery.dns.DNSLookup}, and the C{IHostnameResolver}
+        of the client's connections (C{None}: the reactor's).
+    """
+    if settings.resolver:
+        from relay.delivery.dns import DNSClient, NamesHostnameResolver
+        from relay.delivery.nexthop import parse_server
+
+        client = DNSClient(
+            reactor, [parse_server(s) for s in settings.resolver], trust_ad=settings.dnssec
+        )
+        return client, NamesHostnameResolver(client)
+    from relay.delivery.dns import ResolverLookup
+
+    def system() -> Any:
+        from twisted.names import client as names_client
+
+        return names_client.createResolver()
+
+    return ResolverLookup(resolver_factory=system), None
+
+
+def check_ca_file(path: str) -> None:
+    """
+    @raise ValueError: unless C{path} holds at least one PEM certificate.
+    """
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            certificates = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load {path}: {e}") from None
+    if not certificates:
+        raise ValueError(f"no certificate in {path}")
+
+
+def tls_policies(
+    settings: Settings,
+    reactor: Any,
+    run_in_thread: Callable[..., Any],
+    lookup: Any,
+    name_resolver: Any = None,
+) -> Any:
+    """
+    What chooses the TLS policy of each hop
+    (L{relay.delivery.tlspolicy.TLSPolicies}): C{--relay-tls}, the
+    C{--tls-policy} file, DANE with C{--dnssec}, MTA-STS (its policies
+    cached in C{<spool>/mta-sts/}) unless all mail goes to the smarthost.
+
+    @raise SettingsError: the policy file cannot be used.
+    """
+    import os
+
+    from relay.delivery.client_tls import TLSContexts, TLSPolicy
+    from relay.delivery.tlspolicy import PolicyFile, PolicyFileError, TLSCounts, TLSPolicies
+
+    contexts = TLSContexts(ca_file=settings.tls_ca_file)
+    default = TLSPolicy(settings.relay_tls, contexts=contexts)
+    policy_file = None
+    if settings.tls_policy is not None:
+        try:
+            policy_file = PolicyFile.load(settings.tls_policy)
+        except PolicyFileError as e:
+            raise SettingsError(f"tls_policy: {e}") from None
+    # Made whatever the routing (cheaply: nothing is fetched or read until
+    # mail routed by MX asks): with a smarthost, a plugin may still leave
+    # some mail to the MX of its domains.
+    from relay.delivery.mtasts import MTASTS, PolicyFetcher, PolicyStore
+
+    store = PolicyStore(os.path.join(settings.spool, "mta-sts"), run_in_thread)
+    fetcher = PolicyFetcher(reactor, contexts, name_resolver=name_resolver)
+    counts = TLSCounts()
+    sts = MTASTS(lookup, fetcher, store, reactor, on_problem=counts.sts_problem)
+    return TLSPolicies(
+        default,
+        policy_file=policy_file,
+        lookup=lookup if settings.dnssec else None,
+        sts=sts,
+        counts=counts,
     )
 
 
@@ -390,7 +492,7 @@ def receiver_pool(
     The receiver pool, the master's side of C{settings.receivers}: what
     receivers commit goes to C{delivery} (the scheduler, or C{None}) and
     its event stream as for mail received here; a restarted receiver makes
-    the master look for entries it was not told about (L{rescan_active}).
+    the master look for entries it was not told about (L{DeliveryScheduler.rescan<relay.delivery.scheduler.DeliveryScheduler.rescan>}).
     """
     from relay.app.listener import parse_listener
     from relay.app.pool import ReceiverPool
@@ -400,7 +502,7 @@ def receiver_pool(
         news = dict(
             on_spooled=delivery.spooled,
             on_quarantined=delivery.quarantined,
-            on_restart=functools.partial(rescan_active, delivery, disk),
+            on_restart=delivery.rescan,
         )
     if on_rejected is not None:
         news["on_rejected"] = on_rejected
@@ -414,24 +516,6 @@ def receiver_pool(
         grace=settings.receiver_grace,
         **news,
     )
-
-
-def rescan_active(scheduler: Any, spool: Any) -> None:
-    """
-    A receiver that died may have committed entries it could not tell the
-    master about: schedule those of the active queue that C{scheduler}
-    does not know.
-    """
-    from relay.model.entry import ACTIVE
-
-    if not scheduler.running:
-        return
-
-    def found(entries: list[Any]) -> None:
-        scheduler.notify([e for e in entries if not scheduler.is_known(e.id)])
-
-    d = spool.entries(ACTIVE)
-    d.addCallbacks(found, lambda f: log.failure("Rescanning the active queue failed", f))
 
 
 def control_service(description: str, spool: Any, delivery: Any, plugin: Any, reactor: Any) -> Any:

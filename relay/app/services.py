@@ -81,7 +81,23 @@ class SpoolRecovery:
         d: Deferred[Any] = self.spool.recover()
         d.addCallbacks(recovered, failed)
         d.addCallback(self._finished)
+        d.addCallback(lambda _: self._sweep())
         return d
+
+    def _sweep(self) -> None:
+        """
+        The slow part of recovery, in the background: message files no
+        entry refers to (in a spool of a million entries it takes seconds;
+        nothing waits for it).
+        """
+        sweep = getattr(self.spool, "sweep", None)
+        if sweep is None:
+            return
+        d: Deferred[Any] = sweep()
+        d.addCallbacks(
+            lambda n: log.info("Spool swept: {n} unreferenced message files removed", n=n),
+            lambda f: log.failure("Sweeping the spool failed", f),
+        )
 
     def _finished(self, _: object) -> None:
         self._done = True

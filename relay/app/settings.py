@@ -93,6 +93,14 @@ class Settings:
         receiver processes on the C{smtp} sockets (L{relay.app.pool}).
     @ivar receiver_grace: seconds a stopping receiver lets its open
         sessions finish.
+    @ivar resolver: C{ip:port} of the DNS resolvers to ask instead of the
+        system's (C{--resolver}); empty: the system's.
+    @ivar dnssec: those resolvers validate DNSSEC: their AD bit is trusted
+        (DANE applies).
+    @ivar tls_ca_file: a PEM file of more CAs for verifying next hops and
+        MTA-STS policy hosts.
+    @ivar tls_policy: the TLS policy file (L{relay.delivery.tlspolicy}).
+    @ivar mx_port: the port of MX hosts.
     """
 
     smtp: tuple[str, ...] = DEFAULT_SMTP
@@ -115,9 +123,16 @@ class Settings:
     reject_bare_lf: bool = False
     auth_requires_tls: bool = True
     bounce: bool = True
+    bounced_lifetime: float = 7 * 86400.0
+    removed_lifetime: float = 7 * 86400.0
     metrics: str | None = None
     receivers: int = 0
     receiver_grace: float = 30.0
+    resolver: tuple[str, ...] = ()
+    dnssec: bool = False
+    tls_ca_file: str | None = None
+    tls_policy: str | None = None
+    mx_port: int = 25
 
     def __post_init__(self) -> None:
         # Sequences become tuples (the value stays frozen all the way
@@ -126,6 +141,8 @@ class Settings:
         self._set("smtp", smtp)
         self._set("retry_intervals", tuple(self.retry_intervals))
         self._set("auth", tuple(self.auth))
+        resolver = (self.resolver,) if isinstance(self.resolver, str) else tuple(self.resolver)
+        self._set("resolver", resolver)
         self._set("receivers", int(self.receivers))
         if self.control is None:
             self._set("control", control_in_spool(self.spool))
@@ -148,6 +165,19 @@ class Settings:
             )
         if self.receivers < 0:
             raise SettingsError("receivers must be 0 or more")
+        if self.dnssec and not self.resolver:
+            raise SettingsError(
+                "dnssec needs resolver: only a resolver you name is trusted to validate"
+            )
+        for server in self.resolver:
+            from relay.delivery.nexthop import parse_server
+
+            try:
+                parse_server(server)
+            except ValueError as e:
+                raise SettingsError(f"resolver: {e}") from None
+        if not 0 < int(self.mx_port) < 65536:
+            raise SettingsError(f"mx_port must be a port number, not {self.mx_port!r}")
         if self.receivers:
             # (Whether receivers can share the smtp endpoints is for the
             # receiver pool to say: reading endpoints imports Twisted's,
@@ -220,8 +250,15 @@ class Settings:
             reject_bare_lf=bool(options["reject-bare-lf"]),
             auth_requires_tls=not options["allow-auth-without-tls"],
             bounce=not options["no-bounce"],
+            bounced_lifetime=options["bounced-lifetime"],
+            removed_lifetime=options["removed-lifetime"],
             metrics=options["metrics"],
             receivers=receivers,
+            resolver=tuple(options["resolver"]),
+            dnssec=bool(options["dnssec"]),
+            tls_ca_file=options["tls-ca-file"],
+            tls_policy=options["tls-policy"],
+            mx_port=options["mx-port"],
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -232,7 +269,7 @@ class Settings:
         """
         data = dataclasses.asdict(self)
         data["callbacks"] = callbacks_name(self.callbacks)
-        for name in ("smtp", "retry_intervals", "auth"):
+        for name in ("smtp", "retry_intervals", "auth", "resolver"):
             data[name] = list(data[name])
         return data
 

@@ -4,6 +4,14 @@ the spool straight from disk when no relay runs.
 
     relayctl [--control ENDPOINT | --spool DIR] COMMAND ...
 
+Listings stream: C{status} prints its first page as soon as it comes,
+from the relay (page by page, see L{relay.control.rpc}) or from the
+spool directory (in the order the directory gives, each page in
+creation order); C{count} without filters reads names only.  The filters
+(C{--sender}, C{--recipient}, C{--next-hop}, C{--younger}, C{--older},
+C{--queue}) are combined with AND and evaluated by the relay, or here
+on a spool no relay runs on (L{relay.control.filters}).
+
 Exit codes: 0 ok, 1 the operation failed, 2 usage error.
 """
 
@@ -14,21 +22,73 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from relay.control.filters import EntryFilter
+from relay.control.formats import (
+    END_MARK,
+    FORMATS,
+    HEADERS_MARK,
+    LAST_ERROR_WIDTH,
+    MESSAGE_MARK,
+    TABLE_COLUMNS,
+    EntryWriter,
+    entry_writer,
+    format_count,
+    format_duration,
+    format_entries,
+    format_exim,
+    format_json,
+    format_show,
+    format_size,
+    format_table,
+    table_row,
+)
+from relay.control.summary import BY, BY_DOMAIN, QueueShape, format_summary
 from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
-from relay.model.retry import parse_retry_intervals
-from relay.spool.codec import entry_from_json, entry_to_json
+from relay.model.message import MAX_HEADER_BYTES
+from relay.model.retry import parse_interval, parse_retry_intervals
+from relay.spool.codec import entry_from_json
 from relay.spool.layout import NotASpool, SpoolLayout, control_in_spool, control_socket_path
-from relay.spool.reader import read_queue
+from relay.spool.reader import (
+    EntryPage,
+    QueueScanner,
+    count_queue,
+    find_entry,
+    read_message_chunk,
+    read_queue,
+)
+
+__all__ = [
+    "LAST_ERROR_WIDTH",
+    "TABLE_COLUMNS",
+    "format_count",
+    "format_duration",
+    "format_entries",
+    "format_exim",
+    "format_json",
+    "format_show",
+    "format_size",
+    "format_table",
+    "main",
+    "table_row",
+]
 
 DEFAULT_SPOOL = "./spool"
 DEFAULT_CONTROL = control_in_spool(DEFAULT_SPOOL)
-LAST_ERROR_WIDTH = 40
+#: rows of C{summary} by default
+DEFAULT_TOP = 20
+#: bytes read from a message file at a time (C{show} from disk)
+READ_CHUNK = 64 * 1024
 
 OK = 0
 FAILED = 1
 USAGE = 2
+
+#: the commands that change entries, and their AMP commands
+ACTIONS = {"freeze": "Freeze", "send": "SendFrozen", "send-now": "SendNow", "remove": "Remove"}
+#: the commands that read the spool directory when no relay answers
+READERS = ("status", "count", "summary", "show")
 
 
 class UsageError(Exception):
@@ -46,6 +106,17 @@ class OperationFailed(Exception):
 # -- reading the spool from disk ---------------------------------------------
 
 
+def _layout(spool_dir: str, quarantine_dir: str | None, queue: str | None = None) -> SpoolLayout:
+    layout = SpoolLayout(spool_dir, quarantine_dir)
+    if queue is not None:
+        layout.queue_dir(queue)  # an unknown queue is a ValueError, spool or not
+    try:
+        layout.check()
+    except NotASpool as e:
+        raise OperationFailed(str(e)) from None
+    return layout
+
+
 def read_entries(
     spool_dir: str,
     queue: str,
@@ -54,204 +125,113 @@ def read_entries(
 ) -> list[SpoolEntry]:
     """
     The entries of C{queue} read from the spool directory, oldest first,
-    with the disk spool's own reader.  Nothing is written; a missing queue
-    directory is an empty queue.
+    with the disk spool's own reader: all of them in memory, for small
+    queues (listings use L{scan_pages}).  Nothing is written; a missing
+    queue directory is an empty queue.
 
     @param errors: if given, C{(path, error)} of unreadable files are
         appended to it; such files are left out.
     @raise OperationFailed: if C{spool_dir} is not a relay's spool.
     """
-    layout = SpoolLayout(spool_dir, quarantine_dir)
-    layout.queue_dir(queue)  # an unknown queue is a ValueError, spool or not
-    try:
-        layout.check()
-    except NotASpool as e:
-        raise OperationFailed(str(e)) from None
+    layout = _layout(spool_dir, quarantine_dir, queue)
     entries, unreadable = read_queue(layout, queue)
     if errors is not None:
         errors.extend((path, str(error)) for path, error in unreadable)
     return entries
 
 
-def count_entries(spool_dir: str, quarantine_dir: str | None = None) -> dict[str, int]:
+def scan_pages(
+    spool_dir: str,
+    queue: str,
+    quarantine_dir: str | None = None,
+    select: EntryFilter | None = None,
+    parse: bool = True,
+    page_size: int = 200,
+) -> Iterator[EntryPage]:
     """
-    How many entries each queue holds, read from disk.
+    The pages of C{queue} in the spool directory that C{select} admits
+    (L{QueueScanner}: one page in memory at a time).
+
+    @raise OperationFailed: if C{spool_dir} is not a relay's spool.
     """
-    return {queue: len(read_entries(spool_dir, queue, quarantine_dir)) for queue in QUEUES}
-
-
-# -- formatting ----------------------------------------------------------------
-
-
-def format_duration(seconds: float) -> str:
-    """
-    A short human duration: C{45s}, C{5m}, C{2h}, C{3d} (rounded down).
-    """
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m"
-    if seconds < 86400:
-        return f"{seconds // 3600}h"
-    return f"{seconds // 86400}d"
-
-
-def format_size(size: int) -> str:
-    """
-    A message size the way C{exim -bp} shows it: C{512}, C{1.5K}, C{2.0M}.
-    """
-    if size < 1024:
-        return str(size)
-    if size < 1024 * 1024:
-        return f"{size / 1024:.1f}K"
-    return f"{size / (1024 * 1024):.1f}M"
-
-
-def _sender(entry: SpoolEntry) -> str:
-    text = str(entry.sender)
-    return f"<{text}>" if text else "<>"
-
-
-def _truncate(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    if len(text) <= width:
-        return text
-    return text[: width - 3] + "..."
-
-
-def _next_attempt(entry: SpoolEntry, now: float) -> str:
-    if entry.queue != ACTIVE:
-        return "-"
-    delta = entry.next_attempt_at - now
-    if delta <= 0:
-        return "now"
-    return "in " + format_duration(delta)
-
-
-TABLE_COLUMNS = ("ID", "SENDER", "RECIPIENTS", "AGE", "NEXT ATTEMPT", "NEXT HOP", "LAST ERROR")
-
-
-def table_row(entry: SpoolEntry, now: float) -> tuple[str, ...]:
-    """
-    The cells of one entry's row in L{format_table}.
-    """
-    last_error = entry.last_error
-    if last_error is None and entry.queue == QUARANTINE and entry.reason:
-        last_error = entry.reason
-    return (
-        entry.id,
-        _sender(entry),
-        ",".join(str(r) for r in entry.recipients),
-        format_duration(now - entry.created_at),
-        _next_attempt(entry, now),
-        entry.next_hop_choices[0] if entry.next_hop_choices else "MX",
-        _truncate(last_error, LAST_ERROR_WIDTH) if last_error else "-",
+    layout = _layout(spool_dir, quarantine_dir, queue)
+    scanner = QueueScanner(
+        layout, queue, None if select is None or select.empty else select, parse, page_size
     )
+    try:
+        while True:
+            page = scanner.next_page()
+            yield page
+            if page.done:
+                return
+    finally:
+        scanner.close()
 
 
-def format_table(entries: Sequence[SpoolEntry], now: float) -> str:
+def count_entries(
+    spool_dir: str,
+    quarantine_dir: str | None = None,
+    select: EntryFilter | None = None,
+    queues: Sequence[str] = QUEUES,
+) -> dict[str, int]:
     """
-    The entries as an aligned table with a header line.  The last error of
-    a quarantined entry that was never tried is its quarantine reason.
+    How many entries each queue holds, read from disk: from the names of
+    the files alone unless a filter needs the entries.
     """
-    rows = [TABLE_COLUMNS] + [table_row(e, now) for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines) + "\n"
+    layout = _layout(spool_dir, quarantine_dir)
+    counts = {}
+    for queue in queues:
+        if select is None or select.empty:
+            counts[queue] = count_queue(layout, queue).entries
+        else:
+            counts[queue] = sum(
+                len(page.ids)
+                for page in scan_pages(spool_dir, queue, quarantine_dir, select, False, 1000)
+            )
+    return counts
 
 
-def format_exim(entries: Sequence[SpoolEntry], now: float) -> str:
+def read_head(layout: SpoolLayout, entry_id: str) -> bytes:
     """
-    The entries the way C{exim -bp} lists its queue: C{age size id <sender>}
-    (with C{*** frozen ***} or the quarantine reason after it), then the
-    recipients indented, and a blank line after each entry.
+    The header section of an entry's message as stored (empty when the
+    message is gone).
     """
-    out = []
-    for entry in entries:
-        head = (
-            f"{format_duration(now - entry.created_at):>3} "
-            f"{format_size(entry.message_size):>5} {entry.id} {_sender(entry)}"
-        )
-        if entry.queue == FROZEN:
-            head += " *** frozen ***"
-        elif entry.queue == REMOVED:
-            head += " *** removed ***"
-        elif entry.queue == QUARANTINE:
-            head += " *** quarantined ***"
-            if entry.reason:
-                head += f" ({_truncate(entry.reason, 60)})"
-        out.append(head + "\n")
-        for recipient in entry.recipients:
-            out.append(f"          {recipient}\n")
-        out.append("\n")
-    return "".join(out)
-
-
-def format_json(entries: Sequence[SpoolEntry]) -> str:
-    """
-    The entries as an indented JSON list of their metadata.
-    """
-    return json.dumps([entry_to_json(e) for e in entries], indent=2, sort_keys=True) + "\n"
-
-
-def format_entries(entries: Sequence[SpoolEntry], fmt: str, now: float) -> str:
-    if fmt == "json":
-        return format_json(entries)
-    if fmt == "exim":
-        return format_exim(entries, now)
-    return format_table(entries, now)
-
-
-def format_count(counts: dict[str, int]) -> str:
-    """
-    One C{queue: n} line per queue.
-    """
-    return "".join(f"{queue}: {counts.get(queue, 0)}\n" for queue in QUEUES)
+    head = b""
+    while len(head) < MAX_HEADER_BYTES:
+        try:
+            chunk = read_message_chunk(layout, entry_id, len(head), READ_CHUNK)
+        except KeyError:
+            return b""
+        if not chunk:
+            break
+        head += chunk
+        for blank in (b"\r\n\r\n", b"\n\n"):
+            end = head.find(blank)
+            if end >= 0:
+                return head[: end + len(blank)]
+    return head[:MAX_HEADER_BYTES]
 
 
 # -- talking to the server -------------------------------------------------------
 
 
-def call_server(control: str, command: Any, **kwargs: Any) -> dict[str, Any]:
+def call_server(control: str, command: Any, client: Any = None, **kwargs: Any) -> dict[str, Any]:
     """
     Connect to the AMP control endpoint C{control}, call C{command} with
-    C{kwargs} and return its response.  The only networking in this module.
+    C{kwargs} (pages of a streaming command go to C{client}, a
+    L{relay.control.client.ControlClient}) and return its response.
 
     @raise OperationFailed: on a connection failure or an AMP error.
     """
-    from twisted.internet import defer
-    from twisted.internet.endpoints import clientFromString, connectProtocol
-    from twisted.internet.task import react
-    from twisted.protocols import amp
-
-    outcome: dict[str, Any] = {}
-
-    @defer.inlineCallbacks
-    def run(reactor: Any) -> Any:
-        try:
-            endpoint = clientFromString(reactor, control)
-            proto = yield connectProtocol(endpoint, amp.AMP())
-        except Exception as e:
-            outcome["error"] = f"cannot connect to {control}: {e}"
-            return
-        try:
-            outcome["result"] = yield proto.callRemote(command, **kwargs)
-        except Exception as e:
-            outcome["error"] = _describe(e)
-        finally:
-            proto.transport.loseConnection()
+    from relay.control.client import CallFailed
+    from relay.control.client import call_server as call
 
     try:
-        react(run)
-    except SystemExit:
-        pass
-    if "result" in outcome:
-        return outcome["result"]
-    raise OperationFailed(outcome.get("error", "the control connection failed"))
+        return call(control, command, client, **kwargs)
+    except CallFailed as e:
+        if isinstance(e.cause, OSError):
+            raise e.cause from None  # e.g. a broken pipe on stdout
+        raise OperationFailed(_describe(e.cause) if e.cause is not None else str(e)) from None
 
 
 # overridable by tests
@@ -264,7 +244,7 @@ def _remote(options: argparse.Namespace, name: str, **kwargs: Any) -> dict[str, 
     command = getattr(rpc, name)
     try:
         return _call(control_of(options), command, **kwargs)
-    except OperationFailed:
+    except (OperationFailed, OSError):
         raise
     except Exception as e:  # an AMP error raised as its local class
         raise OperationFailed(_describe(e)) from None
@@ -288,6 +268,29 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
+def _add_filters(parser: argparse.ArgumentParser, next_hop: bool = True) -> None:
+    """
+    The filters, on a command that takes them.  On C{send}, C{--next-hop}
+    is where the entries go from now on, so the filter by next hop is
+    spelled C{--via} there (and may be everywhere).
+    """
+    group = parser.add_argument_group("filters (combined with AND)")
+    group.add_argument("--sender", metavar="ADDR|@DOMAIN", help="the sender (<> for the null sender)")
+    group.add_argument(
+        "--recipient", metavar="ADDR|@DOMAIN", help="a recipient still held (pending or failed)"
+    )
+    hop_help = (
+        "a next hop of the entry; an entry on the default route matches the relay's "
+        "--smarthost, or 'default'"
+    )
+    if next_hop:
+        group.add_argument("--next-hop", "--via", dest="via", metavar="HOST[:PORT]", help=hop_help)
+    else:
+        group.add_argument("--via", dest="via", metavar="HOST[:PORT]", help=hop_help)
+    group.add_argument("--younger", metavar="DURATION", help="created less than DURATION ago (e.g. 30m)")
+    group.add_argument("--older", metavar="DURATION", help="created at least DURATION ago (e.g. 2h)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from relay import __version__
 
@@ -304,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--spool",
         metavar="DIR",
         help=f"the relay's spool (default {DEFAULT_SPOOL}): its control socket, or for "
-        "status and count the directory itself when no relay runs on it",
+        "status, count, summary and show the directory itself when no relay runs on it",
     )
     parser.add_argument(
         "--quarantine",
@@ -315,26 +318,96 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    status = sub.add_parser("status", help="list the entries of a queue")
-    status.add_argument("--queue", choices=QUEUES, default=ACTIVE)
-    status.add_argument("--format", choices=("table", "exim", "json"), default="table")
+    status = sub.add_parser(
+        "status", help="list entries (streams)", description="List the entries of a queue that "
+        "the filters admit, as they come (each page in creation order)."
+    )  # fmt: skip
+    status.add_argument("--queue", choices=QUEUES, default=ACTIVE, help="default: active")
+    status.add_argument(
+        "--format", choices=FORMATS, default="table",
+        help="table (default), exim (like exim -bp), json (JSON Lines, like postqueue -j), "
+        "ids (one id per line)",
+    )  # fmt: skip
+    _add_filters(status)
 
-    sub.add_parser("count", help="how many entries each queue holds")
+    count = sub.add_parser(
+        "count", help="how many entries each queue holds",
+        description="How many entries each queue holds (that the filters admit); without "
+        "filters only the names of the files are read.",
+    )  # fmt: skip
+    count.add_argument("--queue", choices=QUEUES, help="only this queue")
+    _add_filters(count)
 
-    freeze = sub.add_parser("freeze", help="freeze entries")
-    freeze.add_argument("ids", nargs="+", metavar="ID")
+    summary = sub.add_parser(
+        "summary", help="entries per domain and age (like qshape)",
+        description="Entries per recipient domain (or next hop) in age buckets, in minutes: "
+        "T is the row's total; an entry with recipients in several domains counts in each row "
+        "and once in TOTAL.",
+    )  # fmt: skip
+    summary.add_argument("--by", choices=BY, default=BY_DOMAIN, help="default: domain")
+    summary.add_argument(
+        "--top", type=int, default=DEFAULT_TOP, metavar="N",
+        help=f"the N rows with the most entries (default {DEFAULT_TOP}; 0: all)",
+    )  # fmt: skip
+    summary.add_argument("--queue", choices=QUEUES, default=ACTIVE, help="default: active")
+    _add_filters(summary)
 
-    send = sub.add_parser("send", help="make entries due now (unfreezing them)")
+    show = sub.add_parser(
+        "show", help="one entry and its message headers (like postcat -q)",
+        description="One entry: sender, recipients and their state, next hops, schedule, "
+        "attempts; then its message headers, or with --body the whole message.",
+    )  # fmt: skip
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--body", action="store_true", help="the whole message, not only its headers")
+
+    selection = "IDs, --all or at least one filter"
+    freeze = sub.add_parser(
+        "freeze", help="freeze entries", description=f"Freeze active entries: {selection}."
+    )
+    freeze.add_argument("--all", action="store_true", help="every active entry")
+    freeze.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
+    _add_filters(freeze)
+    freeze.add_argument("ids", nargs="*", metavar="ID")
+
+    send = sub.add_parser(
+        "send", help="make entries due now (unfreezing them)",
+        description=f"Make active and frozen entries due now: {selection} (or --frozen). "
+        "Settled entries (no pending recipient) are left alone unless --retry-failed.",
+    )  # fmt: skip
     send.add_argument("--all", action="store_true", help="every active and frozen entry")
     send.add_argument("--frozen", action="store_true", help="every frozen entry")
-    send.add_argument("--retry-intervals", metavar="LIST", help="e.g. 1m,5m,1h")
+    send.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
+    send.add_argument("--retry-intervals", metavar="LIST", help="a new schedule, e.g. 1m,5m,1h")
+    send.add_argument(
+        "--next-hop", dest="reroute", metavar="HOST[:PORT]",
+        help="reroute: their only next hop from now on",
+    )  # fmt: skip
+    send.add_argument(
+        "--retry-failed", action="store_true",
+        help="put failed recipients back to pending (bounced again only if they fail again)",
+    )  # fmt: skip
+    _add_filters(send, next_hop=False)
     send.add_argument("ids", nargs="*", metavar="ID")
 
-    send_now = sub.add_parser("send-now", help="try entries now")
-    send_now.add_argument("ids", nargs="+", metavar="ID")
+    send_now = sub.add_parser(
+        "send-now", help="try entries now", description=f"Try entries now: {selection}."
+    )
+    send_now.add_argument("--all", action="store_true", help="every active and frozen entry")
+    send_now.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
+    send_now.add_argument("--retry-failed", action="store_true",
+                          help="put failed recipients back to pending")  # fmt: skip
+    _add_filters(send_now)
+    send_now.add_argument("ids", nargs="*", metavar="ID")
 
-    remove = sub.add_parser("remove", help="move entries to the removed queue")
-    remove.add_argument("ids", nargs="+", metavar="ID")
+    remove = sub.add_parser(
+        "remove", help="move entries to the removed queue",
+        description=f"Move entries to the removed queue (recoverable): {selection}; "
+        "--all is every active and frozen entry, --queue quarantine the quarantined ones.",
+    )  # fmt: skip
+    remove.add_argument("--all", action="store_true", help="every active and frozen entry")
+    remove.add_argument("--queue", choices=QUEUES, help="only the entries of this queue (a filter)")
+    _add_filters(remove)
+    remove.add_argument("ids", nargs="*", metavar="ID")
 
     recover = sub.add_parser("recover", help="bring removed or quarantined entries back, frozen")
     source = recover.add_mutually_exclusive_group(required=True)
@@ -353,6 +426,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FILTER_OPTIONS = ("sender", "recipient", "via", "younger", "older")
+
+
+def _filters(options: argparse.Namespace) -> dict[str, Any]:
+    """
+    The filters given, as the control commands take them (durations in
+    seconds).
+    """
+    wire: dict[str, Any] = {}
+    for name in FILTER_OPTIONS:
+        value = getattr(options, name, None)
+        if value is None:
+            continue
+        wire[name] = parse_interval(value) if name in ("younger", "older") else value
+    return wire
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """
     Parse and check the command line.
@@ -360,17 +450,42 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     @raise UsageError: if it makes no sense.
     """
     options = build_parser().parse_args(list(argv))
-    if options.command == "send":
-        chosen = sum(1 for x in (options.all, options.frozen, bool(options.ids)) if x)
-        if chosen != 1:
-            raise UsageError("relayctl send: error: give exactly one of --all, --frozen or IDs")
+    command = options.command
+    if hasattr(options, "sender"):
+        try:
+            options.filters = _filters(options)
+            EntryFilter.from_wire(0.0, None, options.filters)
+        except ValueError as e:
+            raise UsageError(f"relayctl {command}: error: {e}") from None
+    if command in ACTIONS:
+        frozen = bool(getattr(options, "frozen", False))
+        if options.all and (options.ids or frozen):
+            raise UsageError(f"relayctl {command}: error: give --all, --frozen or IDs, not several")
+        if frozen and options.ids:
+            raise UsageError(f"relayctl {command}: error: give --frozen or IDs, not both")
+        if frozen and options.queue not in (None, FROZEN):
+            raise UsageError(f"relayctl {command}: error: --frozen is --queue frozen")
+        if not (options.ids or options.all or frozen or options.filters or options.queue):
+            raise UsageError(f"relayctl {command}: error: give IDs, --all or a filter")
+    if command == "send":
         options.intervals = None
         if options.retry_intervals is not None:
             try:
                 options.intervals = list(parse_retry_intervals(options.retry_intervals))
             except ValueError as e:
                 raise UsageError(f"relayctl send: error: --retry-intervals: {e}") from None
-    if options.command == "set-max-send-jobs" and options.n < 1:
+        if options.reroute is not None:
+            from relay.delivery.nexthop import parse_hop
+
+            try:
+                parse_hop(options.reroute)
+            except ValueError:
+                raise UsageError(
+                    f"relayctl send: error: --next-hop: expected HOST[:PORT], not {options.reroute!r}"
+                ) from None
+    if command == "summary" and options.top < 0:
+        raise UsageError("relayctl summary: error: --top N must not be negative")
+    if command == "set-max-send-jobs" and options.n < 1:
         raise UsageError("relayctl set-max-send-jobs: error: N must be at least 1")
     return options
 
@@ -410,7 +525,7 @@ def _no_relay_on(spool: str) -> bool:
 
 def _local_spool(options: argparse.Namespace) -> tuple[str, str | None] | None:
     """
-    C{(spool dir, quarantine dir)} when status and count read from disk:
+    C{(spool dir, quarantine dir)} when a reading command reads from disk:
     no C{--control} was given and no relay answers in the spool.
     """
     if options.control is not None:
@@ -424,42 +539,50 @@ def _local_spool(options: argparse.Namespace) -> tuple[str, str | None] | None:
     return spool, quarantine
 
 
+def _local_filter(options: argparse.Namespace, now: float) -> EntryFilter:
+    # No relay runs: where its default route goes is not known, so only
+    # --next-hop default matches the entries on it.
+    return EntryFilter.from_wire(now, None, options.filters)
+
+
+def _write_bytes(out: TextIO, data: bytes) -> None:
+    """
+    Message bytes as stored: raw on a real stream, decoded (bad bytes
+    replaced) on a text-only one.
+    """
+    buffer = getattr(out, "buffer", None)
+    if buffer is not None:
+        out.flush()
+        buffer.write(data)
+        buffer.flush()
+    else:
+        out.write(data.decode("utf-8", "replace"))
+
+
+def _report_unreadable(err: TextIO, lines: str | None) -> None:
+    for line in (lines or "").splitlines():
+        err.write(f"relayctl: unreadable entry {line}\n")
+
+
 def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None = None) -> int:
     """
     Carry out the parsed command, writing its output to C{out}.
 
     @raise OperationFailed: if it fails.
     """
+    err = err or sys.stderr
     command = options.command
-    local = _local_spool(options) if command in ("status", "count") else None
+    local = _local_spool(options) if command in READERS else None
     if command == "status":
-        if local is not None:
-            errors: list[tuple[str, str]] = []
-            entries = read_entries(local[0], options.queue, local[1], errors)
-            for path, error in errors:
-                (err or sys.stderr).write(f"relayctl: unreadable entry {path}: {error}\n")
-        else:
-            result = _remote(options, "Status", queue=options.queue)
-            entries = [
-                entry_from_json(d, queue=d.get("queue")) for d in json.loads(result["entries"])
-            ]
-        out.write(format_entries(entries, options.format, now))
+        _status(options, out, err, now, local)
     elif command == "count":
-        if local is not None:
-            counts = count_entries(*local)
-        else:
-            counts = dict(_remote(options, "Count"))
-        out.write(format_count(counts))
-    elif command in ("freeze", "send-now", "remove"):
-        name = {"freeze": "Freeze", "send-now": "SendNow", "remove": "Remove"}[command]
-        result = _remote(options, name, ids=list(options.ids))
-        _print_done(out, command, result["done"])
-    elif command == "send":
-        kwargs: dict[str, Any] = dict(ids=list(options.ids), all=options.all, frozen=options.frozen)
-        if options.intervals is not None:
-            kwargs["retry_intervals"] = options.intervals
-        result = _remote(options, "SendFrozen", **kwargs)
-        _print_done(out, command, result["done"])
+        _count(options, out, now, local)
+    elif command == "summary":
+        _summary(options, out, err, now, local)
+    elif command == "show":
+        _show(options, out, now, local)
+    elif command in ACTIONS:
+        _act(options, out)
     elif command == "recover":
         source = REMOVED if options.removed else QUARANTINE
         result = _remote(options, "Recover", ids=list(options.ids), source=source)
@@ -468,10 +591,175 @@ def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None
         result = _remote(options, "SetMaxSendJobs", n=options.n)
         out.write(f"max send jobs: {options.n} (was {result['previous']})\n")
     elif command == "rpc":
-        return _rpc(options, out, err or sys.stderr)
+        return _rpc(options, out, err)
     elif command == "events":
         return _events(options, out)
     return OK
+
+
+def _status(
+    options: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    now: float,
+    local: tuple[str, str | None] | None,
+) -> None:
+    """
+    C{status}: each page printed as it comes.
+    """
+    writer: EntryWriter = entry_writer(options.format, out, now)
+    ids_only = options.format == "ids"
+    if local is not None:
+        select = _local_filter(options, now)
+        for page in scan_pages(local[0], options.queue, local[1], select, parse=not ids_only):
+            for path, error in page.unreadable:
+                err.write(f"relayctl: unreadable entry {path}: {error}\n")
+            if ids_only:
+                writer.write_ids(page.ids)
+            else:
+                writer.write(page.entries)
+    else:
+        from relay.control.client import ControlClient
+
+        def take(entries: str | None, ids: str | None, unreadable: str | None) -> None:
+            _report_unreadable(err, unreadable)
+            if ids is not None:
+                writer.write_ids(ids.splitlines())
+            elif entries:
+                writer.write_json_lines(entries)
+
+        kwargs: dict[str, Any] = dict(options.filters, queue=options.queue)
+        if ids_only:
+            kwargs["ids_only"] = True
+        _remote(options, "Status", client=ControlClient(on_entries=take), **kwargs)
+    writer.finish()
+
+
+def _count(
+    options: argparse.Namespace, out: TextIO, now: float, local: tuple[str, str | None] | None
+) -> None:
+    queues = (options.queue,) if options.queue else QUEUES
+    if local is not None:
+        counts = count_entries(local[0], local[1], _local_filter(options, now), queues)
+    else:
+        kwargs = dict(options.filters)
+        if options.queue:
+            kwargs["queue"] = options.queue
+        counts = {q: n for q, n in _remote(options, "Count", **kwargs).items() if n is not None}
+    out.write(format_count(counts, queues))
+
+
+def _summary(
+    options: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    now: float,
+    local: tuple[str, str | None] | None,
+) -> None:
+    if local is not None:
+        shape = QueueShape(now, options.by)
+        select = _local_filter(options, now)
+        for page in scan_pages(local[0], options.queue, local[1], select, page_size=1000):
+            for path, error in page.unreadable:
+                err.write(f"relayctl: unreadable entry {path}: {error}\n")
+            shape.add_all(page.entries)
+        rows, total = shape.top(options.top), shape.total
+    else:
+        result = _remote(
+            options, "Summary", by=options.by, top=options.top, queue=options.queue,
+            **options.filters,
+        )  # fmt: skip
+        rows = [(str(name), list(counts)) for name, counts in json.loads(result["rows"])]
+        total = list(json.loads(result["total"]))
+        if result.get("unreadable"):
+            err.write(f"relayctl: {result['unreadable']} unreadable entries left out\n")
+    out.write(format_summary(rows, total, options.by))
+
+
+def _show(
+    options: argparse.Namespace, out: TextIO, now: float, local: tuple[str, str | None] | None
+) -> None:
+    """
+    C{show ID}: the entry, then its headers or (C{--body}) its message.
+    """
+    if local is not None:
+        layout = _layout(*local)
+        try:
+            entry = find_entry(layout, options.id)
+        except KeyError:
+            raise OperationFailed(f"no such entry: {options.id}") from None
+        out.write(format_show(entry, now, route_known=False))
+        if not options.body:
+            out.write(HEADERS_MARK)
+            _write_bytes(out, read_head(layout, options.id))
+        else:
+            out.write(MESSAGE_MARK)
+            offset = 0
+            while True:
+                try:
+                    chunk = read_message_chunk(layout, options.id, offset, READ_CHUNK)
+                except KeyError:
+                    break
+                if not chunk:
+                    break
+                _write_bytes(out, chunk)
+                offset += len(chunk)
+        out.write(END_MARK)
+        return
+    result = _remote(options, "Show", id=options.id)
+    data = json.loads(result["entry"])
+    entry = entry_from_json(data, queue=data.get("queue"))
+    out.write(format_show(entry, now, result.get("smarthost")))
+    if not options.body:
+        out.write(HEADERS_MARK)
+        _write_bytes(out, result["headers"])
+    else:
+        from relay.control.client import ControlClient
+
+        out.write(MESSAGE_MARK)
+        _remote(
+            options, "ShowMessage", id=options.id,
+            client=ControlClient(on_data=lambda chunk: _write_bytes(out, chunk)),
+        )  # fmt: skip
+    out.write(END_MARK)
+
+
+def _act(options: argparse.Namespace, out: TextIO) -> None:
+    """
+    C{freeze}, C{send}, C{send-now}, C{remove}: the relay does it; print
+    the ids named that changed, and how many entries changed.
+    """
+    command = options.command
+    kwargs: dict[str, Any] = dict(ids=list(options.ids), **options.filters)
+    if options.queue:
+        kwargs["queue"] = options.queue
+    if command == "send":
+        kwargs.update(all=options.all, frozen=options.frozen)
+        if options.intervals is not None:
+            kwargs["retry_intervals"] = options.intervals
+        if options.reroute is not None:
+            kwargs["next_hop"] = options.reroute
+    elif options.all:
+        kwargs["all"] = True
+    if getattr(options, "retry_failed", False):
+        kwargs["retry_failed"] = True
+    result = _remote(options, ACTIONS[command], **kwargs)
+    for entry_id in result["done"]:
+        out.write(f"{command}: {entry_id}\n")
+    out.write(format_changed(command, result))
+
+
+def format_changed(command: str, result: dict[str, Any]) -> str:
+    """
+    The last line of an action: how many entries matched and how many it
+    changed (and why some were left alone).
+    """
+    matched, changed, settled = result["matched"], result["changed"], result.get("settled", 0)
+    noun = "entry" if matched == 1 else "entries"
+    line = f"{command}: changed {changed} of {matched} matching {noun}"
+    if settled:
+        line += f" ({settled} settled: --retry-failed puts their failed recipients back)"
+    return line + "\n"
 
 
 def _rpc(options: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -625,6 +913,13 @@ def main(
         return run(options, out, time.time() if now is None else now, err)
     except OperationFailed as e:
         err.write(f"relayctl {options.command}: {e}\n")
+        return FAILED
+    except BrokenPipeError:
+        # the reader went away (relayctl status | head): stop quietly, and
+        # let nothing more be flushed to the closed pipe at exit
+        if out is sys.stdout:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
         return FAILED
     except OSError as e:
         err.write(f"relayctl {options.command}: {e}\n")

@@ -22,6 +22,7 @@ KINDS = frozenset(
         "recovered",
         "quarantined",
         "bounced",
+        "expired",
         "heartbeat",
     }
 )

@@ -10,10 +10,10 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from twisted.application.service import MultiService
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from relay.model.entry import QUEUES
+from relay.model.entry import QUEUES, QueueCount
 
 log = Logger()
 
@@ -28,46 +28,95 @@ EVENT_OUTCOMES = {
     "frozen": "frozen",
 }
 LATENCY_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 5 * 86400.0)
+#: seconds between two counts of the spool, at least
 SPOOL_INTERVAL = 30.0
+#: seconds between two counts of the spool, at most
+MAX_SPOOL_INTERVAL = 600.0
+#: a count that took C{t} seconds waits C{COUNT_COST_FACTOR * t} before the
+#: next (within the two bounds above): counting a large spool, which costs
+#: a directory listing per queue, takes at most 1% of the time
+COUNT_COST_FACTOR = 100.0
+
+
+def next_count_in(took: float) -> float:
+    """
+    Seconds until the next count of the spool, after one that took
+    C{took} seconds.
+    """
+    return min(MAX_SPOOL_INTERVAL, max(SPOOL_INTERVAL, COUNT_COST_FACTOR * took))
 
 
 class _StateCollector:
     """
-    Gauges read at scrape time: open sessions and the last spool counts.
+    Gauges read at scrape time: open sessions, the last spool counts and
+    the age of each queue's oldest entry (as of now: it grows between
+    counts).
     """
 
-    def __init__(self, sessions: Callable[[], int], spool_counts: Callable[[], dict[str, int]]):
+    def __init__(
+        self,
+        sessions: Callable[[], int],
+        spool_counts: Callable[[], dict[str, QueueCount]],
+        now: Callable[[], float],
+    ):
         self._sessions = sessions
         self._spool_counts = spool_counts
+        self._now = now
 
     def collect(self) -> Iterable[Any]:
         sessions = GaugeMetricFamily("relay_sessions", "Open SMTP sessions.")
         sessions.add_metric([], float(self._sessions()))
         yield sessions
+        counts = sorted(self._spool_counts().items())
         entries = GaugeMetricFamily(
             "relay_spool_entries", "Spool entries per queue.", labels=["queue"]
         )
-        for queue, count in sorted(self._spool_counts().items()):
-            entries.add_metric([queue], float(count))
+        for queue, count in counts:
+            entries.add_metric([queue], float(count.entries))
         yield entries
+        oldest = GaugeMetricFamily(
+            "relay_spool_oldest_age_seconds",
+            "Age of the oldest entry per queue (0 when the queue is empty).",
+            labels=["queue"],
+        )
+        now = self._now()
+        for queue, count in counts:
+            if count.oldest is not None:
+                oldest.add_metric([queue], max(0.0, now - count.oldest))
+            elif count.entries == 0:
+                oldest.add_metric([queue], 0.0)
+            # else: its entries' ids say no age (a plugin's own ids)
+        yield oldest
 
 
 class RelayMetrics:
     """
     The relay's metrics in their own L{CollectorRegistry}.
 
-    @ivar spool_counts: the last counted spool entries, by queue.
+    @param clock: what the age of the oldest entries is measured with;
+        the system's time when C{None} (entry ids carry the system's time).
+    @ivar spool_counts: the last L{QueueCount} of each queue.
     """
 
-    def __init__(self, sessions: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, sessions: Callable[[], int] = lambda: 0, clock: Any = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.spool_counts: dict[str, int] = {}
+        self.spool_counts: dict[str, QueueCount] = {}
+        self.clock = clock
         self.messages = Counter(
             "relay_messages",
             "Messages by outcome.",
             ["outcome"],
             registry=self.registry,
         )
+        self.expired = Counter(
+            "relay_spool_expired",
+            "Entries deleted because their lifetime in the frozen (settled) or removed "
+            "queue ran out.",
+            ["queue"],
+            registry=self.registry,
+        )
+        for queue in ("frozen", "removed"):
+            self.expired.labels(queue=queue)
         for outcome in OUTCOMES:
             self.messages.labels(outcome=outcome)
         self.latency = Histogram(
@@ -76,7 +125,14 @@ class RelayMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(sessions, lambda: self.spool_counts))
+        self.registry.register(_StateCollector(sessions, lambda: self.spool_counts, self._now))
+
+    def _now(self) -> float:
+        if self.clock is None:
+            import time
+
+            return time.time()
+        return float(self.clock.seconds())
 
     def rejected(self) -> None:
         """
@@ -89,6 +145,9 @@ class RelayMetrics:
         Count one L{relay.control.events.Event}; a delivery also observes its
         latency when the event carries C{created_at}.
         """
+        if event.kind == "expired":
+            self.expired.labels(queue=str(event.fields.get("queue", "frozen"))).inc()
+            return
         outcome = EVENT_OUTCOMES.get(event.kind)
         if outcome is None:
             return
@@ -98,27 +157,26 @@ class RelayMetrics:
             if created is not None:
                 self.latency.observe(max(0.0, event.at - float(created)))
 
-    def count_spool(self, spool: Any) -> Any:
+    def count_spool(self, spool: Any) -> Deferred[Any]:
         """
-        Count each queue of C{spool} (with C{entries(queue)}) into
-        C{spool_counts}; answer a Deferred that fires when done.
+        Count each queue of C{spool} (L{ISpool.count<relay.interfaces.ISpool.count>}:
+        the names of its files, no entry is read) into C{spool_counts};
+        answer a Deferred that fires when done.
         """
-        from twisted.internet.defer import gatherResults, maybeDeferred, succeed
-
-        if not callable(getattr(spool, "entries", None)):
+        if not callable(getattr(spool, "count", None)):
             return succeed(None)
 
-        def one(queue: str) -> Any:
-            d = maybeDeferred(spool.entries, queue)
+        def one(queue: str) -> Deferred[None]:
+            d: Deferred[QueueCount] = maybeDeferred(spool.count, queue)
 
-            def store(entries: Any) -> None:
-                self.spool_counts[queue] = len(entries)
+            def store(count: QueueCount) -> None:
+                self.spool_counts[queue] = count
 
             def failed(failure: Any) -> None:
                 log.warn(
                     "Counting the {queue} queue failed: {error}",
                     queue=queue, error=failure.getErrorMessage(),
-                )
+                )  # fmt: skip
 
             return d.addCallbacks(store, failed)
 
@@ -138,20 +196,41 @@ def metrics_resource(metrics: RelayMetrics) -> Any:
 
 
 class _SpoolCounting(MultiService):
+    """
+    Count the spool at start, then again L{next_count_in} seconds after
+    each count ends (never two at once).
+
+    @ivar interval: the wait before the next count.
+    """
+
     def __init__(self, metrics: RelayMetrics, spool: Any, clock: Any) -> None:
         MultiService.__init__(self)
-        self.loop = LoopingCall(metrics.count_spool, spool)
-        self.loop.clock = clock
+        self.metrics = metrics
+        self.spool = spool
+        self.clock = clock
+        self.interval = SPOOL_INTERVAL
+        self._next: Any = None
 
     def startService(self) -> None:
         MultiService.startService(self)
-        self.loop.start(SPOOL_INTERVAL, now=True).addErrback(
-            lambda f: log.failure("Spool counting stopped", f)
-        )
+        self._count()
+
+    def _count(self) -> None:
+        self._next = None
+        started = self.clock.seconds()
+        d = self.metrics.count_spool(self.spool)
+        d.addErrback(lambda f: log.failure("Counting the spool failed", f))
+        d.addCallback(self._counted, started)
+
+    def _counted(self, _: object, started: float) -> None:
+        self.interval = next_count_in(self.clock.seconds() - started)
+        if self.running:
+            self._next = self.clock.callLater(self.interval, self._count)
 
     def stopService(self) -> Any:
-        if self.loop.running:
-            self.loop.stop()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
         return MultiService.stopService(self)
 
 
@@ -160,7 +239,8 @@ def metrics_service(
 ) -> MultiService:
     """
     A service listening on C{endpoint} with the metrics, counting C{spool}
-    every L{SPOOL_INTERVAL} seconds and the events of C{events} (an
+    every L{SPOOL_INTERVAL} seconds or more (L{next_count_in}: longer when
+    a count is slow, at a large queue) and the events of C{events} (an
     L{relay.control.events.EventBus}, or C{None}).
     """
     from twisted.application import strports

@@ -21,6 +21,7 @@ from relay.delivery.client_protocol import SMTPClientFactory, SMTPClientProtocol
 from relay.delivery.client_result import DeliveryError
 from relay.delivery.client_session import ClientSession
 from relay.delivery.client_settings import ClientSettings, PoolLimits
+from relay.delivery.dns import ResolvingReactor
 
 
 class ConnectionPool:
@@ -29,10 +30,16 @@ class ConnectionPool:
 
     @param reactor: an C{IReactorTCP} and C{IReactorTime}.
     @param settings: the client's settings (timeouts, L{PoolLimits}).
+    @param name_resolver: the C{IHostnameResolver} of host names (the
+        C{--resolver} servers, L{relay.delivery.dns.NamesHostnameResolver});
+        C{None}: the reactor's (the system's C{getaddrinfo}).
     """
 
-    def __init__(self, reactor: Any, settings: ClientSettings) -> None:
+    def __init__(self, reactor: Any, settings: ClientSettings, name_resolver: Any = None) -> None:
         self._reactor = reactor
+        self._resolving = (
+            ResolvingReactor(reactor, name_resolver) if name_resolver is not None else reactor
+        )
         self._settings = settings
         # hop -> idle sessions (most recently parked last), each with its
         # idle timer.
@@ -51,7 +58,7 @@ class ConnectionPool:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+            return HostnameEndpoint(self._resolving, host, port, timeout=timeout)
         if ip.version == 4:
             return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
         return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
@@ -76,6 +83,9 @@ class ConnectionPool:
         """
         An idle session with C{hop} still fit for use, taken out of the
         pool, or C{None}.
+
+        @param hop: the hop, or the L{ClientSession.pool_key} of sessions
+            opened under a TLS policy of their own.
         """
         pool = self._idle.get(hop)
         while pool:
@@ -97,8 +107,8 @@ class ConnectionPool:
         Keep C{session} idle for the next envelope to its hop, if its
         connection may be reused and the pool has room.
         """
-        hop = session.hop
-        limits = self.limits_for(hop)
+        hop = session.pool_key
+        limits = self.limits_for(session.hop)
         if (
             not session.proto.clean
             or session.transactions >= limits.max_reuse
@@ -127,9 +137,9 @@ class ConnectionPool:
             entry[1].cancel()
 
     def _expire(self, session: ClientSession) -> None:
-        for entry in list(self._idle.get(session.hop, ())):
+        for entry in list(self._idle.get(session.pool_key, ())):
             if entry[0] is session:
-                self._forget(session.hop, entry)
+                self._forget(session.pool_key, entry)
         session.proto.on_lost = None
         session.proto.quit()
 

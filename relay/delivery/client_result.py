@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.model.entry import TLSOutcome
 from relay.model.reply import Reply
 
 
@@ -25,11 +26,13 @@ class DeliveryResult:
         the end of data.
     @ivar address: the peer the connection went to, C{(ip, port)} (of the
         several addresses a host name may have, the one that answered).
+    @ivar tls: the TLS policy of the session and what came of it.
     """
 
     hop: str
     replies: tuple[tuple[str, Reply], ...]
     address: tuple[str, int] | None = None
+    tls: TLSOutcome | None = None
 
 
 class DeliveryError(Exception):
@@ -43,6 +46,7 @@ class DeliveryError(Exception):
         offered); else try again later or elsewhere.
     @ivar address: the peer connected to, C{(ip, port)}; C{None} when no
         connection was made.
+    @ivar tls: the TLS policy and what came of it, when one was chosen.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class DeliveryError(Exception):
         self.reply = reply
         self.permanent = permanent
         self.address = address
+        self.tls: TLSOutcome | None = None
 
 
 def refused(

@@ -18,6 +18,7 @@ from relay.delivery.client_protocol import SMTPClientProtocol
 from relay.delivery.client_result import DeliveryError, refused
 from relay.delivery.client_settings import ClientSettings
 from relay.delivery.client_tls import TLSPolicy
+from relay.model.entry import TLSOutcome
 from relay.model.reply import Reply
 
 
@@ -44,20 +45,30 @@ class ClientSession:
     @ivar extensions: what the hop offered in its last EHLO (after TLS);
         empty after HELO.
     @ivar transactions: mail transactions begun in this session.
+    @ivar pool_key: what the idle pool keeps the session by: the hop, and
+        the TLS policy it was opened under when that is not the default.
+    @ivar tls: what came of the session's TLS policy, once it is open
+        (C{None} before, or when it was opened without one).
     """
 
-    def __init__(self, proto: SMTPClientProtocol, hop: str, host: str) -> None:
+    def __init__(
+        self, proto: SMTPClientProtocol, hop: str, host: str, pool_key: str | None = None
+    ) -> None:
         self.proto = proto
         self.hop = hop
         self.host = host
+        self.pool_key = pool_key if pool_key is not None else hop
         self.extensions: dict[str, str] = {}
         self.transactions = 0
+        self.tls: TLSOutcome | None = None
 
     def refused(self, what: str, reply: Reply, permanent: bool = False) -> DeliveryError:
         """
         The error for a step that the hop refused with C{reply}.
         """
-        return refused(self.hop, what, reply, self.proto.peer, permanent)
+        error = refused(self.hop, what, reply, self.proto.peer, permanent)
+        error.tls = self.tls
+        return error
 
     async def command(self, command: str) -> Reply:
         """
@@ -96,9 +107,17 @@ class ClientSession:
         raise self.refused("EHLO/HELO refused", reply)
 
     async def _starttls(self, hostname: str, tls: TLSPolicy) -> None:
+        plain = tls.outcome(*tls.note) if tls.note is not None else tls.outcome("plain")
         if not tls.attempted:
+            self.tls = plain
             return
         if "STARTTLS" not in self.extensions:
+            if tls.mode in ("encrypt", "verify", "dane"):
+                self.tls = tls.outcome(
+                    "starttls-not-supported", f"{self.hop} does not offer STARTTLS"
+                )
+            else:
+                self.tls = plain
             if not tls.required:
                 return
             raise self.refused(
@@ -106,16 +125,29 @@ class ClientSession:
             )
         reply = await self.command("STARTTLS")
         if reply.code != 220:
+            if tls.mode in ("encrypt", "verify", "dane"):
+                self.tls = tls.outcome("starttls-not-supported", f"STARTTLS refused: {reply}")
             raise self.refused("STARTTLS refused", reply)
-        self.proto.start_tls(tls.connection_creator(self.host))
+        creator = tls.connection_creator(self.host)
+        self.proto.start_tls(creator)
         # RFC 3207 section 4.2: what the hop said before TLS counts no more.
-        await self._hello(hostname)
-        problem = tls.refusal(self.host, self.proto.transport)
-        if problem is not None:
+        try:
+            await self._hello(hostname)
+        except Exception:
+            # Most often the handshake itself failed.
+            self.tls = tls.outcome("validation-failure", "TLS negotiation failed")
+            raise
+        problem = tls.problem(self.host, creator)
+        if problem is None:
+            self.tls = tls.outcome(*tls.note) if tls.note is not None else tls.outcome("ok")
+            return
+        self.tls = tls.outcome(*problem)
+        if tls.enforced:
             raise self.refused(
                 "certificate verification failed",
-                Reply(454, f"4.7.5 Certificate of {self.hop} does not match {self.host}: {problem}"),
-            )
+                Reply(454, f"4.7.5 Certificate of {self.hop} not accepted for {self.host} "
+                           f"({tls.label}): {problem[0]}: {problem[1]}"),
+            )  # fmt: skip
 
     async def _authenticate(self, user: str, password: str) -> None:
         if not self.proto.tls:

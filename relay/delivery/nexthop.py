@@ -3,22 +3,31 @@ Next hops: where the recipients of an envelope go.
 
 An envelope with C{next_hop_choices} goes there, all recipients at once.
 Otherwise its recipients are grouped by domain and each domain's mail
-exchangers are looked up with C{twisted.names} (RFC 5321 section 5.1):
-MX hosts by preference, the domain itself when it has no MX, nowhere when
-it has a null MX (RFC 7505), the address itself for an address literal.
-Hops are C{host:port} strings (L{parse_hop} splits them).
+exchangers are looked up (L{relay.delivery.dns}) and ordered by the rules
+of RFC 5321 section 5.1 (L{relay.delivery.mx}): MX hosts by preference,
+equal ones shuffled, those lately dead skipped while others remain, none
+at or after the relay's own place in the list; the domain itself when it
+has no MX, nowhere when it has a null MX (RFC 7505), the address itself
+for an address literal.  Hops are C{host:port} strings (L{parse_hop}
+splits them); each route says what its hops' TLS policy depends on
+(L{Destination}).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
+from relay.delivery.mx import DeadHosts, MXHost, Myself, below_myself, mx_hosts, order_hosts
 from relay.model.address import EmailAddress
+
+if TYPE_CHECKING:
+    from relay.delivery.dns import DNSLookup
 
 SMTP_PORT = 25
 
@@ -37,6 +46,31 @@ class Route:
     hops: tuple[str, ...]
     error: str | None = None
     permanent: bool = False
+    destination: Destination | None = None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """
+    What the TLS policy of a route's hops depends on
+    (L{relay.delivery.tlspolicy}).
+
+    @ivar domain: the recipient domain, for a route by its MX; C{None}
+        for next hops given (a smarthost, the plugin's choices).
+    @ivar mx_authenticated: the MX answer was DNSSEC-validated (by a
+        resolver declared with C{--dnssec}): DANE may apply (RFC 7672
+        section 2.2).
+    @ivar chosen: the policy the plugin chose for the envelope, if it did
+        (C{EnvelopeWithNextHop.tls_policy}).
+    """
+
+    domain: str | None
+    mx_authenticated: bool = False
+    chosen: str | None = None
+
+    @property
+    def via_mx(self) -> bool:
+        return self.domain is not None
 
 
 def _hop(host: str, port: int = SMTP_PORT) -> str:
@@ -67,6 +101,34 @@ def parse_hop(hop: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_server(text: str) -> tuple[str, int]:
+    """
+    C{HOST[:PORT]} of a C{--resolver} (an IP address; IPv6 in brackets
+    with a port: C{[::1]:53}), the port defaulting to 53.
+
+    @raise ValueError: if C{text} is not an IP address with an optional
+        port.
+    """
+    text = text.strip()
+    host, port = text, "53"
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]")
+        port = port[1:] if port.startswith(":") else (port or "53")
+        if not sep:
+            raise ValueError(f"bad resolver {text!r}")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(
+            f"a resolver is an IP address with an optional port, not {text!r}"
+        ) from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in resolver {text!r}")
+    return address, int(port)
+
+
 def address_literal(domain: str) -> str | None:
     """
     The IP address of an address literal domain (C{[192.0.2.1]},
@@ -83,28 +145,6 @@ def address_literal(domain: str) -> str | None:
         return None
 
 
-def hops_from_mx(answers: Sequence[Any], domain: str) -> tuple[str, ...] | None:
-    """
-    The hops for C{domain} from the answers of an MX query, by preference
-    (ties keep the order of the answer).  C{()} for a null MX, C{None}
-    when there is no MX record at all.
-    """
-    records = []
-    for i, answer in enumerate(answers):
-        payload = getattr(answer, "payload", None)
-        if payload is None or not hasattr(payload, "preference"):
-            continue
-        name = str(payload.name).rstrip(".")
-        records.append((payload.preference, i, name))
-    if not records:
-        return None
-    records.sort()
-    if any(name == "" for _, _, name in records):
-        # RFC 7505: a null MX ("0 .") says the domain accepts no mail.
-        return ()
-    return tuple(_hop(name) for _, _, name in records)
-
-
 def group_by_domain(
     recipients: Sequence[EmailAddress],
 ) -> list[tuple[str, tuple[EmailAddress, ...]]]:
@@ -118,75 +158,134 @@ def group_by_domain(
     return [(d, tuple(rs)) for d, rs in groups.items()]
 
 
-def resolve_domain(resolver: Any, domain: str) -> Deferred[tuple[tuple[str, ...], str | None, bool]]:
+async def resolve_domain(
+    lookup: DNSLookup, domain: str, rules: MXRules | None = None
+) -> tuple[tuple[str, ...], str | None, bool, Destination]:
     """
-    The hops for one domain: C{(hops, error, permanent)}.
+    The hops for one domain: C{(hops, error, permanent, destination)}.
     """
+    rules = rules if rules is not None else MXRules()
+    nowhere = Destination(domain)
     if not domain:
-        return defer.succeed(((), "5.1.2 recipient has no domain", True))
+        return ((), "5.1.2 recipient has no domain", True, nowhere)
     literal = address_literal(domain)
     if literal is not None:
-        return defer.succeed(((_hop(literal),), None, False))
+        return ((_hop(literal, rules.port),), None, False, Destination(None))
     if domain.startswith("["):
-        return defer.succeed(((), f"5.1.2 bad address literal {domain}", True))
+        return ((), f"5.1.2 bad address literal {domain}", True, nowhere)
+    # Here, not at the top: a relay with a smarthost needs no twisted.names.
+    from twisted.names import dns
+    from twisted.names.error import AuthoritativeDomainError, DNSNameError
 
-    def found(result: Any) -> tuple[tuple[str, ...], str | None, bool]:
-        answers = result[0] if isinstance(result, tuple) else result
-        hops = hops_from_mx(answers, domain)
-        if hops is None:
-            return ((_hop(domain),), None, False)
-        if not hops:
-            return ((), f"5.1.10 domain {domain} accepts no mail (null MX)", True)
-        return (hops, None, False)
+    try:
+        answer = await lookup.lookup(domain, dns.MX)
+    except (DNSNameError, AuthoritativeDomainError):
+        return ((), f"5.1.2 domain {domain} not found", True, nowhere)
+    except Exception as e:
+        return ((), f"4.4.3 lookup of {domain} failed: {e}", False, nowhere)
+    hosts = mx_hosts(answer.records)
+    if hosts is None:
+        # RFC 5321 section 5.1: no MX, the domain is its own exchanger.
+        hosts = (MXHost(0, domain.lower()),)
+    elif not hosts:
+        return ((), f"5.1.10 domain {domain} accepts no mail (null MX)", True, nowhere)
+    ordered = order_hosts(hosts, rules.rng)
+    mine = {host.name for host in ordered if await rules.is_me(lookup, host.name)}
+    kept = below_myself(ordered, mine)
+    if kept is None:
+        return ((), f"5.4.6 mail for {domain} loops back to myself", True, nowhere)
+    if rules.dead is not None:
+        kept = rules.dead.skip(kept)
+    hops = tuple(_hop(host.name, rules.port) for host in kept)
+    return (hops, None, False, Destination(domain, answer.authenticated))
 
-    def failed(failure: Any) -> tuple[tuple[str, ...], str | None, bool]:
-        # Here, not at the top: a relay with a smarthost needs no twisted.names.
-        from twisted.names import error as dns_error
 
-        if failure.check(dns_error.DNSNameError, dns_error.AuthoritativeDomainError):
-            return ((), f"5.1.2 domain {domain} not found", True)
-        return ((), f"4.4.3 lookup of {domain} failed: {failure.getErrorMessage()}", False)
+@dataclass
+class MXRules:
+    """
+    How MX answers become hops (L{relay.delivery.mx}).
 
-    d = defer.maybeDeferred(resolver.lookupMailExchange, domain)
-    d.addCallbacks(found, failed)
-    return d
+    @ivar rng: shuffles hosts of equal preference.
+    @ivar dead: hosts lately refused or timed out, skipped while others
+        remain; C{None}: none are remembered.
+    @ivar myself: how the relay knows itself among the hosts.
+    @ivar port: the port of MX hosts (C{--mx-port}, 25).
+    """
+
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    dead: DeadHosts | None = None
+    myself: Myself = Myself()
+    port: int = SMTP_PORT
+
+    async def is_me(self, lookup: DNSLookup, name: str) -> bool:
+        """
+        Is the MX host C{name} this relay?  Its addresses are looked up
+        only when the relay listens on the MX port (else no address of
+        it can be the relay's).
+        """
+        if self.myself.is_me(name):
+            return True
+        if not any(port == self.port for _, port in self.myself.listeners):
+            return False
+        from relay.delivery.dns import addresses
+
+        return self.myself.is_me(name, await addresses(lookup, name), self.port)
 
 
 def route_recipients(
     recipients: Sequence[EmailAddress],
     next_hop_choices: Sequence[str],
-    resolver: Any,
+    lookup: DNSLookup | None,
+    rules: MXRules | None = None,
 ) -> Deferred[list[Route]]:
     """
     The routes of C{recipients}: one for all of them when
     C{next_hop_choices} is given, else one per recipient domain.
     """
     if next_hop_choices:
-        return defer.succeed([Route(tuple(recipients), tuple(next_hop_choices))])
+        return defer.succeed(
+            [Route(tuple(recipients), tuple(next_hop_choices), destination=Destination(None))]
+        )
+    assert lookup is not None
     groups = group_by_domain(recipients)
-    ds = [resolve_domain(resolver, domain) for domain, _ in groups]
+    ds = [Deferred.fromCoroutine(resolve_domain(lookup, domain, rules)) for domain, _ in groups]
 
-    def combine(results: list[tuple[tuple[str, ...], str | None, bool]]) -> list[Route]:
+    def combine(results: list[tuple[tuple[str, ...], str | None, bool, Destination]]) -> list[Route]:
         return [
-            Route(rs, hops, error, permanent)
-            for (_, rs), (hops, error, permanent) in zip(groups, results, strict=True)
+            Route(rs, hops, error, permanent, destination)
+            for (_, rs), (hops, error, permanent, destination) in zip(groups, results, strict=True)
         ]
 
     return defer.gatherResults(ds, consumeErrors=True).addCallback(combine)
 
 
-def make_router(resolver_factory: Callable[[], Any]) -> Callable[..., Deferred[list[Route]]]:
+def make_router(
+    lookup: DNSLookup | Callable[[], Any],
+    smarthost: str | None = None,
+    rules: MXRules | None = None,
+) -> Callable[..., Deferred[list[Route]]]:
     """
-    A next-hop function that builds its resolver on first use (so that
-    none is made, nor a resolv.conf watch scheduled, until mail flows).
+    A next-hop function: an entry's own next hops (a plugin chose them),
+    else the default route as configured now: C{smarthost}, else the MX of
+    each recipient domain.  Applied at each attempt, so that queued mail
+    follows a routing fix (a corrected C{--smarthost}) after a restart.
+    Mail to next hops asks nothing of DNS here (L{ResolverLookup} makes
+    the system's resolver on first use: none is made, nor a resolv.conf
+    watch scheduled, until mail needs DNS).
+
+    @param lookup: a L{DNSLookup}, or a function making a twisted.names
+        C{IResolver} (called on first use).
     """
-    resolver: list[Any] = []
+    default = (smarthost,) if smarthost else ()
+    if not hasattr(lookup, "lookup"):
+        from relay.delivery.dns import ResolverLookup
+
+        lookup = ResolverLookup(resolver_factory=lookup)
 
     def route(recipients: Sequence[EmailAddress], next_hop_choices: Sequence[str]) -> Deferred[list[Route]]:
-        if next_hop_choices:
-            return route_recipients(recipients, next_hop_choices, None)
-        if not resolver:
-            resolver.append(resolver_factory())
-        return route_recipients(recipients, next_hop_choices, resolver[0])
+        hops = tuple(next_hop_choices) or default
+        if hops:
+            return route_recipients(recipients, hops, None)
+        return route_recipients(recipients, next_hop_choices, lookup, rules)
 
     return route

@@ -1,35 +1,43 @@
 """
-The delivery scheduler (the "queue manager"): it loads the active queue at
-start-up, schedules each entry at its next attempt with the injected
-clock, runs at most C{max_send_jobs} deliveries at once, records every
-attempt, and then finishes, reschedules, freezes or bounces each entry.
+The delivery scheduler (the "queue manager"): it takes what comes due from
+the L{DueQueue<relay.delivery.due.DueQueue>} (which holds only the entries
+due soon; the rest wait on disk), runs at most C{max_send_jobs} deliveries
+at once, records every attempt, and then finishes, reschedules, freezes or
+bounces each entry.
+
+Recipients are settled once: a delivered recipient is not tried again, a
+failed one is reported to the sender once (C{reported}); an entry with no
+pending recipient left is settled, and frozen for the operator (to expire
+after C{--bounced-lifetime}) when any recipient failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.control.events import EventBus
 from relay.delivery.bounce import make_bounce
+from relay.delivery.due import DueQueue
+from relay.delivery.expiry import BOUNCED_LIFETIME, REMOVED_LIFETIME, Expiry
 from relay.delivery.nexthop import Route
+from relay.delivery.tlspolicy import tls_destination
 from relay.interfaces import ISpoolObserver
 from relay.logs import (
     BOUNCED,
     DEFERRED,
-    DELIVERY_FORMAT,
     EXPIRED,
     SENT,
     delivery_fields,
+    delivery_format,
     iso_time,
 )
 from relay.model.address import EmailAddress
@@ -76,6 +84,9 @@ class DeliveryScheduler(Service):
         wait_for: Callable[[], Any] | None = None,
         log: Logger | None = None,
         events: EventBus | None = None,
+        due: Callable[..., DueQueue] = DueQueue,
+        bounced_lifetime: float = BOUNCED_LIFETIME,
+        removed_lifetime: float = REMOVED_LIFETIME,
     ) -> None:
         self.spool = spool
         self.events = events if events is not None else EventBus(clock)
@@ -92,11 +103,12 @@ class DeliveryScheduler(Service):
         self.wait_for = wait_for
         if log is not None:
             self.log = log
-        self.timers: dict[str, IDelayedCall] = {}
-        self.due: deque[str] = deque()
-        # The ids in due, so that a large backlog is not searched linearly.
-        self._due_ids: set[str] = set()
         self.jobs: dict[str, Deferred[None]] = {}
+        self.queue = due(spool, clock, self._pump, busy=self.jobs.__contains__)
+        # sent now by an operator, whatever their schedule says
+        self._forced: set[str] = set()
+        self.bounced_lifetime = bounced_lifetime
+        self.expiry = Expiry(spool, clock, self.events, bounced_lifetime, removed_lifetime)
         self.again: set[str] = set()
         self.stopping = False
         self._hop_locks: dict[str, DeferredSemaphore] = {}
@@ -107,19 +119,20 @@ class DeliveryScheduler(Service):
         Service.startService(self)
         self.stopping = False
         d: Deferred[Any] = defer.maybeDeferred(self.wait_for) if self.wait_for else defer.succeed(None)
-        d.addCallback(lambda _: self.spool.entries(ACTIVE))
-        d.addCallback(self.notify)
-        d.addErrback(lambda f: self.log.failure("Cannot load the active queue", f))
+        # No loading of the active queue: the due queue's first scan finds
+        # what is due (and only that), however many entries wait.
+        d.addCallback(lambda _: None if self.stopping else self._start_queues())
+        d.addErrback(lambda f: self.log.failure("Cannot start delivering", f))
+
+    def _start_queues(self) -> None:
+        self.queue.start()
+        self.expiry.start()
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         self.stopping = True
-        for call in self.timers.values():
-            if call.active():
-                call.cancel()
-        self.timers.clear()
-        self.due.clear()
-        self._due_ids.clear()
+        self.queue.stop()
+        self.expiry.stop()
         done: Deferred[None] = Deferred()
         done.addCallback(self._close_idle_connections)
         if not self.jobs:
@@ -167,34 +180,27 @@ class DeliveryScheduler(Service):
                 self.schedule(entry.id, entry.next_attempt_at)
 
     def schedule(self, entry_id: str, at: float) -> None:
+        """
+        C{entry_id} is next due at C{at}.
+        """
         if self.stopping:
             return
-        old = self.timers.pop(entry_id, None)
-        if old is not None and old.active():
-            old.cancel()
-        delay = max(0.0, at - self.clock.seconds())
-        self.timers[entry_id] = self.clock.callLater(delay, self._became_due, entry_id)
-
-    def _became_due(self, entry_id: str) -> None:
-        self.timers.pop(entry_id, None)
-        if self.stopping:
-            return
-        if entry_id in self.jobs:
+        if entry_id in self.jobs and at <= self.clock.seconds():
+            # Due again while it is being delivered: once more after that.
             self.again.add(entry_id)
             return
-        self._make_due(entry_id)
-        self._pump()
-
-    def _make_due(self, entry_id: str) -> None:
-        if entry_id not in self._due_ids:
-            self._due_ids.add(entry_id)
-            self.due.append(entry_id)
+        # Taken by the due queue's timer, on a later turn of the reactor:
+        # news of a commit does not make the client's 250 wait for the
+        # start of a delivery.
+        self.queue.push(entry_id, at)
 
     def _pump(self) -> None:
-        while not self.stopping and self.due and len(self.jobs) < self.max_send_jobs:
-            entry_id = self.due.popleft()
-            self._due_ids.discard(entry_id)
+        while not self.stopping and len(self.jobs) < self.max_send_jobs:
+            entry_id = self.queue.pop_due()
+            if entry_id is None:
+                return
             if entry_id in self.jobs:
+                self.again.add(entry_id)
                 continue
             d = Deferred.fromCoroutine(self._deliver(entry_id))
             self.jobs[entry_id] = d
@@ -217,7 +223,7 @@ class DeliveryScheduler(Service):
         self.jobs.pop(entry_id, None)
         if entry_id in self.again:
             self.again.discard(entry_id)
-            self._make_due(entry_id)
+            self.queue.push(entry_id, self.clock.seconds())
         self._pump()
 
     def spooled(self, entries: Iterable[SpoolEntry]) -> None:
@@ -253,25 +259,31 @@ class DeliveryScheduler(Service):
         """
         Deliver C{entry_id} at once, whatever its schedule.
         """
-        self.unschedule(entry_id)
-        self._became_due(entry_id)
+        self._forced.add(entry_id)
+        self.schedule(entry_id, self.clock.seconds())
 
     def unschedule(self, entry_id: str) -> None:
         """
-        Forget the next attempt scheduled for C{entry_id} (it is being
-        frozen or removed); a delivery under way goes on.
+        Forget the next attempt held for C{entry_id} (it is being frozen or
+        removed); a delivery under way goes on.
         """
-        timer = self.timers.pop(entry_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self.queue.remove(entry_id)
 
     def is_known(self, entry_id: str) -> bool:
         """
-        Is C{entry_id} scheduled, due or being delivered?  (Entries found
-        in the active queue that are not, say after a receiver died before
-        it could tell about them, need L{notify}.)
+        Is C{entry_id} held as due soon, or being delivered?
         """
-        return entry_id in self.timers or entry_id in self.jobs or entry_id in self._due_ids
+        return entry_id in self.queue or entry_id in self.jobs
+
+    def rescan(self) -> Deferred[None] | None:
+        """
+        Look at the active queue's directory now rather than at the next
+        scan (a receiver that died may have committed entries it could not
+        tell about).
+        """
+        if not self.running or self.stopping:
+            return None
+        return self.queue.scan()
 
     # -- one delivery ----------------------------------------------------
 
@@ -281,9 +293,13 @@ class DeliveryScheduler(Service):
             lock = self._hop_locks[hop] = DeferredSemaphore(self.per_destination)
         return lock
 
-    def _send(self, hop: str, envelope: Envelope) -> Deferred[Any]:
+    def _send(self, hop: str, envelope: Envelope, destination: Any = None) -> Deferred[Any]:
         lock = self._hop_lock(hop)
-        d: Deferred[Any] = lock.run(self.client.send, hop, envelope)
+        # The route's TLS context goes to a client that chooses TLS per
+        # destination (RelayClient says so); any client of two arguments
+        # still serves.
+        extra = (destination,) if getattr(self.client, "per_destination_tls", False) else ()
+        d: Deferred[Any] = lock.run(self.client.send, hop, envelope, *extra)
 
         def forget(result: object) -> object:
             if not lock.waiting and lock.tokens == lock.limit:
@@ -293,6 +309,8 @@ class DeliveryScheduler(Service):
         return d.addBoth(forget)
 
     async def _deliver(self, entry_id: str) -> None:
+        forced = entry_id in self._forced
+        self._forced.discard(entry_id)
         # The entry and its message are read side by side: two trips to
         # the spool's thread pool in the time of one.
         got: Deferred[SpoolEntry] = self.spool.get(entry_id)
@@ -309,6 +327,12 @@ class DeliveryScheduler(Service):
         if entry.queue != ACTIVE:
             read.addErrback(lambda _: None)
             return
+        if entry.next_attempt_at > self.clock.seconds() + 0.001 and not forced:
+            # Not due: the time it was held for was a hint (a scan found a
+            # file whose mtime someone changed), or an operator deferred it.
+            read.addErrback(lambda _: None)
+            self.queue.push(entry.id, entry.next_attempt_at)
+            return
         message: Message = await read
         envelope = entry.envelope(message)
         now = self.clock.seconds()
@@ -316,6 +340,7 @@ class DeliveryScheduler(Service):
         # DEFERRED (which _settle may make EXPIRED).
         outcomes: list[tuple[Attempt, str]] = []
         failed: list[tuple[str, str]] = []
+        delivered: list[str] = []
         remaining: list[EmailAddress] = []
         routes: list[Route] = await self.route(entry.recipients, entry.next_hop_choices)
         for route in routes:
@@ -329,6 +354,7 @@ class DeliveryScheduler(Service):
                     remaining += route.recipients
                 continue
             pending = list(route.recipients)
+            destination = tls_destination(route, entry.tls_policy)
             for hop in route.hops:
                 if not pending:
                     break
@@ -337,14 +363,14 @@ class DeliveryScheduler(Service):
                 if recipients != tuple(envelope.recipients):
                     envelope = dataclasses.replace(envelope, recipients=recipients)
                 try:
-                    result = await self._send(hop, envelope)
+                    result = await self._send(hop, envelope, destination)
                 except Exception as e:
                     reply = getattr(e, "reply", None)
                     text = str(reply) if reply is not None else (str(e) or type(e).__name__)
                     permanent = bool(getattr(e, "permanent", False))
                     attempt = Attempt(
                         self.clock.seconds(), hop, _code(reply), text, names,
-                        getattr(e, "address", None),
+                        getattr(e, "address", None), getattr(e, "tls", None),
                     )  # fmt: skip
                     outcomes.append((attempt, BOUNCED if permanent else DEFERRED))
                     if permanent:
@@ -364,6 +390,7 @@ class DeliveryScheduler(Service):
                         continue
                     if reply.is_positive:
                         outcome = SENT
+                        delivered.append(str(r))
                     elif reply.is_permanent:
                         outcome = BOUNCED
                         failed.append((str(r), str(reply)))
@@ -374,12 +401,13 @@ class DeliveryScheduler(Service):
                 at = self.clock.seconds()
                 hop_name = getattr(result, "hop", hop)
                 address = getattr(result, "address", None)
+                tls = getattr(result, "tls", None)
                 for (code, text, outcome), rcpts in by_reply.items():
-                    attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address)
+                    attempt = Attempt(at, hop_name, code, text, tuple(rcpts), address, tls)
                     outcomes.append((attempt, outcome))
                 pending = left
             remaining += pending
-        await self._settle(entry, message, outcomes, failed, remaining)
+        await self._settle(entry, message, outcomes, failed, delivered, remaining)
 
     async def _settle(
         self,
@@ -387,46 +415,44 @@ class DeliveryScheduler(Service):
         message: Message,
         outcomes: list[tuple[Attempt, str]],
         failed: list[tuple[str, str]],
+        delivered: list[str],
         remaining: list[EmailAddress],
     ) -> None:
         now = self.clock.seconds()
-        all_failed = tuple(entry.failed_recipients) + tuple(failed)
         step: tuple[float, Sequence[float]] | None = None
         if remaining:
             step = next_attempt(entry.intervals_left(self.default_retry_intervals), now)
+        expired = bool(remaining) and step is None
         # The lines say what happened on the wire, so they come before the
         # spool records it: a recipient that was sent stays logged as sent
         # even if recording that fails (and it goes out again).
         self._log_outcomes(
-            entry, outcomes, expired=bool(remaining) and step is None,
-            retry_at=step[0] if step is not None else None,
-        )  # fmt: skip
+            entry, outcomes, expired=expired, retry_at=step[0] if step is not None else None
+        )
         attempts = [attempt for attempt, _ in outcomes]
-        if not remaining and not all_failed:
-            await self.spool.finish(entry.id)
-            self.events.emit("delivered", entry.id, created_at=entry.created_at)
-            return
         updated = dataclasses.replace(
-            entry, recipients=tuple(remaining), failed_recipients=all_failed
+            entry,
+            recipients=tuple(remaining),
+            failed_recipients=tuple(entry.failed_recipients) + tuple(failed),
+            delivered_recipients=tuple(entry.delivered_recipients) + tuple(delivered),
         ).with_attempts(attempts)
-        if not remaining:
-            # Issue 3: a permanent failure freezes the entry (kept for the
-            # operator, not retried), after telling the sender if we can.
-            bounced = await self._bounce(entry, all_failed, message, now, expired=False)
-            reason = "permanent failure: " + all_failed[-1][1]
-            if bounced:
-                reason += " (bounced)"
-            await self._freeze(updated, reason)
-            return
-        if step is None:
+        if expired:
+            # The retries ran out: what is left failed for good.
             last = updated.last_error or "no reply"
-            expired = tuple((str(r), last) for r in remaining)
-            bounced = await self._bounce(entry, all_failed + expired, message, now, expired=True)
-            reason = f"retry intervals exhausted; last error: {last}"
-            if bounced:
-                reason += " (bounced)"
-            await self._freeze(updated, reason)
+            updated = dataclasses.replace(
+                updated,
+                recipients=(),
+                failed_recipients=tuple(updated.failed_recipients)
+                + tuple((str(r), last) for r in remaining),
+            )
+        if updated.settled:
+            if not updated.failed_recipients:
+                await self.spool.finish(entry.id)
+                self.events.emit("delivered", entry.id, created_at=entry.created_at)
+                return
+            await self._settled(updated, message, now, expired)
             return
+        assert step is not None
         at, _ = step
         updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
@@ -434,6 +460,34 @@ class DeliveryScheduler(Service):
             "deferred", entry.id, until=at, recipients=len(remaining), error=updated.last_error
         )
         self.schedule(entry.id, at)
+
+    async def _settled(
+        self, entry: SpoolEntry, message: Message, now: float, expired: bool
+    ) -> None:
+        """
+        Every recipient of C{entry} is delivered or failed, and some
+        failed: the sender hears of the failures not yet reported (once:
+        they are then C{reported}, also when no report can be sent), and
+        the entry is frozen, kept for the operator until it expires.
+        """
+        unreported = entry.unreported
+        bounced = bool(unreported) and await self._bounce(entry, unreported, message, now, expired)
+        if unreported:
+            entry = dataclasses.replace(
+                entry, reported=tuple(entry.reported) + tuple(r for r, _ in unreported)
+            )
+        last = entry.failed_recipients[-1][1]
+        if expired:
+            reason = f"retry intervals exhausted; last error: {last}"
+        else:
+            reason = "permanent failure: " + last
+        if bounced:
+            reason += " (bounced)"
+        if self.bounced_lifetime <= 0:
+            # --bounced-lifetime 0: nothing is kept once settled.
+            await self.expiry.remove(dataclasses.replace(entry, queue=FROZEN, reason=reason), 0)
+            return
+        await self._freeze(entry, reason)
 
     def _log_outcomes(
         self,
@@ -475,10 +529,11 @@ class DeliveryScheduler(Service):
                 self.log.failure("Cannot log an attempt of {entry_id}", entry_id=entry.id)
                 continue
             level = LogLevel.info if outcome in (SENT, DEFERRED) else LogLevel.warn
-            self.log.emit(level, DELIVERY_FORMAT, **fields)
+            self.log.emit(level, delivery_format(fields), **fields)
 
     async def _freeze(self, entry: SpoolEntry, reason: str) -> None:
-        await self.spool.update(dataclasses.replace(entry, reason=reason))
+        now = self.clock.seconds()
+        await self.spool.update(dataclasses.replace(entry, reason=reason, moved_at=now))
         await self.spool.move(entry.id, FROZEN)
         self.log.warn(
             "{entry_id}: frozen: {reason}",
@@ -499,8 +554,9 @@ class DeliveryScheduler(Service):
         """
         if not self.bounce or not failed:
             return False
-        hops = (self.smarthost,) if self.smarthost else ()
-        bounce = make_bounce(entry, failed, message, self.hostname, now, hops, expired)
+        # The default route: the bounce goes wherever mail goes when it
+        # is sent, not where it went when the original was accepted.
+        bounce = make_bounce(entry, failed, message, self.hostname, now, (), expired)
         if bounce is None:
             return False
         new = await self.spool.enqueue([bounce])

@@ -84,6 +84,45 @@ class QueueCount(NamedTuple):
 
 
 @dataclass(frozen=True)
+class TLSOutcome:
+    """
+    The TLS of one delivery attempt: the policy that applied, where it came
+    from and what came of it.
+
+    @ivar policy: the policy's name: C{none}, C{may}, C{encrypt},
+        C{verify}, C{dane}, C{dane-only}, C{mta-sts}.
+    @ivar source: C{default} (C{--relay-tls}), C{file} (C{--tls-policy}),
+        C{plugin}, C{dane} (TLSA records), C{mta-sts} (the domain's
+        published policy).
+    @ivar result: C{ok} (TLS as the policy asks), C{plain} (no TLS, as the
+        policy allows), or TLS-RPT's result type for what failed (RFC 8460
+        section 4.3: C{starttls-not-supported},
+        C{certificate-host-mismatch}, C{certificate-expired},
+        C{certificate-not-trusted}, C{validation-failure}, C{tlsa-invalid},
+        C{dnssec-invalid}, C{dane-required}, C{sts-policy-fetch-error},
+        C{sts-policy-invalid}); C{no-connection} when the hop could not
+        be reached.
+    @ivar detail: what the failure was, in words.
+    """
+
+    policy: str
+    source: str
+    result: str
+    detail: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """
+        The policy was not met (or a problem was found on the way).
+        """
+        return self.result not in ("ok", "plain", "no-connection")
+
+    def __str__(self) -> str:
+        text = f"{self.policy} from {self.source}: {self.result}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+@dataclass(frozen=True)
 class Attempt:
     """
     One delivery attempt: when, to which hop, and what came of it.
@@ -94,6 +133,9 @@ class Attempt:
     @ivar code: the reply code, or C{None} when no reply was read.
     @ivar address: the peer connected to, C{(ip, port)}, or C{None} when
         no connection was made (or it is not known).
+    @ivar tls: the TLS policy of the attempt and what came of it, or
+        C{None} when none was chosen (no hop; entries written before
+        attempts recorded it).
     """
 
     at: float
@@ -102,6 +144,7 @@ class Attempt:
     reply: str
     recipients: tuple[str, ...] = ()
     address: tuple[str, int] | None = None
+    tls: TLSOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +185,8 @@ class SpoolEntry:
     @ivar attempt_count: how many attempt records there have been in all.
     @ivar reason: why it is quarantined or frozen, if it is.
     @ivar received_from: who sent it (C{helo [address]}), for logs and DSNs.
+    @ivar tls_policy: the TLS policy the plugin chose
+        (C{EnvelopeWithNextHop.tls_policy}), or C{None}.
     """
 
     id: str
@@ -166,6 +211,7 @@ class SpoolEntry:
     attempt_count: int = 0
     reason: str | None = None
     received_from: str | None = None
+    tls_policy: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -280,4 +326,5 @@ def entry_for(
         rejected_recipients=env.rejected_recipients,
         reason=reason,
         received_from=received_from,
+        tls_policy=envelope.tls_policy,
     )

@@ -96,13 +96,23 @@ class EnvelopeWithNextHop:
     @ivar retry_intervals: seconds to wait before each further attempt;
         when they run out the envelope is frozen.  Empty means the relay's
         default schedule.
+    @ivar tls_policy: the TLS policy of the delivery, in the words of the
+        C{--tls-policy} file (C{"verify match=mx.example.com"},
+        C{"dane-only"}, C{"encrypt"}, ...); it wins over the file and the
+        published policies.  C{None}: chosen as for any mail.
     """
 
     envelope: Envelope
     next_hop_choices: Sequence[str] = ()
     retry_intervals: Sequence[float] = field(default=())
+    tls_policy: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tls_policy is not None:
+            # Checked here, so that a plugin's mistake fails its Send.
+            from relay.model.tls import parse_policy
+
+            parse_policy(self.tls_policy)
         object.__setattr__(self, "next_hop_choices", tuple(_hop(h) for h in self.next_hop_choices))
         object.__setattr__(
             self, "retry_intervals", tuple(_seconds(i) for i in self.retry_intervals)

@@ -60,6 +60,19 @@ def parse_interval(text: str) -> float:
     return value
 
 
+def parse_duration(text: str) -> float:
+    """
+    Parse a duration that may be zero (C{0}, C{0s}, C{7d}), e.g. a
+    lifetime where 0 means "at once".
+
+    @raise ValueError: when C{text} is not such a duration.
+    """
+    match = _INTERVAL.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 0, 30s, 5m, 2h, 7d)")
+    return float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()]
+
+
 def parse_retry_intervals(text: str) -> tuple[float, ...]:
     """
     Parse a comma-separated list of durations, e.g. C{1m,5m,1h}.

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 from relay.model.address import NULL_SENDER, EmailAddress, Sender
 from relay.model.argument import Argument
-from relay.model.entry import Attempt, SpoolEntry
+from relay.model.entry import Attempt, SpoolEntry, TLSOutcome
 
 #: the version L{encode_entry} writes
 FILE_VERSION = 2
@@ -70,7 +70,24 @@ def _attempt_to_json(a: Attempt) -> dict[str, Any]:
         data["recipients"] = list(a.recipients)
     if a.address is not None:
         data["address"] = list(a.address)
+    if a.tls is not None:
+        tls = {"policy": a.tls.policy, "source": a.tls.source, "result": a.tls.result}
+        if a.tls.detail:
+            tls["detail"] = a.tls.detail
+        data["tls"] = tls
     return data
+
+
+def _tls_from_json(data: Any) -> TLSOutcome | None:
+    """
+    An attempt's C{tls} outcome; C{None} when absent (entries written
+    before attempts recorded it).
+    """
+    if data is None:
+        return None
+    return TLSOutcome(
+        str(data["policy"]), str(data["source"]), str(data["result"]), data.get("detail")
+    )
 
 
 def _attempt_from_json(a: dict[str, Any]) -> Attempt:
@@ -81,6 +98,7 @@ def _attempt_from_json(a: dict[str, Any]) -> Attempt:
         reply=a["reply"],
         recipients=tuple(a.get("recipients", ())),
         address=_peer_from_json(a.get("address")),
+        tls=_tls_from_json(a.get("tls")),
     )
 
 
@@ -110,6 +128,7 @@ def _to_v2(entry: SpoolEntry) -> dict[str, Any]:
         "attempt_count": entry.attempt_count if entry.attempt_count != len(entry.attempts) else 0,
         "reason": entry.reason,
         "received_from": entry.received_from,
+        "tls_policy": entry.tls_policy,
         "moved_at": entry.moved_at if entry.moved_at != entry.created_at else None,
     }
     data.update((key, value) for key, value in optional.items() if value)
@@ -144,6 +163,7 @@ def _from_v2(data: dict[str, Any], queue: str | None) -> SpoolEntry:
         attempt_count=int(data.get("attempt_count", 0)),
         reason=data.get("reason"),
         received_from=data.get("received_from"),
+        tls_policy=data.get("tls_policy"),
     )
 
 

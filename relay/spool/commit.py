@@ -35,10 +35,15 @@ L{Batcher}).  Per batch (L{Committer.commit_batch}):
 Because step 2 ends before step 3 begins, nothing becomes visible in
 C{active/} or the quarantine before its message and metadata are durable.
 
-C{update} fsyncs the new metadata before renaming it over the old (else a
-power loss could leave an empty file where an acknowledged entry was),
-but not the directory: a lost rename brings back the previous state, which
-only repeats a delivery attempt.  C{move} (operator commands, freezing) is
+C{update} is batched too (L{Committer.update_batch}): the new metadata of
+every update requested while the previous batch ran is written beside
+its queue, made durable at once (one C{syncfs}, or an fsync of each file)
+and only then renamed over the old (else a power loss could leave an
+empty file where an acknowledged entry was); the directory is not
+fsynced: a lost rename brings back the previous state, which only repeats
+a delivery attempt.  (A destination that is down defers every entry for
+it: a thousand deferrals a second cost a handful of syncs, not a thousand
+fsyncs.)  C{move} (operator commands, freezing) is
 rare and fsyncs both directories.  C{finish} is batched like commits: the
 metadata files are unlinked and their directories fsynced once per batch,
 and only then the message files unlinked, unsynced (a message file that
@@ -157,6 +162,18 @@ class Commit(Job):
     consumed: list[str] = dataclasses.field(default_factory=list)
     #: (metadata in tmp, its place in the queue directory)
     renames: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class Update(Job):
+    """
+    One C{update}: its C{result} is the entry as written (in the queue it
+    is in).
+    """
+
+    entry: SpoolEntry | None = None
+    #: (the new metadata beside its queue, its place in the queue directory)
+    rename: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -294,7 +311,10 @@ class Committer:
             tmp = layout.metadata_tmp(c.queue, entry_id)
             unlink_if_present(fs, tmp)
             c.created.append(tmp)
-            write_new(fs, tmp, encode_entry(entry), sync_each)
+            # mtime = next attempt (see update_batch): due now, by the
+            # spool's clock, which need not be the system's
+            mtime = entry.next_attempt_at if c.queue == ACTIVE else None
+            write_new(fs, tmp, encode_entry(entry), sync_each, mtime=mtime)
             c.renames.append((tmp, layout.metadata_path(c.queue, entry_id)))
             entries.append(entry)
         c.result = entries
@@ -399,32 +419,59 @@ class Committer:
 
     # -- update and move -------------------------------------------------------
 
-    def update(self, entry: SpoolEntry) -> SpoolEntry:
+    def update_batch(self, jobs: list[Update]) -> None:
         """
-        Replace C{entry}'s metadata, in the queue it is in.
-
-        @return: the entry, in that queue.
+        Replace the metadata of a batch of entries, each in the queue it is
+        in (see the module docstring), setting each job's C{result} or
+        C{error}.
         """
         fs = self.fs
         layout = self.layout
-        queue = find_queue(layout, entry.id)
-        if entry.queue != queue:
-            entry = dataclasses.replace(entry, queue=queue)
-        tmp = layout.metadata_tmp(queue, entry.id)
-        unlink_if_present(fs, tmp)
-        try:
-            # fsynced before it replaces acknowledged metadata; the
-            # directory is not: a lost rename only brings the old state back
-            # A waiting entry's mtime is its next attempt: the scheduler
-            # finds what comes due from the directory alone.
-            mtime = entry.next_attempt_at if queue == ACTIVE else None
-            write_new(fs, tmp, encode_entry(entry), sync=True, mtime=mtime)
-            fs.rename(tmp, layout.metadata_path(queue, entry.id))
-        except BaseException:
-            # the old metadata stands
-            remove_all(fs, [tmp])
-            raise
-        return entry
+        written: list[Update] = []
+        for job in jobs:
+            assert job.entry is not None
+            entry = job.entry
+            try:
+                queue = find_queue(layout, entry.id)
+                if entry.queue != queue:
+                    entry = dataclasses.replace(entry, queue=queue)
+                tmp = layout.metadata_tmp(queue, entry.id)
+                unlink_if_present(fs, tmp)
+                # A waiting entry's mtime is its next attempt: the scheduler
+                # finds what comes due from the directory alone.
+                mtime = entry.next_attempt_at if queue == ACTIVE else None
+                job.rename = (tmp, layout.metadata_path(queue, entry.id))
+                write_new(fs, tmp, encode_entry(entry), sync=not self.use_syncfs, mtime=mtime)
+            except Exception as e:
+                job.fail(e)
+                if job.rename is not None:
+                    remove_all(fs, [job.rename[0]])
+            else:
+                job.result = entry
+                written.append(job)
+        if not written:
+            return
+        if self.use_syncfs:
+            try:
+                fs.syncfs(layout.path, self.lock.directory_fd)
+                if layout.quarantine_elsewhere and any(
+                    job.result.queue == QUARANTINE for job in written
+                ):
+                    fs.syncfs(layout.quarantine_path)
+            except Exception as e:
+                # the old metadata stands, for every entry of the batch
+                for job in written:
+                    job.fail(e)
+                remove_all(fs, [job.rename[0] for job in written if job.rename])
+                return
+        for job in written:
+            assert job.rename is not None
+            tmp, dest = job.rename
+            try:
+                fs.rename(tmp, dest)
+            except Exception as e:
+                job.fail(e)
+                remove_all(fs, [tmp])
 
     def move(self, entry_id: str, queue: str) -> SpoolEntry:
         """
@@ -474,9 +521,9 @@ class Committer:
 
     def recover(self) -> list[str]:
         """
-        Remove what no acknowledged entry needs: everything in C{tmp/},
-        partial files beside the quarantine, and message files that no
-        metadata refers to.
+        At start-up, before anything else writes to the spool, remove what
+        no acknowledged entry needs and that is quick to find: everything
+        in C{tmp/}, and partial files beside the quarantine.
 
         @return: the paths removed.
         """
@@ -494,18 +541,62 @@ class Committer:
         for path in layout.partial_quarantine_files():
             fs.unlink(path)
             removed.append(path)
-        referenced = {queue: set(layout.entry_ids(queue)) for queue in QUEUES}
-        every_id = {i for ids in referenced.values() for i in ids}
-        for entry_id in layout.message_ids():
-            if entry_id not in every_id:
-                path = layout.message_path(entry_id)
-                fs.unlink(path)
-                removed.append(path)
-        for entry_id in layout.quarantined_message_ids():
-            if entry_id not in referenced[QUARANTINE]:
-                path = layout.quarantined_message_path(entry_id)
-                fs.unlink(path)
-                removed.append(path)
-        for d in (layout.tmp_dir, layout.messages_dir, layout.quarantine_path):
+        for d in (layout.tmp_dir, layout.quarantine_path):
             fs.fsync_path(d)
         return removed
+
+    def sweep(self, before: float) -> list[str]:
+        """
+        Remove message files that no metadata refers to (a crash between
+        a commit's steps, or after a finish removed the metadata), made
+        before C{before}: a message file made since may belong to a commit
+        under way (here or in a receiver), whose metadata is not in its
+        queue yet.  It
+        looks each message up in the queues rather than holding every
+        id, so that a million entries cost time in a background thread,
+        not memory; nothing waits for it.
+
+        @return: the paths removed.
+        """
+        layout = self.layout
+        fs = self.fs
+        removed = []
+
+        def orphaned(entry_id: str, queues: tuple[str, ...]) -> bool:
+            return not any(os.path.exists(layout.metadata_path(q, entry_id)) for q in queues)
+
+        for directory, queues in (
+            (layout.messages_dir, QUEUES),
+            (layout.quarantine_path, (QUARANTINE,)),
+        ):
+            try:
+                names = os.scandir(directory)
+            except FileNotFoundError:
+                continue
+            with names:
+                for item in names:
+                    if not item.name.endswith(".eml"):
+                        continue
+                    entry_id = item.name[: -len(".eml")]
+                    path = item.path
+                    if _newer(path, before) or not orphaned(entry_id, queues):
+                        continue
+                    # a second look: a move between queues may have been
+                    # under way
+                    if orphaned(entry_id, queues):
+                        unlink_if_present(fs, path)
+                        removed.append(path)
+        if removed:
+            fs.fsync_path(layout.messages_dir)
+        return removed
+
+
+def _newer(path: str, since: float) -> bool:
+    """
+    Was C{path} made (or changed) since C{since}?  Gone counts as new:
+    there is nothing to remove.
+    """
+    try:
+        return os.lstat(path).st_mtime >= since
+    except FileNotFoundError:
+        return True

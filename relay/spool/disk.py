@@ -14,6 +14,7 @@ file I/O runs through C{run_in_thread}, never on the reactor thread
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -22,20 +23,26 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.interfaces import ISpool
+from relay.interfaces import IEntryStream, ISpool
 from relay.model.entry import ACTIVE, QUARANTINE, QueueCount, SpoolEntry
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
-from relay.spool.commit import Batcher, Commit, Committer, Finish
+from relay.spool.commit import Batcher, Commit, Committer, Finish, Update
 from relay.spool.fs import FileSystem, unlink_if_present
 from relay.spool.layout import SpoolLayout, is_safe_id
 from relay.spool.lock import SpoolLock
 from relay.spool.reader import (
+    PAGE_SIZE,
+    EntryPage,
+    EntrySelector,
     QueueListing,
+    QueueScanner,
     count_queue,
     due_entries,
     find_entry,
+    oldest_by_mtime,
     read_message,
+    read_message_chunk,
     read_queue,
 )
 from relay.spool.recent import RecentEntries
@@ -96,6 +103,7 @@ class DiskSpool:
         )
         self._commits = Batcher(run_in_thread, self._committer.commit_batch)
         self._finishes = Batcher(run_in_thread, self._committer.finish_batch)
+        self._updates = Batcher(run_in_thread, self._committer.update_batch)
         self._entry_locks: dict[str, defer.DeferredLock] = {}
         self._recent = RecentEntries() if remember else RecentEntries(max_entries=0)
 
@@ -122,19 +130,29 @@ class DiskSpool:
 
     def recover(self) -> Deferred[int]:
         """
-        At start-up, before anything else uses the spool: remove what no
-        acknowledged entry needs (everything in C{tmp/}, and message files
-        that no metadata refers to), logging each.
+        At start-up, before deliveries and receivers begin: remove what no
+        acknowledged entry needs and is quick to find (what the previous
+        process left in C{tmp/}), logging each.  The message files that no
+        metadata refers to are left to L{sweep}, which may take long in a
+        large spool and need not be waited for.
 
         @return: a L{Deferred} firing with how many files were removed.
         """
+        return self._run(self._committer.recover).addCallback(_report)
 
-        def report(removed: list[str]) -> int:
-            for path in removed:
-                log.info("spool recovery: removed unacknowledged {path}", path=path)
-            return len(removed)
+    def sweep(self, before: float | None = None) -> Deferred[int]:
+        """
+        Remove the message files that no metadata refers to, made before
+        C{before} (by default: before this relay took the lock, so that
+        what a commit under way made stays), logging each (see
+        L{Committer.sweep}).
 
-        return self._run(self._committer.recover).addCallback(report)
+        @return: a L{Deferred} firing with how many files were removed.
+        """
+        if before is None:
+            taken_at = self._lock.taken_at
+            before = taken_at if taken_at is not None else time.time() - SpoolLock.CLOCK_MARGIN
+        return self._run(self._committer.sweep, before).addCallback(_report)
 
     def remember(self, entry: SpoolEntry, message: Message | None) -> None:
         """
@@ -195,6 +213,32 @@ class DiskSpool:
     def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         return self._run(due_entries, self.layout, before, limit)
 
+    def stream(
+        self,
+        queue: str,
+        select: EntrySelector | None = None,
+        parse: bool = True,
+        page_size: int = PAGE_SIZE,
+    ) -> DiskEntryStream:
+        return DiskEntryStream(
+            self._run, QueueScanner(self.layout, queue, select, parse, page_size)
+        )
+
+    def message_chunk(self, entry_id: str, offset: int, size: int) -> Deferred[bytes]:
+        message = self._recent.message(entry_id)
+        if message is not None and message.data is not None:
+            return defer.succeed(bytes(message.data[offset : offset + size]))
+        return self._run(read_message_chunk, self.layout, entry_id, offset, size)
+
+    def unchanged_since(
+        self, queue: str, before: float, limit: int
+    ) -> Deferred[list[tuple[float, str]]]:
+        try:
+            self.layout.queue_dir(queue)
+        except ValueError:
+            return defer.fail()
+        return self._run(oldest_by_mtime, self.layout, queue, before, limit)
+
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         entry = self._recent.entry(entry_id)
         if entry is not None:
@@ -208,9 +252,10 @@ class DiskSpool:
         return self._run(read_message, self.layout, entry_id, self.spill_threshold)
 
     def update(self, entry: SpoolEntry) -> Deferred[SpoolEntry]:
-        return self._recent.changing(
-            entry.id, self._serialized(entry.id, self._run, self._committer.update, entry)
-        )
+        def submit() -> Deferred[SpoolEntry]:
+            return self._updates.submit(Update(entry=entry))
+
+        return self._recent.changing(entry.id, self._serialized(entry.id, submit))
 
     def move(self, entry_id: str, queue: str) -> Deferred[SpoolEntry]:
         try:
@@ -275,3 +320,31 @@ class DiskSpool:
             return result
 
         return lock.run(f, *args).addBoth(release)
+
+
+@implementer(IEntryStream)
+class DiskEntryStream:
+    """
+    The L{IEntryStream} of a L{DiskSpool}: a L{QueueScanner} whose pages
+    are read in the thread pool, one at a time (the scanner's open
+    directory is never used by two threads at once).
+    """
+
+    def __init__(self, run_in_thread: Callable[..., Deferred[Any]], scanner: QueueScanner) -> None:
+        self._run = run_in_thread
+        self._scanner = scanner
+        self._lock = defer.DeferredLock()
+
+    def next_page(self) -> Deferred[EntryPage]:
+        d: Deferred[EntryPage] = self._lock.run(self._run, self._scanner.next_page)
+        return d
+
+    def close(self) -> Deferred[None]:
+        d: Deferred[None] = self._lock.run(self._run, self._scanner.close)
+        return d
+
+
+def _report(removed: list[str]) -> int:
+    for path in removed:
+        log.info("spool recovery: removed unacknowledged {path}", path=path)
+    return len(removed)

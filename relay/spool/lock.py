@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from typing import IO
 
 from relay.spool.layout import DIR_MODE, SpoolLayout
@@ -66,12 +67,19 @@ class SpoolLock:
         lock is held, for C{syncfs(2)}: it then hears of every write-back
         error since the relay started (see
         L{FileSystem.syncfs<relay.spool.fs.FileSystem.syncfs>}).
+    @ivar taken_at: a time (the system's, as file times are) before the
+        lock was taken, by a margin for the filesystem's coarse clock:
+        every file made in the spool since is the holder's own.
     """
+
+    #: seconds the filesystem's timestamps may lag the system's time
+    CLOCK_MARGIN = 2.0
 
     def __init__(self, layout: SpoolLayout) -> None:
         self.layout = layout
         self._file: IO[str] | None = None
         self.directory_fd: int | None = None
+        self.taken_at: float | None = None
 
     def acquire(self) -> None:
         """
@@ -90,6 +98,7 @@ class SpoolLock:
         f.flush()
         self._file = f
         self.directory_fd = os.open(self.layout.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.taken_at = time.time() - self.CLOCK_MARGIN
 
     def release(self) -> None:
         """

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
-from relay.interfaces import IMessageWriter, ISpool
+from relay.interfaces import IEntryStream, IMessageWriter, ISpool
 from relay.model.entry import (
     ACTIVE,
     QUARANTINE,
@@ -30,6 +30,7 @@ from relay.model.entry import (
 )
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
+from relay.spool.reader import PAGE_SIZE, EntryPage, EntrySelector
 
 
 def allocate_ids(
@@ -172,6 +173,40 @@ class MemorySpool:
         )
         return defer.succeed(waiting[:limit])
 
+    def stream(
+        self,
+        queue: str,
+        select: EntrySelector | None = None,
+        parse: bool = True,
+        page_size: int = PAGE_SIZE,
+    ) -> MemoryEntryStream:
+        if queue not in QUEUES:
+            raise ValueError(f"no such queue {queue!r}")
+        return MemoryEntryStream(self, queue, select, parse, page_size)
+
+    def message_chunk(self, entry_id: str, offset: int, size: int) -> Deferred[bytes]:
+        message = self.messages_by_id.get(entry_id)
+        if message is None or entry_id not in self.entries_by_id:
+            return defer.fail(KeyError(entry_id))
+        if message.data is not None:
+            return defer.succeed(bytes(message.data[offset : offset + size]))
+        with message.open() as f:
+            f.seek(offset)
+            return defer.succeed(f.read(size))
+
+    def unchanged_since(
+        self, queue: str, before: float, limit: int
+    ) -> Deferred[list[tuple[float, str]]]:
+        if queue not in QUEUES:
+            return defer.fail(ValueError(f"no such queue {queue!r}"))
+        # What a file's mtime would say: when the entry came into the queue.
+        old = sorted(
+            (e.moved_at or e.created_at, e.id)
+            for e in self.entries_by_id.values()
+            if e.queue == queue and (e.moved_at or e.created_at) < before
+        )
+        return defer.succeed(old[:limit])
+
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
         try:
             return defer.succeed(self.entries_by_id[entry_id])
@@ -208,4 +243,61 @@ class MemorySpool:
             return defer.fail(KeyError(entry_id))
         del self.entries_by_id[entry_id]
         self.messages_by_id.pop(entry_id, None)
+        return defer.succeed(None)
+
+
+@implementer(IEntryStream)
+class MemoryEntryStream:
+    """
+    The L{IEntryStream} of a L{MemorySpool}: the ids the queue held when
+    the stream began, in creation order; each is looked at when its page
+    is read (an entry that left the queue meanwhile is left out, as on
+    disk).
+    """
+
+    def __init__(
+        self,
+        spool: MemorySpool,
+        queue: str,
+        select: EntrySelector | None,
+        parse: bool,
+        page_size: int,
+    ) -> None:
+        self._spool = spool
+        self._queue = queue
+        self._select = select
+        self._parse = parse
+        self._page_size = max(1, page_size)
+        waiting = sorted(
+            (e.created_at, e.id) for e in spool.entries_by_id.values() if e.queue == queue
+        )
+        self._ids = [entry_id for _, entry_id in waiting]
+        self._next = 0
+        #: pages handed out, for tests of paging
+        self.pages = 0
+
+    def next_page(self) -> Deferred[EntryPage]:
+        kept: list[SpoolEntry] = []
+        while self._next < len(self._ids) and len(kept) < self._page_size:
+            entry = self._spool.entries_by_id.get(self._ids[self._next])
+            self._next += 1
+            if entry is None or entry.queue != self._queue:
+                continue
+            if self._select is not None:
+                verdict = self._select.admits_id(entry.id)
+                if verdict is False or (verdict is None and not self._select.admits(entry)):
+                    continue
+            kept.append(entry)
+        self.pages += 1
+        return defer.succeed(
+            EntryPage(
+                ids=tuple(e.id for e in kept),
+                entries=tuple(kept) if self._parse else (),
+                unreadable=(),
+                done=self._next >= len(self._ids),
+            )
+        )
+
+    def close(self) -> Deferred[None]:
+        self._next = len(self._ids)
         return defer.succeed(None)

@@ -14,10 +14,11 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from relay.interfaces import IMessageWriter, ISpool, ISpoolObserver
+from relay.interfaces import IEntryStream, IMessageWriter, ISpool, ISpoolObserver
 from relay.model.entry import QueueCount, SpoolEntry
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message
+from relay.spool.reader import PAGE_SIZE, EntrySelector
 
 log = Logger()
 
@@ -78,6 +79,26 @@ class ObservedSpool:
 
     def due(self, before: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         d: Deferred[list[tuple[float, str]]] = self.spool.due(before, limit)
+        return d
+
+    def stream(
+        self,
+        queue: str,
+        select: EntrySelector | None = None,
+        parse: bool = True,
+        page_size: int = PAGE_SIZE,
+    ) -> IEntryStream:
+        stream: IEntryStream = self.spool.stream(queue, select, parse, page_size)
+        return stream
+
+    def message_chunk(self, entry_id: str, offset: int, size: int) -> Deferred[bytes]:
+        d: Deferred[bytes] = self.spool.message_chunk(entry_id, offset, size)
+        return d
+
+    def unchanged_since(
+        self, queue: str, before: float, limit: int
+    ) -> Deferred[list[tuple[float, str]]]:
+        d: Deferred[list[tuple[float, str]]] = self.spool.unchanged_since(queue, before, limit)
         return d
 
     def get(self, entry_id: str) -> Deferred[SpoolEntry]:
