@@ -163,6 +163,7 @@ ROWS: list[tuple[str, int]] = [
     ("status from disk: all (s)", 1),
     ("status from disk: client peak RSS (MB)", 0),
     ("summary from disk (s)", 2),
+    ("show ID from disk (s)", 2),
     ("SMTP served after start (s)", 2),
     ("start-up done, CPU quiet after (s)", 1),
     ("RSS at rest (MB)", 0),
@@ -173,6 +174,7 @@ ROWS: list[tuple[str, int]] = [
     ("RSS while status streams (MB)", 0),
     ("status: client peak RSS (MB)", 0),
     ("summary (s)", 2),
+    ("show ID (s)", 2),
     (f"remove @{REMOVED_DOMAIN} (s)", 2),
     ("make all due: command (s)", 1),
     ("drain (msg/s)", 0),
@@ -478,6 +480,7 @@ class Abilities:
     summary: bool
     remove_filter: bool
     send_all: bool
+    show: bool
 
     @classmethod
     def detect(cls) -> Abilities:
@@ -497,6 +500,7 @@ class Abilities:
             summary="summary" in commands,
             remove_filter="--recipient" in helps("remove"),
             send_all="--all" in helps("send"),
+            show="show" in commands,
         )
 
 
@@ -754,6 +758,7 @@ def relay_phase(figures: Figures, settings: Settings, sink: CountingSink) -> Non
                 command_figures(figures, "relay", outcome, "summary from disk (s)")
             else:
                 figures.set("summary from disk (s)", "relay", None, "no relayctl summary")
+            show_figure(figures, settings, spool, base, limit, "show ID from disk (s)")
 
         with figures.phase(f"relay {n}: start"):
             relay = Relay(base, spool, quarantine, sink.port, settings.relay_args)
@@ -795,6 +800,7 @@ def relay_phase(figures: Figures, settings: Settings, sink: CountingSink) -> Non
                 command_figures(figures, "relay", outcome, "summary (s)")
             else:
                 figures.set("summary (s)", "relay", None, "no relayctl summary")
+            show_figure(figures, settings, spool, base, limit, "show ID (s)")
             figure = f"remove @{REMOVED_DOMAIN} (s)"
             if abilities.remove_filter:
                 before = active_entries(spool, quarantine)
@@ -827,6 +833,38 @@ def relay_phase(figures: Figures, settings: Settings, sink: CountingSink) -> Non
                     figures.failures.append(f"relay exited {code}: {relay.log_tail()}")
             relay.stop()
         remove_tree(base, settings.keep, figures)
+
+
+def some_entry(spool: str) -> str | None:
+    """
+    The id of one entry of the active queue (the first name the directory
+    gives: no listing of the whole queue).
+    """
+    with os.scandir(os.path.join(spool, "active")) as names:
+        for name in names:
+            if name.name.endswith(".json"):
+                return name.name[: -len(".json")]
+    return None
+
+
+def show_figure(
+    figures: Figures, settings: Settings, spool: str, base: str, limit: float, figure: str
+) -> None:
+    """
+    Time C{relayctl show ID} (metadata and headers) of one entry.
+    """
+    if not settings.abilities.show:
+        figures.set(figure, "relay", None, "no relayctl show")
+        return
+    entry_id = some_entry(spool)
+    if entry_id is None:
+        figures.fail(figure, "relay", "no entry to show")
+        return
+    outcome = run_command(relayctl(spool, "show", entry_id), base, limit, cap=settings.cap)
+    command_figures(figures, "relay", outcome, figure)
+    if outcome.ok and not any("Message-Id" in line or "Subject" in line or "To:" in line
+                              for line in outcome.out_tail):  # fmt: skip
+        figures.notes.append(f"relay: {figure}: no header in its last lines: {outcome.out_tail}")
 
 
 def drain_relay(
@@ -966,6 +1004,17 @@ def wait_all_deferred(pf: postfix.Postfix, expected: int, limit: float) -> str |
     return f"after {limit:.0f} s: {pf.queue_files('deferred')} deferred of {expected}"
 
 
+def postfix_entry(queue: str) -> str | None:
+    """
+    The queue id of one deferred message (its file's name, under the hash
+    directories).
+    """
+    for _, _, files in os.walk(os.path.join(queue, "deferred")):
+        if files:
+            return files[0]
+    return None
+
+
 def postfix_phase(figures: Figures, settings: Settings, sink: CountingSink) -> None:
     n = figures.entries
     base = os.path.join(settings.base, f"postfix-{n}")
@@ -1054,6 +1103,16 @@ def postfix_phase(figures: Figures, settings: Settings, sink: CountingSink) -> N
             command_figures(figures, "postfix", outcome, "summary (s)")
             if outcome.ok:
                 figures.cells["summary (s)"]["postfix"].note = "qshape deferred"
+            queue_id = postfix_entry(pf.queue)
+            if queue_id is None:
+                figures.fail("show ID (s)", "postfix", "no deferred message to show")
+            else:
+                outcome = run_command(
+                    pf.command("postcat", "-e", "-h", "-q", queue_id), base, limit
+                )
+                command_figures(figures, "postfix", outcome, "show ID (s)")
+                if outcome.ok:
+                    figures.cells["show ID (s)"]["postfix"].note = "postcat -e -h -q"
             before = pf.queue_files("deferred")
             pipeline = (
                 f"{shlex.join(pf.command('postqueue', '-j'))} | grep -F '@{REMOVED_DOMAIN}\"' "
@@ -1176,18 +1235,26 @@ def target_lines(all_figures: list[Figures]) -> list[str]:
     if at is None:
         lines += [f"Not run at {TARGET_SIZE:,} entries (`--million`); at {largest.entries:,}:", ""]
     for t in TARGETS:
-        value = (
-            ratio(source)
-            if t.figure == "drain relay / postfix"
-            else source.value(t.figure, "relay")
-        )
+        where = ""
+        if t.figure == "drain relay / postfix":
+            value = ratio(source)
+            both = [f for f in all_figures if ratio(f) is not None]
+            if value is None and both:
+                # Postfix not run at this size (--postfix-up-to)
+                largest_both = max(both, key=lambda f: f.entries)
+                value = ratio(largest_both)
+                where = (
+                    f" at {largest_both.entries:,} entries, Postfix not run at {source.entries:,}"
+                )
+        else:
+            value = source.value(t.figure, "relay")
         if value is None:
             verdict = "not measured"
         else:
             met = value >= t.limit if t.higher_is_better else value <= t.limit
             verdict = "met" if met else "NOT MET"
         shown = "–" if value is None else f"{value:.2f}"
-        lines.append(f"- {verdict}: {t.text} (measured {shown})")
+        lines.append(f"- {verdict}: {t.text} (measured {shown}{where})")
     return lines
 
 
@@ -1319,6 +1386,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peers", default="relay,postfix", help="relay, postfix or both")
     parser.add_argument(
+        "--postfix-up-to", type=int, default=100_000,
+        help="run Postfix only on backlogs of at most this many entries (default 100000)",
+    )  # fmt: skip
+    parser.add_argument(
         "--relay-args", default="", help="more `twistd relay` options, e.g. '--max-send-jobs 20'"
     )
     parser.add_argument(
@@ -1399,8 +1470,14 @@ def main(argv: list[str] | None = None) -> int:
             all_figures.append(figures)
             if "relay" in peers:
                 relay_phase(figures, settings, sink)
-            if "postfix" in peers:
+            if "postfix" in peers and n <= args.postfix_up_to:
                 postfix_phase(figures, settings, sink)
+            elif "postfix" in peers:
+                figures.notes.append(
+                    f"postfix: not run at {n:,} (--postfix-up-to {args.postfix_up_to:,}: its fill "
+                    "through smtp-source takes ~40 min at 1,000,000); the ratio is from the "
+                    "largest size both ran"
+                )
             # after each size, so that an interrupted million keeps the rest
             text = report(args, settings, facts, all_figures, time.monotonic() - began)
             results.write_section(
