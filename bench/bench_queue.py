@@ -1302,14 +1302,15 @@ def report(args: argparse.Namespace, settings: Settings, facts: dict[str, str],
            all_figures: list[Figures], wall: float) -> str:  # fmt: skip
     a = settings.abilities
     lines = [
-        "## Queue backlog (`make bench-queue`)",
+        f"## Queue backlog (`make bench-queue`{'' if args.section == SECTION else ', ' + args.section})",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
         *(f"- {k}: {v}" for k, v in facts.items()),
         f"- command: `{shlex.join(['.venv/bin/python', 'bench/bench_queue.py', *sys.argv[1:]])}`",
         f"- relay: `{shlex.join(['twistd', '-n', 'relay', '--smtp', 'tcp:PORT:interface=127.0.0.1', '--spool', 'D', '--quarantine', 'Q', '--smarthost', '127.0.0.1:SINK', *settings.relay_args])}`; "
         f"relayctl has: summary {'yes' if a.summary else 'no'}, remove --recipient "
-        f"{'yes' if a.remove_filter else 'no'}, send --all {'yes' if a.send_all else 'no'}",
+        f"{'yes' if a.remove_filter else 'no'}, send --all {'yes' if a.send_all else 'no'}, "
+        f"show {'yes' if a.show else 'no'}",
         "- backlog: one recipient per entry, `user<n>@d<n % 1000>.test`, 2 KiB of payload "
         "(as `smtp-source -l 2048`); relay: through `DiskSpool.enqueue` (1000 per group commit) "
         "and `DiskSpool.update` (one 451 attempt, next attempt in a day), by `bench/fill_spool.py`; "
@@ -1415,6 +1416,11 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep the spools, queues and logs (and say where)"
     )
     parser.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
+    parser.add_argument(
+        "--section", default=SECTION,
+        help=f"the section of the output this run writes (default {SECTION}; e.g. queue-1m for "
+        "a run of its own at 1,000,000 that keeps the other's figures)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.entries.split(",") if s]
@@ -1481,7 +1487,7 @@ def main(argv: list[str] | None = None) -> int:
             # after each size, so that an interrupted million keeps the rest
             text = report(args, settings, facts, all_figures, time.monotonic() - began)
             results.write_section(
-                args.output, SECTION, text, "bench/bench_queue.py", "relay benchmark results"
+                args.output, args.section, text, "bench/bench_queue.py", "relay benchmark results"
             )
     finally:
         if sink is not None:
@@ -1490,10 +1496,10 @@ def main(argv: list[str] | None = None) -> int:
     text = report(args, settings, facts, all_figures, time.monotonic() - began)
     if all_figures:
         results.write_section(
-            args.output, SECTION, text, "bench/bench_queue.py", "relay benchmark results"
+            args.output, args.section, text, "bench/bench_queue.py", "relay benchmark results"
         )
     print(text, flush=True)
-    log(f"wrote the {SECTION} section of {args.output} in {time.monotonic() - began:.0f} s")
+    log(f"wrote the {args.section} section of {args.output} in {time.monotonic() - began:.0f} s")
     return 0
 
 
