@@ -128,6 +128,9 @@ class Figures:
 
     def set(self, figure: str, peer: str, value: float | None, note: str = "") -> None:
         self.cells.setdefault(figure, {})[peer] = Cell(value, note)
+        # in the log as well: a run killed outright still leaves its figures
+        shown = "-" if value is None else f"{value:,.2f}"
+        log(f"  {peer}, {figure}: {shown}{(' (' + note + ')') if note else ''}")
 
     def fail(self, figure: str, peer: str, why: str, detail: str = "") -> None:
         """
@@ -528,15 +531,16 @@ def active_entries(spool: str, quarantine: str) -> int:
 
 
 def fill_relay(
-    spool: str, quarantine: str, entries: int, hop: str, base: str, timeout: float
-) -> dict[str, Any]:
+    spool: str, quarantine: str, entries: int, hop: str, base: str, timeout: float,
+    batch: int = 1000,
+) -> dict[str, Any]:  # fmt: skip
     """
     Run C{fill_spool.py}; return its figures.
     """
     command = [
         sys.executable, os.path.join(HERE, "fill_spool.py"), "--spool", spool,
         "--quarantine", quarantine, "--entries", str(entries), "--domains", str(DOMAINS),
-        "--next-hop", hop,
+        "--next-hop", hop, "--batch", str(batch),
     ]  # fmt: skip
     outcome = run_command(command, base, timeout)
     if not outcome.ok or not outcome.out_tail:
@@ -614,6 +618,7 @@ class Settings:
     command_timeout: float | None
     abilities: Abilities
     make_due: str
+    fill_batch: int = 1000
 
     def timeout(self, entries: int) -> float:
         """
@@ -730,8 +735,9 @@ def relay_phase(figures: Figures, settings: Settings, sink: CountingSink) -> Non
             start = time.monotonic()
             try:
                 filled = fill_relay(
-                    spool, quarantine, n, f"127.0.0.1:{sink.port}", base, 600 + n / 20
-                )
+                    spool, quarantine, n, f"127.0.0.1:{sink.port}", base, 600 + n / 20,
+                    settings.fill_batch,
+                )  # fmt: skip
             except Exception as e:
                 figures.fail("backlog filled (s)", "relay", "fill failed", str(e))
                 return
@@ -1312,7 +1318,7 @@ def report(args: argparse.Namespace, settings: Settings, facts: dict[str, str],
         f"{'yes' if a.remove_filter else 'no'}, send --all {'yes' if a.send_all else 'no'}, "
         f"show {'yes' if a.show else 'no'}",
         "- backlog: one recipient per entry, `user<n>@d<n % 1000>.test`, 2 KiB of payload "
-        "(as `smtp-source -l 2048`); relay: through `DiskSpool.enqueue` (1000 per group commit) "
+        f"(as `smtp-source -l 2048`); relay: through `DiskSpool.enqueue` ({settings.fill_batch} per group commit) "
         "and `DiskSpool.update` (one 451 attempt, next attempt in a day), by `bench/fill_spool.py`; "
         "Postfix: `smtp-source -d -s 5 -l 2048 -N` per domain into a private instance with "
         "`defer_transports = smtp, relay` (held, deferred without an attempt), relayhost the sink",
@@ -1391,6 +1397,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run Postfix only on backlogs of at most this many entries (default 100000)",
     )  # fmt: skip
     parser.add_argument(
+        "--fill-batch", type=int, default=1000,
+        help="envelopes per DiskSpool.enqueue in the relay's fill (one group commit; a syncfs "
+        "on a file system other writers share can take a second: larger batches fill faster)",
+    )  # fmt: skip
+    parser.add_argument(
         "--relay-args", default="", help="more `twistd relay` options, e.g. '--max-send-jobs 20'"
     )
     parser.add_argument(
@@ -1446,7 +1457,7 @@ def main(argv: list[str] | None = None) -> int:
         cap=(args.max_rss * MB) if args.max_rss else default_cap(),
         stall=args.stall, relay_args=shlex.split(args.relay_args),
         drain_timeout=args.drain_timeout, command_timeout=args.command_timeout,
-        abilities=Abilities.detect(), make_due=args.make_due,
+        abilities=Abilities.detect(), make_due=args.make_due, fill_batch=args.fill_batch,
     )  # fmt: skip
     log(f"relayctl: {settings.abilities}; memory cap {settings.cap / MB:.0f} MB; in {base}")
     facts = info(base)
@@ -1474,11 +1485,26 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             figures = Figures(n)
             all_figures.append(figures)
-            if "relay" in peers:
-                relay_phase(figures, settings, sink)
-            if "postfix" in peers and n <= args.postfix_up_to:
-                postfix_phase(figures, settings, sink)
-            elif "postfix" in peers:
+            try:
+                if "relay" in peers:
+                    relay_phase(figures, settings, sink)
+                if "postfix" in peers and n <= args.postfix_up_to:
+                    postfix_phase(figures, settings, sink)
+            except (SystemExit, KeyboardInterrupt) as e:
+                # Stopped (SIGTERM, ^C) in the middle of a size: what it had
+                # measured goes in the report all the same.
+                done = ", ".join(name for name, _ in figures.phases) or "nothing"
+                figures.notes.append(
+                    f"interrupted ({e or type(e).__name__}; phases begun: {done}): the cells are "
+                    "what it had measured by then"
+                )
+                text = report(args, settings, facts, all_figures, time.monotonic() - began)
+                results.write_section(
+                    args.output, args.section, text, "bench/bench_queue.py",
+                    "relay benchmark results",
+                )  # fmt: skip
+                raise
+            if "postfix" in peers and n > args.postfix_up_to:
                 figures.notes.append(
                     f"postfix: not run at {n:,} (--postfix-up-to {args.postfix_up_to:,}: its fill "
                     "through smtp-source takes ~40 min at 1,000,000); the ratio is from the "
