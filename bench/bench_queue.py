@@ -1398,8 +1398,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--fill-batch", type=int, default=1000,
-        help="envelopes per DiskSpool.enqueue in the relay's fill (one group commit; a syncfs "
-        "on a file system other writers share can take a second: larger batches fill faster)",
+        help="envelopes per DiskSpool.enqueue in the relay's fill (one group commit each; "
+        "default 1000)",
     )  # fmt: skip
     parser.add_argument(
         "--relay-args", default="", help="more `twistd relay` options, e.g. '--max-send-jobs 20'"
