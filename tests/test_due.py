@@ -142,6 +142,31 @@ class DueQueueTests(SynchronousTestCase):
             self.assertLessEqual(len(q), 10)
         self.assertEqual(sorted(handed), sorted(ids))
 
+    def test_push_bounded_by_the_backlog(self) -> None:
+        """
+        Entries pushed one by one (C{send --all} makes each due as it
+        rewrites it) are held at most C{backlog} at a time too; the rest
+        wait on disk and are found by the scans that handing out the held
+        ones starts, so that every one is handed out once.
+        """
+        q = self.queue(backlog=10)
+        q.start()
+        ids = self.waiting(*([0] * 50))
+        for entry_id in ids:
+            q.push(entry_id, self.clock.seconds())
+        self.assertEqual(len(q), 10)
+        handed: list[str] = []
+        while len(handed) < 50:
+            self.clock.advance(0)
+            entry_id = q.pop_due()
+            self.assertIsNotNone(entry_id, handed)
+            assert entry_id is not None
+            handed.append(entry_id)
+            self.successResultOf(self.spool.finish(entry_id))
+            self.assertLessEqual(len(q), 10)
+        self.assertEqual(sorted(handed), sorted(ids))
+        self.assertEqual(len(set(handed)), 50)
+
     def test_busy_left_out(self) -> None:
         """
         A scan leaves out the entries being delivered.

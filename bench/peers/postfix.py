@@ -21,6 +21,7 @@ import pwd
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 
 #: The master.cf services a relay-only instance needs, none chrooted.  The
 #: SMTP service line is added with the loopback address and port.
@@ -96,7 +97,18 @@ class Postfix:
     @ivar next_hop: the loopback port of the relayhost (the sink).
     """
 
-    def __init__(self, base: str, port: int, next_hop: int, message_size_limit: int) -> None:
+    def __init__(
+        self,
+        base: str,
+        port: int,
+        next_hop: int,
+        message_size_limit: int,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        """
+        @param settings: main.cf parameters added to (or replacing) the
+            relay-only ones, e.g. C{defer_transports} to hold mail.
+        """
         self.base = os.path.abspath(base)
         self.port = port
         self.next_hop = next_hop
@@ -105,6 +117,7 @@ class Postfix:
         self.data = os.path.join(self.base, "data")
         self.maillog = os.path.join(self.base, "maillog")
         self.message_size_limit = message_size_limit
+        self.settings = dict(settings or {})
 
     def write_config(self) -> None:
         for path in (self.config, self.queue, self.data):
@@ -141,6 +154,7 @@ class Postfix:
             "alias_maps": "",
             "alias_database": "",
         }
+        main_cf.update(self.settings)
         with open(os.path.join(self.config, "main.cf"), "w") as f:
             f.writelines(f"{key} = {value}\n" for key, value in main_cf.items())
         with open(os.path.join(self.config, "master.cf"), "w") as f:
@@ -160,6 +174,23 @@ class Postfix:
                 f"postfix {' '.join(command)} exited {result.returncode}: "
                 f"{(result.stdout + result.stderr).strip()} {self.log_tail()}"
             )
+
+    def queue_files(self, queue: str) -> int:
+        """
+        How many files the queue C{queue} (C{deferred}, C{active}, ...)
+        holds, in its hashed subdirectories too: names only.
+        """
+        total = 0
+        for _, _, files in os.walk(os.path.join(self.queue, queue)):
+            total += len(files)
+        return total
+
+    def command(self, name: str, *args: str) -> list[str]:
+        """
+        The command line of the Postfix tool C{name} (C{postqueue},
+        C{postsuper}, C{qshape}) for this instance.
+        """
+        return [name, "-c", self.config, *args]
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -191,14 +222,20 @@ class Postfix:
                 f"refusing to start: inet_interfaces={out.stdout.strip()!r}, services={listen}"
             )
 
-    def start(self) -> int:
+    def start(self, prepare: bool = True) -> int:
         """
         Configure and start the instance; return the master's pid.
+
+        @param prepare: create the queue directories and set their
+            permissions first; C{False} to start an instance that ran
+            before (C{set-permissions} walks the queue, slow when it holds
+            a backlog).
         """
         self.write_config()
         self.check_loopback_only()
-        self._postfix("check")
-        self._postfix("set-permissions")
+        if prepare:
+            self._postfix("check")
+            self._postfix("set-permissions")
         self._postfix("start")
         pidfile = os.path.join(self.queue, "pid", "master.pid")
         deadline = time.monotonic() + 30

@@ -121,7 +121,8 @@ class DueQueue:
     def push(self, entry_id: str, at: float) -> None:
         """
         C{entry_id} is next due at C{at}: held if that is within the
-        window, else forgotten until a scan finds it.
+        window and there is room (at most C{backlog} entries), else
+        forgotten until a scan finds it.
         """
         if not self.running:
             return
@@ -129,6 +130,14 @@ class DueQueue:
             self._at.pop(entry_id, None)
             return
         if self._at.get(entry_id) == at:
+            return
+        if entry_id not in self._at and len(self._at) >= self.backlog:
+            # Full (C{send --all} on a million entries pushes each as it
+            # rewrites it, faster than they are delivered): the entry waits
+            # on disk, its mtime saying it is due, for the scan that
+            # L{pop_due} starts once half the room is free.  As Postfix's
+            # full active queue leaves new mail in incoming.
+            self._more_on_disk = True
             return
         self._at[entry_id] = at
         heapq.heappush(self._heap, (at, entry_id))
