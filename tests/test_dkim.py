@@ -38,7 +38,8 @@ from zope.interface.verify import verifyObject
 
 from relay import EnvelopeWithNextHop, Send, Simple
 from relay.app.reload import ReloadError, ReloadService
-from relay.control import ctl
+from relay.control import ctl, rpc
+from relay.control.server import ControlLocator
 from relay.dkim import DkimKeysError, canonical
 from relay.dkim.canonical import (
     HeaderSectionTooLarge,
@@ -784,14 +785,54 @@ class RecordTests(SynchronousTestCase):
         self.assertEqual((out, code, err.count("\n")), ("", 1, 1))
         self.assertTrue(err.startswith(f"relayctl dkim-record: {path} line 1: expected DOMAIN"), err)
 
-    def test_dkim_keys_required(self) -> None:
+    def test_relay_asked_without_keys_file(self) -> None:
         """
-        The keys file is a required option: without it, a usage error
-        (exit 2) saying so.
+        Without C{--dkim-keys}, C{relayctl dkim-record} asks the running
+        relay, which answers from the keys it signs with (L{rpc.DkimRecord}
+        through the real control locator); a key it does not have, or a
+        relay that signs nothing, is one line and exit 1.
         """
-        out, err, code = self.relayctl("dkim-record", "example.com", "s1")
-        self.assertEqual((out, code), ("", 2))
-        self.assertIn("required: --dkim-keys", err)
+        key = self.table.find("example.com", "e1")
+        assert key is not None
+        clock = Clock()
+        signing = ControlLocator(MemorySpool(clock), clock=clock,
+                                 dkim_signer=DkimSigner(self.table, clock, synchronous))  # fmt: skip
+        calls: list[tuple[str, str, dict[str, Any]]] = []
+
+        def call(locator: ControlLocator) -> Callable[..., dict[str, Any]]:
+            # The AMP round trip is the control tests' business: here the
+            # responder is called as the server calls it, and its errors
+            # reach relayctl as the AMP client raises them (the same class).
+            def remote(control: str, command: Any, **kwargs: Any) -> dict[str, Any]:
+                calls.append((control, command.__name__, kwargs))
+                self.assertIs(command, rpc.DkimRecord)
+                return locator.dkim_record(**kwargs)
+
+            return remote
+
+        self.patch(ctl, "_call", call(signing))
+        self.assertEqual(
+            self.relayctl("--control", "unix:/c.sock", "dkim-record", "example.com", "e1"),
+            (zone_record(key) + "\n", "", 0),
+        )
+        self.assertEqual(
+            calls, [("unix:/c.sock", "DkimRecord", {"domain": "example.com", "selector": "e1"})]
+        )
+        self.assertEqual(
+            self.relayctl("--control", "unix:/c.sock", "dkim-record", "--value", "example.com", "e1"),
+            (record_value(key) + "\n", "", 0),
+        )
+        out, err, code = self.relayctl("--control", "unix:/c.sock", "dkim-record", "example.net", "s1")
+        self.assertEqual((out, code), ("", 1))
+        self.assertEqual(err, "relayctl dkim-record: bad argument: the relay's --dkim-keys lists no key "
+                         "for example.net selector s1 (it lists: example.com s1, example.com e1, "
+                         "example.org o1)\n")  # fmt: skip
+        self.patch(ctl, "_call", call(ControlLocator(MemorySpool(clock), clock=clock)))
+        self.assertEqual(
+            self.relayctl("--control", "unix:/c.sock", "dkim-record", "example.com", "e1"),
+            ("", "relayctl dkim-record: bad argument: this relay signs nothing (it was started "
+                 "without --dkim-keys)\n", 1),
+        )  # fmt: skip
 
 
 # -- the signer ---------------------------------------------------------------------

@@ -363,7 +363,9 @@ def build_relay(
         events = delivery.events if delivery is not None else None
         services.append(metrics_service(settings.metrics, metrics, disk, events, reactor))
     if settings.control:
-        services.append(control_service(settings.control, served, delivery, plugin, reactor))
+        services.append(
+            control_service(settings.control, served, delivery, plugin, reactor, dkim_signer)
+        )
     if factory is not None:
         services.extend(smtp_listeners(settings.smtp, factory, parts.tls_context, reactor))
     services.append(reload_service(reloadables, reactor, parts.run_in_thread))
@@ -624,16 +626,21 @@ def receiver_pool(
     )
 
 
-def control_service(description: str, spool: Any, delivery: Any, plugin: Any, reactor: Any) -> Any:
+def control_service(
+    description: str, spool: Any, delivery: Any, plugin: Any, reactor: Any, dkim_signer: Any = None
+) -> Any:
     """
     The control endpoint (AMP, L{relay.control.server}) over C{spool} and
-    C{delivery}, with the plugin's RPCs.
+    C{delivery}, with the plugin's RPCs (and C{relayctl dkim-record} from
+    C{dkim_signer}'s keys).
     """
     from twisted.application import strports
 
     from relay.control.server import ControlFactory, plugin_locators
 
-    factory = ControlFactory(spool, delivery, plugin_locators(plugin), clock=reactor)
+    factory = ControlFactory(
+        spool, delivery, plugin_locators(plugin), clock=reactor, dkim_signer=dkim_signer
+    )
     service = strports.service(control_endpoint(description), factory, reactor=reactor)
     service.setName("control")
     return service

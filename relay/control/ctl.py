@@ -12,8 +12,9 @@ creation order); C{count} without filters reads names only.  The filters
 C{--queue}) are combined with AND and evaluated by the relay, or here
 on a spool no relay runs on (L{relay.control.filters}).
 
-C{dkim-record} needs no relay: it prints the DNS record of a key of the
-DKIM keys file (L{relay.dkim.record}).
+C{dkim-record} prints the DNS record of a DKIM key: of the keys file
+given with C{--dkim-keys} (no relay needed, L{relay.dkim.record}), else
+of the keys the running relay signs with.
 
 Exit codes: 0 ok, 1 the operation failed, 2 usage error.
 """
@@ -630,17 +631,21 @@ def run(options: argparse.Namespace, out: TextIO, now: float, err: TextIO | None
 
 def _dkim_record(options: argparse.Namespace, out: TextIO) -> None:
     """
-    Print the DNS record of a DKIM key (L{relay.dkim.record}), read from
-    the keys file: no relay is asked.
+    Print the DNS record of a DKIM key (L{relay.dkim.record}): from the
+    keys file of C{--dkim-keys} (no relay is asked), else the running
+    relay's (its keys as last loaded).
     """
     from relay.dkim import DkimKeysError
     from relay.dkim.record import dkim_record
 
+    if options.dkim_keys is None:
+        answer = _remote(options, "DkimRecord", domain=options.domain, selector=options.selector)
+        out.write(answer["value" if options.value else "zone"] + "\n")
+        return
     try:
         out.write(dkim_record(options))
     except DkimKeysError as e:
         raise OperationFailed(str(e)) from None
-
 
 
 def _suspensions(options: argparse.Namespace, out: TextIO, now: float) -> None:

@@ -379,6 +379,18 @@ class Suspended(Command):
     errors = ERRORS
 
 
+class DkimRecord(Command):
+    """
+    The DNS record of the DKIM key the relay signs with for C{domain} and
+    C{selector} (its C{--dkim-keys} file as last loaded): C{zone} (a zone
+    file line) and C{value} (the record's text alone).
+    """
+
+    arguments = [(b"domain", Unicode()), (b"selector", Unicode())]
+    response = [(b"zone", Unicode()), (b"value", Unicode())]
+    errors = ERRORS
+
+
 class Subscribe(Command):
     """
     Follow the live event stream: the server then sends an L{Event} for

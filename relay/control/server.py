@@ -129,9 +129,13 @@ class ControlLocator(amp.CommandLocator):
         scheduler: Any = None,
         plugin_locators: Iterable[Any] = (),
         clock: Any = None,
+        dkim_signer: Any = None,
     ) -> None:
         self.spool = spool
         self.scheduler = scheduler
+        # The DKIM signer (relay.dkim.signer), whose keys table is the one
+        # in use, reloads included: None when the relay signs nothing.
+        self.dkim_signer = dkim_signer
         self.plugin_locators = tuple(plugin_locators)
         if clock is None:
             clock = getattr(scheduler, "clock", None) or getattr(spool, "clock", None)
@@ -681,6 +685,22 @@ class ControlLocator(amp.CommandLocator):
         return {"suspensions": json.dumps(rows)}
 
 
+    # -- DKIM (relay.dkim) ------------------------------------------------
+
+    @rpc.DkimRecord.responder
+    def dkim_record(self, domain: str, selector: str) -> dict[str, Any]:
+        from relay.dkim import DkimKeysError
+        from relay.dkim.record import record_value, table_key, zone_record
+
+        if self.dkim_signer is None:
+            raise rpc.BadArgument("this relay signs nothing (it was started without --dkim-keys)")
+        try:
+            key = table_key(self.dkim_signer.table, domain, selector, "the relay's --dkim-keys")
+        except DkimKeysError as e:
+            raise rpc.BadArgument(str(e)) from None
+        return {"zone": zone_record(key), "value": record_value(key)}
+
+
 class ControlProtocol(amp.AMP):
     """
     One control connection: relay's commands and the plugin's.  The
@@ -787,8 +807,9 @@ class ControlFactory(Factory):
         scheduler: Any = None,
         plugin_locators: Iterable[Any] = (),
         clock: Any = None,
+        dkim_signer: Any = None,
     ) -> None:
-        self.locator = ControlLocator(spool, scheduler, plugin_locators, clock)
+        self.locator = ControlLocator(spool, scheduler, plugin_locators, clock, dkim_signer)
 
     def buildProtocol(self, addr: Any) -> ControlProtocol:
         p = ControlProtocol(locator=self.locator)

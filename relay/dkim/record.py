@@ -63,17 +63,30 @@ def find_key(path: str, domain: str, selector: str) -> DkimKey:
 
     @raise DkimKeysError: when the file cannot be used or lists no such key.
     """
-    from relay.dkim.keys import load_keys, normalize_domain
+    from relay.dkim.keys import load_keys
 
-    table = load_keys(path)
+    return table_key(load_keys(path), domain, selector, path)
+
+
+def table_key(table: Any, domain: str, selector: str, origin: str) -> DkimKey:
+    """
+    The key of a loaded keys table (L{relay.dkim.keys}) for C{domain} and
+    C{selector}; C{origin} names the table in the error.
+
+    @raise DkimKeysError: when the table has no such key.
+    """
+    from relay.dkim.keys import normalize_domain
+
     try:
         name = normalize_domain(domain)
     except ValueError as e:
         raise DkimKeysError(str(e)) from None
-    key = table.find(name, selector.lower())
+    key: DkimKey | None = table.find(name, selector.lower())
     if key is None:
         listed = ", ".join(f"{k.domain} {k.selector}" for k in table.keys) or "none"
-        raise DkimKeysError(f"{path} lists no key for {name} selector {selector} (it lists: {listed})")
+        raise DkimKeysError(
+            f"{origin} lists no key for {name} selector {selector} (it lists: {listed})"
+        )
     return key
 
 
@@ -86,12 +99,15 @@ def add_dkim_record_parser(subparsers: Any) -> argparse.ArgumentParser:
     """
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "dkim-record",
-        help="print the DNS TXT record that publishes a DKIM key (no relay needed)",
+        help="print the DNS TXT record that publishes a DKIM key",
         description="Print the DNS TXT record to publish for the key that the keys file lists "
-        "for DOMAIN and SELECTOR.",
+        "for DOMAIN and SELECTOR: read from --dkim-keys FILE (no relay needed), else asked of "
+        "the running relay (the keys it signs with).",
     )
     parser.add_argument(
-        "--dkim-keys", required=True, metavar="FILE", help="the keys file twistd relay reads"
+        "--dkim-keys",
+        metavar="FILE",
+        help="the keys file twistd relay reads (default: ask the running relay)",
     )
     parser.add_argument(
         "--value", action="store_true", help="print only the record's text, on one line"
@@ -103,7 +119,8 @@ def add_dkim_record_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def dkim_record(options: argparse.Namespace) -> str:
     """
-    What C{relayctl dkim-record} prints, for parsed C{options}.
+    What C{relayctl dkim-record --dkim-keys FILE} prints, for parsed
+    C{options}.
 
     @raise DkimKeysError: when the keys file cannot be used or lists no
         such key.
