@@ -147,6 +147,20 @@ def _receivers(value: str) -> int:
     return number
 
 
+def _shareable(endpoints: list[str]) -> bool:
+    """
+    Can receiver processes accept on every one of C{endpoints}?
+    """
+    from relay.app.listener import parse_listener
+
+    try:
+        for endpoint in endpoints:
+            parse_listener(endpoint)
+    except ValueError:
+        return False
+    return True
+
+
 class Options(usage.Options, strcred.AuthOptionMixin):
     """
     The options of C{twistd relay}.
@@ -225,10 +239,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["dkim-keys", None, None,
          "DKIM-sign mail with the keys listed in FILE, one per line: DOMAIN SELECTOR KEYFILE "
          "[rsa|ed25519] (SIGHUP reloads it; relayctl dkim-record prints the DNS record)."],
-        ["receivers", None, 0,
+        ["receivers", None, None,
          "Receive SMTP in this many separate processes (0: in this one; auto: one per core, "
          "none on one core). The main process then keeps the spool, delivery and control; "
-         "--smtp must be tcp:, tcp6:, implicit-tls: or haproxy:.",
+         "--smtp must be tcp:, tcp6:, implicit-tls: or haproxy:. Default: auto when every "
+         "--smtp listener can be shared so, else 0.",
          _receivers],
     ]
 
@@ -441,6 +456,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             except DkimKeysError as e:
                 raise usage.UsageError(f"--dkim-keys {e}") from None
 
+        if self["receivers"] is None:
+            # Not given: a receiving process per core, measured faster than
+            # one process on 2 cores (bench/RESULTS.md, "Receivers"); a
+            # listener receivers cannot share (unix:, ssl:) keeps the one
+            # process, as before, rather than refusing a default.
+            self["receivers"] = auto_receivers() if _shareable(self["smtp"]) else 0
         if self["receivers"]:
             from relay.app.listener import parse_listener
 

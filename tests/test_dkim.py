@@ -1293,7 +1293,7 @@ class OptionsTests(SynchronousTestCase):
         options = Options()
         options.parent = usage.Options()  # as twistd's
         options.parseOptions(
-            ["--spool", os.path.join(self.base, "spool"),
+            ["--spool", os.path.join(self.base, "spool"), "--receivers", "0",
              "--quarantine", os.path.join(self.base, "q"), *argv]
         )  # fmt: skip
         return options

@@ -213,6 +213,7 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(
             [
                 "--smtp", "tcp:2525:interface=127.0.0.1",
+                "--receivers", "0",
                 "--spool", os.path.join(self.base, "s"),
                 "--quarantine", os.path.join(self.base, "q"),
                 "--hostname", "tap.test",

@@ -126,7 +126,7 @@ class SettingsTests(SynchronousTestCase):
             "--max-send-jobs", "3", "--hostname", "relay.example.com", "--relay-tls", "verify",
             "--idle-timeout", "1.5", "--reject-bare-lf", "--allow-auth-without-tls",
             "--no-bounce", "--metrics", "tcp:9025:interface=127.0.0.1",
-            "--auth", "memory:alice:secret",
+            "--auth", "memory:alice:secret", "--receivers", "0",
         ])  # fmt: skip
         self.assertEqual(
             Settings.from_options(options),

@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.simple import Simple
-from relay.tap import Options, parse_retry_intervals, parse_smarthost
+from relay.tap import Options, auto_receivers, parse_retry_intervals, parse_smarthost
 from relay.tap import makeService as tapMakeService
 
 
@@ -158,6 +158,7 @@ class TLSLoadedOnceTests(SynchronousTestCase):
         options = parse(
             "--tls-cert", certfile, "--tls-key", keyfile, "--hostname", "relay.test",
             "--spool", os.path.join(base, "spool"), "--quarantine", os.path.join(base, "q"),
+            "--receivers", "0",
         )  # fmt: skip
         top = tapMakeService(options)
         self.assertIs(top.factory.settings.tls_context_factory, options["tls-context"])
@@ -222,7 +223,21 @@ class BadOptionsTests(SynchronousTestCase):
 
 class ReceiversOptionTests(SynchronousTestCase):
     def test_default(self) -> None:
-        self.assertEqual(parse()["receivers"], 0)
+        """
+        Not given, receivers are C{auto} (a process per core) when every
+        listener can be shared with receiver processes, else none: a
+        default never refuses a listener (given, it does).
+        """
+        self.assertEqual(parse()["receivers"], auto_receivers())
+        self.assertEqual(parse("--smtp", "haproxy:tcp:2525")["receivers"], auto_receivers())
+        self.assertEqual(parse("--smtp", "unix:/tmp/relay-smtp.sock")["receivers"], 0)
+        self.assertEqual(
+            parse("--smtp", "tcp:2525", "--smtp", "unix:/tmp/relay-smtp.sock")["receivers"], 0
+        )
+        self.assertEqual(parse("--receivers", "0")["receivers"], 0)
+        with self.assertRaises(usage.UsageError) as cm:
+            parse("--receivers", "2", "--smtp", "unix:/tmp/relay-smtp.sock")
+        self.assertIn("--smtp with --receivers", str(cm.exception))
 
     def test_count(self) -> None:
         options = parse("--receivers", "2", "--smtp", "tcp:2525:interface=127.0.0.1",
@@ -234,7 +249,6 @@ class ReceiversOptionTests(SynchronousTestCase):
         C{--receivers auto} is a receiver per core, and none (this process
         receives) on one core.
         """
-        from relay.tap import auto_receivers
 
         options = parse("--receivers", "auto", "--smtp", "tcp:2525:interface=127.0.0.1")
         self.assertEqual(options["receivers"], auto_receivers())
