@@ -53,7 +53,7 @@ from relay.control.formats import (
 )
 from relay.control.summary import BY, BY_DOMAIN, QueueShape, format_summary
 from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
-from relay.model.message import MAX_HEADER_BYTES
+from relay.model.message import MAX_HEADER_BYTES, header_end
 from relay.model.retry import parse_interval, parse_retry_intervals
 from relay.spool.codec import entry_from_json
 from relay.spool.layout import NotASpool, SpoolLayout, control_in_spool, control_socket_path
@@ -212,10 +212,9 @@ def read_head(layout: SpoolLayout, entry_id: str) -> bytes:
         if not chunk:
             break
         head += chunk
-        for blank in (b"\r\n\r\n", b"\n\n"):
-            end = head.find(blank)
-            if end >= 0:
-                return head[: end + len(blank)]
+        end = header_end(head)
+        if end >= 0:
+            return head[:end]
     return head[:MAX_HEADER_BYTES]
 
 

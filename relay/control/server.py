@@ -28,7 +28,7 @@ from relay.control.events import Event, EventBus
 from relay.control.filters import EntryFilter, describe
 from relay.control.summary import BY, BY_DOMAIN, QueueShape
 from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, QUEUES, REMOVED, SpoolEntry
-from relay.model.message import MAX_HEADER_BYTES
+from relay.model.message import MAX_HEADER_BYTES, header_end
 from relay.spool.codec import entry_to_json
 from relay.spool.reader import EntryPage
 
@@ -381,10 +381,9 @@ class ControlLocator(amp.CommandLocator):
             if not chunk:
                 break
             head += chunk
-            for blank in (b"\r\n\r\n", b"\n\n"):
-                end = head.find(blank)
-                if end >= 0:
-                    return head[: end + len(blank)]
+            end = header_end(head)
+            if end >= 0:
+                return head[:end]
         return head[:MAX_HEADER_BYTES]
 
     async def send_message(self, send: Callable[[bytes], Deferred[Any]], entry_id: str) -> dict[str, Any]:

@@ -43,6 +43,19 @@ def parse_header_block(block: bytes) -> tuple[tuple[str, str], ...]:
     )
 
 
+def header_end(data: bytes) -> int:
+    """
+    Where the header section at the start of C{data} ends, its blank line
+    included (CRLF CRLF, else LF LF), or -1 when C{data} does not hold all
+    of it yet: for readers that take a message a chunk at a time.
+    """
+    for blank in (b"\r\n\r\n", b"\n\n"):
+        end = data.find(blank)
+        if end >= 0:
+            return end + len(blank)
+    return -1
+
+
 def header_section(data: bytes) -> bytes:
     """
     The header section of a raw message, bounded by L{MAX_HEADER_BYTES}.
