@@ -209,6 +209,16 @@ class PoolTests(SynchronousTestCase):
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             pass
 
+    def test_receivers_inherit_the_spool_lock(self) -> None:
+        """
+        Each receiver gets the spool's lock file after the listening
+        sockets, so the spool stays locked while any of them lives.
+        """
+        pool = self.make(lock_fd=lambda: 42)
+        pool.startService()
+        for _, _, _, _, fds in self.spawned:
+            self.assertEqual(fds[FIRST_LISTENER_FD + 1], 42)
+
     def test_waits_for_recovery(self) -> None:
         recovered: Deferred[None] = Deferred()
         pool = self.make(wait_for=lambda: recovered)
@@ -644,6 +654,8 @@ class ReceiverTests(SynchronousTestCase):
         receiver.factory.sessions = 1
         d = receiver.stop()
         self.assertEqual(stopped, [0, 1])
+        # Its sessions end once out of their transactions.
+        self.assertTrue(receiver.factory.draining)
         self.reactor.advance(3.0)
         self.assertNoResult(d)
         receiver.factory.sessions = 0

@@ -1333,6 +1333,62 @@ class HalfCloseTests(ServerTestCase):
         self.assertEqual(self.entries(h), [])
 
 
+class DrainTests(ServerTestCase):
+    """
+    A draining server (a stopping receiver) lets a transaction under way
+    finish and ends each session with 421 once it is between transactions.
+    """
+
+    def test_idle_session_ends(self) -> None:
+        """
+        A session waiting for a command between transactions gets 421 at
+        once.
+        """
+        h = self.harness()
+        script = MAIL_TXN.split("> MAIL")[0]
+        self.transcript(h, script)
+        h.protocol.factory.drain()
+        self.transcript(h, "< 421 4.3.2 localhost Service shutting down")
+        self.assertTrue(h.closed)
+
+    def test_transaction_finishes(self) -> None:
+        """
+        Draining in the middle of a message: the message is spooled and
+        acknowledged, then the session gets 421 without waiting for the
+        client's next command.
+        """
+        h = self.harness()
+        self.transcript(h, MAIL_TXN)
+        h.protocol.factory.drain()
+        self.assertFalse(h.closed)
+        h.send(MESSAGE)
+        self.transcript(h, "< 250 2.0.0 Ok: queued\n< 421 4.3.2 localhost Service shutting down")
+        self.assertTrue(h.closed)
+        self.assertEqual(len(self.entries(h)), 1)
+
+    def test_envelope_finishes(self) -> None:
+        """
+        Draining between MAIL and DATA: the transaction goes on to its end;
+        the next MAIL gets 421 (pipelined behind the message).
+        """
+        h = self.harness()
+        self.transcript(
+            h,
+            "< 220\n> EHLO client.example\n< 250-localhost\n< 250-PIPELINING\n< 250-SIZE\n"
+            "< 250-8BITMIME\n< 250-DSN\n< 250-ENHANCEDSTATUSCODES\n< 250-SMTPUTF8\n"
+            "< 250 CHUNKING\n> MAIL FROM:<a@example.org>\n< 250 2.1.0 Ok",
+        )
+        h.protocol.factory.drain()
+        h.send("RCPT TO:<b@example.com>\r\nDATA\r\n" + MESSAGE + "MAIL FROM:<a@example.org>\r\n")
+        self.transcript(
+            h,
+            "< 250 2.1.5 Ok\n< 354 End data with\n< 250 2.0.0 Ok: queued\n"
+            "< 421 4.3.2 localhost Service shutting down",
+        )
+        self.assertTrue(h.closed)
+        self.assertEqual(len(self.entries(h)), 1)
+
+
 class ModeTests(ServerTestCase):
     """
     The session's state is one L{Mode}, moving as its docstring says.

@@ -62,6 +62,9 @@ class FakeDiskSpool:
         self.calls.append("recover")
         return succeed(None)
 
+    def lock_fileno(self) -> int | None:
+        return None
+
     def remember(self, entry: Any, message: Any) -> None:
         self.calls.append("remember")
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import stat
+import subprocess
+import sys
 from typing import Any, Callable, Sequence
 from unittest import skipIf
 
@@ -30,6 +33,7 @@ from relay.model.argument import Argument
 from relay.model.entry import ACTIVE, FROZEN, QUARANTINE, REMOVED, Attempt, SpoolEntry
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
+from relay.spool import lock as lock_module
 from relay.spool.codec import (
     FILE_VERSION,
     decode_entry,
@@ -40,7 +44,7 @@ from relay.spool.codec import (
 from relay.spool.disk import DiskSpool
 from relay.spool.fs import FileSystem
 from relay.spool.layout import NotASpool, SpoolLayout, control_in_spool, is_safe_id
-from relay.spool.lock import SpoolLocked
+from relay.spool.lock import SpoolLock, SpoolLocked
 from relay.spool.observed import ObservedSpool
 from relay.spool.recent import RecentEntries
 from relay.testing import FaultyFileSystem, MemorySpool
@@ -1740,3 +1744,102 @@ class DueScanTests(SynchronousTestCase):
         self.assertEqual(count, (2, 1_600_000_000.0))
         self.assertEqual(self.successResultOf(self.spool.count(FROZEN)), (0, None))
         self.failureResultOf(self.spool.count("nowhere"), ValueError)
+
+
+def dead_pid() -> int:
+    """
+    The pid of a process that has ended (and been reaped).
+    """
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+class SpoolLockTests(SynchronousTestCase):
+    """
+    The lock lasts as long as any process holds the open lock file (the
+    receivers inherit it), and a relay starting after one that is gone
+    waits for its receivers.
+    """
+
+    def setUp(self) -> None:
+        self.layout = SpoolLayout(os.path.abspath(self.mktemp()))
+
+    def hold(self, pid: int) -> Any:
+        """
+        Hold the lock as a gone relay's receivers do: another open file,
+        with C{pid} written in it.
+        """
+        os.makedirs(self.layout.path)
+        f = open(self.layout.lock_path, "a+")
+        self.addCleanup(f.close)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write(f"{pid}\n")
+        f.flush()
+        return f
+
+    def test_release_leaves_inherited_lock(self) -> None:
+        """
+        Releasing closes our descriptor only: while a copy of it lives (a
+        receiver's), nobody else takes the lock.
+        """
+        first = SpoolLock(self.layout)
+        first.acquire()
+        fd = first.fileno()
+        assert fd is not None
+        inherited = os.dup(fd)
+        first.release()
+        self.assertIsNone(first.fileno())
+        e = self.assertRaises(SpoolLocked, SpoolLock(self.layout, orphan_wait=0).acquire)
+        self.assertFalse(e.orphaned)
+        os.close(inherited)
+        second = SpoolLock(self.layout)
+        second.acquire()
+        second.release()
+
+    def test_waits_for_receivers_of_gone_relay(self) -> None:
+        """
+        The pid in the lock is gone but the lock is held: the relay tries
+        again until the receivers let go.
+        """
+        held = self.hold(dead_pid())
+        waits: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            if len(waits) == 3:
+                held.close()
+
+        self.patch(lock_module, "_sleep", sleep)
+        lock = SpoolLock(self.layout)
+        lock.acquire()
+        self.addCleanup(lock.release)
+        self.assertEqual(waits, [lock_module.ORPHAN_POLL] * 3)
+        with open(self.layout.lock_path) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
+
+    def test_gives_up_on_receivers(self) -> None:
+        """
+        Receivers of a gone relay that hold the lock past the wait: the
+        error says so.
+        """
+        pid = dead_pid()
+        self.hold(pid)
+        self.patch(lock_module, "_sleep", lambda seconds: None)
+        e = self.assertRaises(SpoolLocked, SpoolLock(self.layout, orphan_wait=0).acquire)
+        self.assertTrue(e.orphaned)
+        self.assertEqual(
+            str(e),
+            f"spool {self.layout.path} is still in use by the receivers of relay pid {pid}, "
+            "which is gone",
+        )
+
+    def test_live_holder_is_not_waited_for(self) -> None:
+        """
+        A lock held under a live pid is another relay: refused at once.
+        """
+        self.hold(os.getpid())
+        self.patch(lock_module, "_sleep", lambda seconds: self.fail("waited"))
+        e = self.assertRaises(SpoolLocked, SpoolLock(self.layout).acquire)
+        self.assertFalse(e.orphaned)
+        self.assertEqual(e.pid, os.getpid())

@@ -621,6 +621,7 @@ def receiver_pool(
         reactor=reactor,
         remember=disk.remember,
         wait_for=recovery.wait,
+        lock_fd=disk.lock_fileno,
         grace=settings.receiver_grace,
         **news,
     )

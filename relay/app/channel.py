@@ -13,6 +13,9 @@ Child file descriptors::
     3   messages to the master (below)
     4.. the listening sockets, in the order of the start message's
         C{listeners}
+    then the spool's lock file, held open and never touched: the spool
+        stays locked while any receiver lives, even if its master was
+        killed (L{relay.spool.lock})
 
 Receiver-to-master messages on fd 3: one JSON object per line (UTF-8,
 C{"\\n"} ends it), its C{"t"} saying what it is::

@@ -282,6 +282,8 @@ class ReceiverPool(Service):
         C{on_spooled}: the master's spool keeps them for delivery.
     @param wait_for: a callable answering a Deferred to wait for before
         starting receivers (the spool's recovery).
+    @param lock_fd: answers the descriptor of the spool's lock, which each
+        receiver inherits (after the listening sockets), or C{None}.
     @param spawn: C{reactor.spawnProcess}'s signature; the reactor's by
         default.
     @param publisher: where receivers' log events go (the global log
@@ -305,6 +307,7 @@ class ReceiverPool(Service):
         on_restart: Callable[[], Any] = lambda: None,
         remember: Callable[[Any, Any], Any] | None = None,
         wait_for: Callable[[], Any] | None = None,
+        lock_fd: Callable[[], int | None] = lambda: None,
         spawn: Callable[..., Any] | None = None,
         executable: str = sys.executable,
         publisher: Callable[[dict[str, Any]], None] | None = None,
@@ -324,6 +327,7 @@ class ReceiverPool(Service):
         self.on_restart = on_restart
         self.remember = remember
         self.wait_for = wait_for
+        self.lock_fd = lock_fd
         self._spawn = spawn
         self.executable = executable
         self.publisher = publisher
@@ -409,6 +413,9 @@ class ReceiverPool(Service):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", CHANNEL_FD: "r"}
         for i, sock in enumerate(self.sockets):
             child_fds[FIRST_LISTENER_FD + i] = sock.fileno()
+        lock = self.lock_fd()
+        if lock is not None:
+            child_fds[FIRST_LISTENER_FD + len(self.sockets)] = lock
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.abspath(relay.__file__)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))

@@ -10,8 +10,9 @@ recovery: the master owns those), and tells the master about every commit
 It is built by the same code as the relay itself (L{relay.app.build.Parts}):
 the same plugin configuration, thread pool, spool and SMTP server factory.
 
-On SIGTERM a receiver stops listening, lets its open sessions finish for
-up to C{receiver_grace} seconds, and exits.  SIGINT is ignored (the
+On SIGTERM, or when its master is gone, a receiver stops listening, lets
+its open sessions finish the transactions they are in (each then gets 421)
+for up to C{receiver_grace} seconds, and exits.  SIGINT is ignored (the
 master, in the same process group, decides).  SIGHUP, which the master
 passes on, makes it reload its TLS certificate and DKIM keys
 (L{relay.app.reload.ReloadService}); an C{implicit-tls:} listener is served in
@@ -214,7 +215,8 @@ class Receiver:
 
     def stop(self) -> Any:
         """
-        Stop listening, let the open sessions finish (up to the grace),
+        Stop listening, let the open sessions finish the transactions they
+        are in (up to the grace; L{SMTPServerFactory.drain<relay.smtp.server.SMTPServerFactory.drain>}),
         stop the thread pool.  Answer a Deferred that fires when done.
         """
         from twisted.internet import defer
@@ -226,6 +228,7 @@ class Receiver:
             self._sessions_loop.stop()
         self.factory.on_sessions = None
         stopping = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        self.factory.drain()
         del self.ports[:]
         done: defer.Deferred[None] = defer.Deferred()
         deadline = self.reactor.seconds() + self.grace

@@ -500,6 +500,7 @@ class SMTPServerProtocol(protocol.Protocol):
             return
         f.sessions += 1
         self._counted = True
+        f.protocols.add(self)
         self.timers.reset_idle()
         d = self.callback("session_connect", self.session)
         d.addCallback(self._connected).addErrback(self._connect_failed)
@@ -527,6 +528,7 @@ class SMTPServerProtocol(protocol.Protocol):
         if self._counted:
             self._counted = False
             self.factory.sessions -= 1
+            self.factory.protocols.discard(self)
 
     def dataReceived(self, data: bytes) -> None:
         mode = self._mode
@@ -560,6 +562,24 @@ class SMTPServerProtocol(protocol.Protocol):
         self.timers.reset_idle()
         self._process()
         self._check_pending_input()
+
+    def end_if_draining(self) -> bool:
+        """
+        If the server drains (L{SMTPServerFactory.drain}) and this session
+        is between mail transactions, waiting for a command, end it with
+        421; answer whether it ended.
+        """
+        if (
+            self.factory.draining
+            and self._mode is _COMMAND
+            and self.mail.transaction is None
+            and self._response_handler is None
+        ):
+            self.close(
+                Reply.service_unavailable(f"4.3.2 {self.settings.hostname} Service shutting down")
+            )
+            return True
+        return False
 
     def _run(self, coro: Coroutine[Any, Any, Any]) -> None:
         """
@@ -597,6 +617,8 @@ class SMTPServerProtocol(protocol.Protocol):
             self._process_input()
         finally:
             self._processing = False
+        if self.factory.draining and self.end_if_draining():
+            return
         self._end_if_input_done()
 
     def _process_input(self) -> None:
@@ -625,6 +647,8 @@ class SMTPServerProtocol(protocol.Protocol):
                 continue
             if mode is not _COMMAND:
                 # WAITING, CLOSED: input waits, or is dropped with the session.
+                return
+            if self.factory.draining and self.end_if_draining():
                 return
             idx = self._buffer.find(b"\n")
             if idx < 0:

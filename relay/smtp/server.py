@@ -117,6 +117,10 @@ class SMTPServerFactory(protocol.Factory):
         #: receiver process stops accepting at its share, see
         #: L{relay.app.receiver.AcceptGate}); C{None}: nobody watches.
         self.on_sessions: Callable[[int], object] | None = None
+        #: Set by L{drain}: no new mail transaction starts.
+        self.draining = False
+        #: The open sessions, for L{drain}.
+        self.protocols: set[SMTPServerProtocol] = set()
 
     @property
     def sessions(self) -> int:
@@ -130,3 +134,15 @@ class SMTPServerFactory(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # type: ignore[override]
         return SMTPServerProtocol(self)
+
+    def drain(self) -> None:
+        """
+        Take no new mail transactions: each session ends with 421 as soon
+        as it is between transactions (now, if it is); one under way (its
+        data, its commit) finishes and gets its reply first.  A stopping
+        receiver drains, so that it is soon gone: until then the spool
+        stays locked (L{relay.spool.lock}), and a new relay waits for it.
+        """
+        self.draining = True
+        for proto in list(self.protocols):
+            proto.end_if_draining()

@@ -128,6 +128,13 @@ class DiskSpool:
         """
         self._lock.release()
 
+    def lock_fileno(self) -> int | None:
+        """
+        The descriptor of the held lock, for the receivers to inherit
+        (L{relay.spool.lock}); C{None} when not held.
+        """
+        return self._lock.fileno()
+
     def recover(self) -> Deferred[int]:
         """
         At start-up, before deliveries and receivers begin: remove what no

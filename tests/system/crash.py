@@ -3,6 +3,9 @@ The crash suite (C{make crash}): the real relay, killed with SIGKILL at
 random moments and restarted on the same spool, must deliver every message
 it acknowledged, byte for byte; and a full disk under its spool must give
 the client a 4xx, leave no half-written entry and not stop the relay.
+The SIGKILL run goes twice: as one process (C{--receivers 0}), and as a
+master with two receiving processes, which are killed with it or left to
+finish the transactions they are in (L{Crasher}).
 
 Each test prints one summary line (and appends it to C{crash-summary.txt}
 in trial's working directory, or to C{$CRASH_SUMMARY}).  The random choices
@@ -135,12 +138,21 @@ class Crasher:
     """
     Kills the relay (SIGKILL) when the event of the armed kind comes, and
     restarts it at once on the same spool, C{wanted} times.
+
+    With C{receivers}, a kill that a client's message triggers ends the
+    whole process group (the receiver in the middle of that message too);
+    any other ends the master alone or the group, at random: a master's
+    receivers then finish the transactions they are in while the new
+    relay waits for them (the spool's lock).
     """
 
-    def __init__(self, relay: RelayProcess, rng: random.Random, wanted: int) -> None:
+    def __init__(
+        self, relay: RelayProcess, rng: random.Random, wanted: int, receivers: bool = False
+    ) -> None:
         self.relay = relay
         self.rng = rng
         self.wanted = wanted
+        self.receivers = receivers
         self.kills: list[str] = []
         self.armed: dict[str, Any] | None = None
         self.fallback: Any = None
@@ -223,7 +235,12 @@ class Crasher:
         self._disarm()
         if not self.relay.running:
             return
-        self.relay.kill()
+        if self.receivers:
+            group = kind.removesuffix("-fallback") in CLIENT_KINDS or self.rng.random() < 0.5
+            self.relay.kill(group=group)
+            kind += "/group" if group else "/master"
+        else:
+            self.relay.kill()
         self.kills.append(kind)
         Deferred.fromCoroutine(self.restart())
 
@@ -258,13 +275,25 @@ class CrashTests(TestCase):
         os.makedirs(self.base)
 
     def test_sigkill(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self.sigkill())
+        """
+        One process (C{--receivers 0}): each kill hits the process that
+        receives, spools and delivers.
+        """
+        total, wanted = setting("CRASH_MESSAGES", 500), setting("CRASH_KILLS", 100)
+        return Deferred.fromCoroutine(self.sigkill(0, total, wanted))
 
-    async def sigkill(self) -> None:
+    def test_sigkill_receivers(self) -> Deferred[None]:
+        """
+        A master and two receivers (C{--receivers 2}), killed together or
+        the master alone (see L{Crasher}); a quarter of the scale, since
+        each start begins three processes.
+        """
+        total, wanted = setting("CRASH_MESSAGES", 500), setting("CRASH_KILLS", 100)
+        return Deferred.fromCoroutine(self.sigkill(2, max(1, total // 4), max(1, wanted // 4)))
+
+    async def sigkill(self, receivers: int, total: int, wanted: int) -> None:
         started = time.monotonic()
         run_seed = seed()
-        total = setting("CRASH_MESSAGES", 500)
-        wanted = setting("CRASH_KILLS", 100)
         rng = random.Random(run_seed)
         messages: dict[str, bytes] = {}
         order: list[str] = []
@@ -287,10 +316,11 @@ class CrashTests(TestCase):
         relay = RelayProcess(
             self.base, port,
             ["--smarthost", f"127.0.0.1:{listener.getHost().port}", "--relay-tls", "none",
-             "--retry-intervals", RETRY, "--max-send-jobs", str(MAX_SEND_JOBS)],
+             "--retry-intervals", RETRY, "--max-send-jobs", str(MAX_SEND_JOBS),
+             "--receivers", str(receivers)],
         )  # fmt: skip
         self.addCleanup(lambda: Deferred.fromCoroutine(relay.stop()))
-        crasher = Crasher(relay, random.Random(run_seed + 1), wanted)
+        crasher = Crasher(relay, random.Random(run_seed + 1), wanted, receivers=receivers > 0)
         self.addCleanup(crasher.stop)
         sink.tag = lambda: relay.generation
 
@@ -330,6 +360,12 @@ class CrashTests(TestCase):
                 del status[tag]
                 queue.insert(0, tag)
                 raise
+            if code == 421:
+                # A receiver whose master is gone ends its sessions: the
+                # message goes again, later.
+                del status[tag]
+                queue.insert(0, tag)
+                return False
             if code != 354:
                 status[tag] = f"refused {code}"
                 return False
@@ -445,7 +481,7 @@ class CrashTests(TestCase):
             kinds[kind] = kinds.get(kind, 0) + 1
         elapsed = time.monotonic() - started
         summarize(
-            f"crash: messages={total} kills={len(crasher.kills)} acknowledged={len(acknowledged)} "
+            f"crash: receivers={receivers} messages={total} kills={len(crasher.kills)} acknowledged={len(acknowledged)} "
             f"cut={cut} refused={refused} delivered={len(copies)} duplicates={duplicates} "
             f"lost={len(lost)} corrupted={len(corrupted)} unexpected={len(unexpected)} "
             f"seed={run_seed} sending={sent_done:.1f}s total={elapsed:.1f}s "

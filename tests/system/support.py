@@ -110,24 +110,31 @@ class RelayProcess:
         with open(self.log, "ab") as out:
             out.write(f"==== generation {self.generation}\n".encode())
             out.flush()
+            # In a process group of its own, which kill(group=True) ends.
             self.process = subprocess.Popen(
                 self.argv(), cwd=self.base, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def kill(self) -> None:
+    def kill(self, group: bool = False) -> None:
         """
-        SIGKILL the relay and reap it: once this returns, its spool lock
-        and listening socket are gone.
+        SIGKILL the relay and reap it.  With C{group}, its whole process
+        group (its receivers too, as systemd or a power cut would): once
+        this returns, its spool lock and listening socket are gone.
+        Without, only the master: its receivers finish the transactions
+        they are in and hold the spool's lock until they exit.
         """
         process = self.process
         if process is None or process.poll() is not None:
             return
-        process.send_signal(signal.SIGKILL)
+        if group:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.send_signal(signal.SIGKILL)
         process.wait(30)
 
     async def stop(self, timeout: float = 10.0) -> None:
