@@ -372,6 +372,42 @@ class SchedulerTests(SynchronousTestCase):
         s.set_max_send_jobs(4)
         self.assertEqual(len(self.client.sent), 5)
 
+    def test_settling_gives_up_its_slot(self) -> None:
+        """
+        A delivery whose outcome the spool is still recording holds no
+        send slot: the next one starts; the entry being settled is not
+        delivered again meanwhile, and settling ones are bounded by as many
+        again as the slots.
+        """
+        self.client.behaviour["mx1:25"] = Reply(250, "2.0.0 ok")
+        finishing: dict[str, Deferred[None]] = {}
+        finish = self.spool.finish
+
+        def slow_finish(entry_id: str) -> Deferred[None]:
+            d: Deferred[None] = Deferred()
+            d.addCallback(lambda _: finish(entry_id))
+            finishing[entry_id] = d
+            return d
+
+        self.spool.finish = slow_finish  # type: ignore[method-assign]
+        s = self.make(max_send_jobs=1)
+        first, second, *_ = self.enqueue(
+            s, *[make_envelope(envelope_id=f"e{i}") for i in range(4)]
+        )
+        self.assertEqual([env.id for _, env in self.client.sent], ["e0", "e1"])
+        self.assertEqual((set(s.jobs), s.on_wire), ({first.id, second.id}, set()))
+        s.send_now(first.id)
+        self.clock.advance(0)
+        self.assertEqual(len(self.client.sent), 2)
+        # Two settling (as many again as the one slot): e2 waits for one.
+        finishing.pop(first.id).callback(None)
+        self.assertNotIn(first.id, self.spool.entries_by_id)
+        self.assertEqual([env.id for _, env in self.client.sent], ["e0", "e1", "e2"])
+        while finishing:
+            finishing.pop(next(iter(finishing))).callback(None)
+        self.assertEqual([env.id for _, env in self.client.sent], ["e0", "e1", "e2", "e3"])
+        self.assertEqual((s.jobs, s.on_wire, self.spool.entries_by_id), ({}, set(), {}))
+
     def test_per_destination_cap(self) -> None:
         """
         At most C{per_destination} sends to one destination at once; the
