@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.smtp.data import DataReader
+import re
+
+from relay.smtp.data import DataReader, _has_long_line
 
 
 def decode(data: bytes, reject_bare_lf: bool = False) -> tuple[bytes, bytes | None, DataReader]:
@@ -250,3 +252,27 @@ class DataReaderTests(SynchronousTestCase):
         self.assertEqual(decode(wire)[:2], (body, b"TAIL"))
         chunks = [wire[i : i + step] for i in range(0, len(wire), step)]
         self.assertEqual(decode_chunks(chunks), (body, b"TAIL"))
+
+
+class LongLineTests(SynchronousTestCase):
+    """
+    L{_has_long_line} agrees with the definition: some run of bytes
+    without CR or LF is longer than the limit.
+    """
+
+    @settings(max_examples=300)
+    @given(
+        st.lists(st.sampled_from([b"a", b"bb", b"\r", b"\n", b"\r\n", b"xxxxx"]), max_size=80).map(
+            b"".join
+        ),
+        st.integers(0, 12),
+    )
+    def test_agrees_with_definition(self, block: bytes, limit: int) -> None:
+        longest = max(map(len, re.split(rb"[\r\n]", block)))
+        self.assertEqual(_has_long_line(block, limit), longest > limit)
+
+    def test_message_sized(self) -> None:
+        line = b"x" * 998 + b"\r\n"
+        self.assertFalse(_has_long_line(line * 1000))
+        self.assertTrue(_has_long_line(line * 500 + b"y" * 999 + b"\r\n" + line * 500))
+        self.assertTrue(_has_long_line(b"y" * 999))

@@ -21,15 +21,26 @@ _AFTER_LF = 1
 _MID_LINE = 2
 
 
-def _longest_line(block: bytes) -> int:
+def _has_long_line(block: bytes, limit: int = MAX_LINE_LENGTH) -> bool:
     """
-    The length of the longest run of bytes without CR or LF in C{block}.
+    Whether C{block} holds a run of more than C{limit} bytes without CR or
+    LF.
 
-    Split in C, not a regular expression: C{[^\r\n]{999}} tries every start
-    position and costs about a line's length at each, some 100 times slower
-    on ordinary mail.
+    Window by window, not line by line: the last line ending in each
+    C{limit + 1} bytes is where the next window starts, so a 1 MiB message
+    takes about a thousand C{rfind}s (0.6 ms here) where splitting it into
+    its lines took 2.7 ms; a regular expression (C{[^\r\n]{999}}) tries
+    every start position and costs about a line's length at each, some 100
+    times slower still.
     """
-    return max(map(len, block.replace(b"\r", b"\n").split(b"\n")))
+    pos, size = 0, len(block)
+    while size - pos > limit:
+        end = pos + limit + 1
+        last = max(block.rfind(b"\n", pos, end), block.rfind(b"\r", pos, end))
+        if last < 0:
+            return True
+        pos = last + 1
+    return False
 
 
 class DataReader:
@@ -103,7 +114,7 @@ class DataReader:
         if (
             not self.max_line_length_exceeded
             and len(block) > MAX_LINE_LENGTH
-            and _longest_line(block) > MAX_LINE_LENGTH
+            and _has_long_line(block)
         ):
             self.max_line_length_exceeded = True
         ends_crlf = block.endswith(b"\r\n")
