@@ -4,11 +4,11 @@ Tests for L{relay.smtp.data.DataReader}.
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
-
-import re
 
 from relay.smtp.data import DataReader, _has_long_line
 
