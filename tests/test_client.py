@@ -25,6 +25,7 @@ from relay.delivery.client import (
     RelayClient,
     TLSPolicy,
 )
+from relay.delivery.client_body import CHUNK_SIZE
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
 from relay.model.envelope import Envelope
@@ -652,7 +653,7 @@ class BodyTests(SynchronousTestCase):
         The body waits while the transport is paused, goes on when it
         resumes, and a hop that never reads again times out.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         for resume in (True, False):
             hop = Hop(self, envelope(data=b"a" * (3 * size)), reply_timeout=60)
             hop.greet("PIPELINING")
@@ -691,7 +692,7 @@ class BodyTests(SynchronousTestCase):
 
     def test_chunk_boundaries(self) -> None:
         """
-        A CRLF and a dot line split across 64 KiB chunks are written as if
+        A CRLF and a dot line split across chunks of CHUNK_SIZE are written as if
         whole, from a file read through C{run_in_thread} one trip per
         chunk (opening and closing the file ride along).
         """
@@ -701,7 +702,7 @@ class BodyTests(SynchronousTestCase):
             calls.append(f)
             return f(*args)
 
-        size = 64 * 1024
+        size = CHUNK_SIZE
         data = b"x" * (size - 1) + b"\r\n.y\n" + b"z" * size + b"\n."
         expected = b"x" * (size - 1) + b"\r\n..y\r\n" + b"z" * size + b"\r\n..\r\n.\r\n"
         self.assertEqual(self.wire(data, path=True, run_in_thread=run), expected)
@@ -1172,7 +1173,7 @@ class ChunkingTests(SynchronousTestCase):
         hop = Hop(self, envelope(data=data))
         hop.greet("PIPELINING", "CHUNKING")
         self.assertTrue(hop.transport.value().endswith(b"BDAT 7 LAST\r\na\r\nb\r\nc"))
-        size = 64 * 1024
+        size = CHUNK_SIZE
         data = b"x" * (size - 1) + b"\r" + b"\ny\n"
         hop = Hop(self, file_envelope(self, data))
         hop.greet("PIPELINING", "CHUNKING")
@@ -1187,17 +1188,17 @@ class ChunkingTests(SynchronousTestCase):
     def test_chunks_pipelined(self) -> None:
         """
         A message larger than a chunk: after the RCPT replies, one BDAT per
-        64 KiB read, written without waiting for their replies, the last
+        CHUNK_SIZE read, written without waiting for their replies, the last
         with LAST; the replies are matched afterwards.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         data = b"a" * size + b"b" * size + b"c" * 10
         hop = Hop(self, file_envelope(self, data))
         hop.greet("PIPELINING", "CHUNKING")
         hop.expect(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\n")
         hop.reply("250 ok", "250 ok")
         hop.expect(
-            b"BDAT 65536\r\n" + b"a" * size + b"BDAT 65536\r\n" + b"b" * size
+            b"BDAT %d\r\n" % CHUNK_SIZE + b"a" * size + b"BDAT %d\r\n" % CHUNK_SIZE + b"b" * size
             + b"BDAT 10 LAST\r\n" + b"c" * 10
         )  # fmt: skip
         self.assertEqual(hop.result, [])
@@ -1209,14 +1210,14 @@ class ChunkingTests(SynchronousTestCase):
         The chunks wait while the transport is paused, and go on when it
         resumes.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         hop = Hop(self, envelope(data=b"a" * (3 * size)))
         hop.greet("PIPELINING", "CHUNKING")
         producer: Any = hop.transport.producer
         producer.pauseProducing()
         hop.transport.clear()
         hop.reply("250 ok", "250 ok")
-        self.assertEqual(hop.transport.value(), b"BDAT 65536\r\n" + b"a" * size)
+        self.assertEqual(hop.transport.value(), b"BDAT %d\r\n" % CHUNK_SIZE + b"a" * size)
         producer.resumeProducing()
         self.assertEqual(hop.transport.value().count(b"BDAT "), 3)
         hop.reply("250 ok", "250 ok", "250 done")
@@ -1229,7 +1230,7 @@ class ChunkingTests(SynchronousTestCase):
         refusal is each accepted recipient's reply, and the session is not
         reused (its state is indeterminate): QUIT.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         hop = Hop(self, file_envelope(self, b"a" * (5 * size)), pool=PoolLimits())
         hop.greet("PIPELINING", "CHUNKING")
         producer: Any = hop.transport.producer
@@ -1253,7 +1254,7 @@ class ChunkingTests(SynchronousTestCase):
         is still the message's reply (not the hop's answer to the last
         chunk, which it threw away).
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         hop = Hop(self, envelope(data=b"a" * (2 * size)))
         hop.greet("PIPELINING", "CHUNKING")
         hop.transport.clear()
@@ -1267,7 +1268,7 @@ class ChunkingTests(SynchronousTestCase):
         The hop closing the connection while chunks are owed: a transient
         error, nothing more written.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         hop = Hop(self, envelope(data=b"a" * (3 * size)))
         hop.greet("PIPELINING", "CHUNKING")
         producer: Any = hop.transport.producer

@@ -19,6 +19,7 @@ from twisted.internet import ssl
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay.delivery.client import ClientSettings, DeliveryError, PoolLimits, TLSPolicy
+from relay.delivery.client_body import CHUNK_SIZE
 from relay.model.address import EmailAddress, Sender
 from relay.model.argument import Argument
 from relay.model.envelope import Envelope
@@ -106,10 +107,10 @@ class DeliveryTests(SynchronousTestCase):
 
     def test_large_body(self) -> None:
         """
-        A body of several 64 KiB chunks, with a dot line across a chunk
+        A body of several chunks of CHUNK_SIZE, with a dot line across a chunk
         boundary, arrives whole.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         body = b"Subject: big\r\n\r\n" + b"x" * (size - 18) + b"\r\n.y\r\n" + b"z" * (2 * size) + b"\r\n"
         harness = ClientHarness(settings=SETTINGS)
         harness.deliver(make_envelope("a@example.org", "b@example.com", body))
@@ -345,12 +346,12 @@ class ChunkingTests(SynchronousTestCase):
 
     def test_message_file_in_chunks(self) -> None:
         """
-        A message read from a file goes in one chunk per 64 KiB read,
+        A message read from a file goes in one chunk per CHUNK_SIZE read,
         pipelined, each answered 250 with its size; the server stores the
         bytes as they were in the file (a dot line, a CRLF across a read
         boundary).
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         data = b"Subject: file\r\n\r\n" + b"x" * (size - 18) + b"\r\n.\r\n" + b"y" * size + b"\r\n"
         harness = ClientHarness(settings=SETTINGS)
         result = harness.deliver(self.file_envelope(data))
@@ -361,13 +362,13 @@ class ChunkingTests(SynchronousTestCase):
         # the BDAT command after them.)
         self.assertEqual(
             [line.rpartition("BDAT")[2] for line in transcript if "BDAT" in line],
-            [" 65536", " 65536", " 6 LAST"],
+            [f" {CHUNK_SIZE}", f" {CHUNK_SIZE}", " 6 LAST"],
         )
         self.assertEqual(
             [line for line in transcript if line.startswith("< 250 2.0.0")],
             [
-                "< 250 2.0.0 Ok: 65536 bytes",
-                "< 250 2.0.0 Ok: 65536 bytes",
+                f"< 250 2.0.0 Ok: {CHUNK_SIZE} bytes",
+                f"< 250 2.0.0 Ok: {CHUNK_SIZE} bytes",
                 f"< 250 2.0.0 Ok: queued as {harness.spooled[0].envelope_id}",
             ],
         )
@@ -379,7 +380,7 @@ class ChunkingTests(SynchronousTestCase):
         recipient's (temporary) reply; nothing is spooled, and the session,
         whose transaction the last chunk ended, carries the next message.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         harness = ClientHarness(settings=SETTINGS, spool=FailingSpool())
         result = harness.deliver(self.file_envelope(b"z" * (3 * size)))
         self.assertEqual(
@@ -387,7 +388,7 @@ class ChunkingTests(SynchronousTestCase):
         )
         self.assertEqual(harness.spooled, [])
         transcript = harness.connections[0].transcript
-        self.assertIn("< 554 5.0.0 Error: 65536 bytes discarded after an earlier error", transcript)
+        self.assertIn(f"< 554 5.0.0 Error: {CHUNK_SIZE} bytes discarded after an earlier error", transcript)
         self.flushLoggedErrors(OSError)
         harness.factory.spool = MemorySpool(harness.reactor)
         harness.deliver(make_envelope("a@example.org", "b@example.com"))
@@ -397,7 +398,7 @@ class ChunkingTests(SynchronousTestCase):
         """
         A server that does not offer CHUNKING gets DATA, and the same bytes.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         data = b"Subject: file\r\n\r\n" + b"x" * (2 * size) + b"\r\n"
         harness = ClientHarness(settings=SETTINGS, chunking=False)
         harness.deliver(self.file_envelope(data))
