@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from relay.smtp.data import DataReader, _has_long_line
+from relay.smtp.data import MAX_CARRY, DataReader, _has_long_line
 
 
 def decode(data: bytes, reject_bare_lf: bool = False) -> tuple[bytes, bytes | None, DataReader]:
@@ -252,6 +252,53 @@ class DataReaderTests(SynchronousTestCase):
         self.assertEqual(decode(wire)[:2], (body, b"TAIL"))
         chunks = [wire[i : i + step] for i in range(0, len(wire), step)]
         self.assertEqual(decode_chunks(chunks), (body, b"TAIL"))
+
+
+class CanonicalTests(SynchronousTestCase):
+    """
+    L{DataReader.lone_cr_seen}: without it the decoded bytes are canonical
+    (every CR and LF part of a CRLF), which lets delivery skip its
+    normalization.
+    """
+
+    def test_examples(self) -> None:
+        for wire, lone in [
+            (b"a\r\nb\r\n.\r\n", False),
+            (b"a\nb\r\n.\r\n", False),
+            (b"a\rb\r\n.\r\n", True),
+            (b"a\r\r\n.\r\n", True),
+            (b".\r\n", False),
+        ]:
+            _, _, reader = decode(wire)
+            self.assertTrue(reader.done, wire)
+            self.assertEqual(reader.lone_cr_seen, lone, wire)
+
+    def test_line_in_pieces(self) -> None:
+        """
+        A line too long to hold goes in pieces: not known canonical.
+        """
+        reader = DataReader(lambda data: None)
+        reader.feed(b"x" * (MAX_CARRY + 10))
+        self.assertTrue(reader.lone_cr_seen)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\r", b"\n", b"\r\n.\r"]), max_size=40),
+        st.integers(min_value=1, max_value=7),
+    )
+    def test_canonical_when_no_lone_cr(self, parts: list[bytes], step: int) -> None:
+        wire = b"".join(parts) + b"\r\n.\r\n"
+        out: list[bytes] = []
+        reader = DataReader(out.append)
+        for i in range(0, len(wire), step):
+            if reader.feed(wire[i : i + step]) is not None:
+                break
+        self.assertTrue(reader.done)
+        body = b"".join(out)
+        pairs = body.count(b"\r\n")
+        canonical = pairs == body.count(b"\r") == body.count(b"\n")
+        if not reader.lone_cr_seen:
+            self.assertTrue(canonical, body)
 
 
 class LongLineTests(SynchronousTestCase):

@@ -569,6 +569,24 @@ class DataTests(ServerTestCase):
         self.assertIsNone(h.protocol.mail.transaction)
         self.transcript(h, "> RCPT TO:<x@y.z>\n< 503")
 
+    def test_canonical(self) -> None:
+        """
+        A message received with DATA is stored canonical (bare LFs made
+        CRLF), and its entry says so, unless it holds a lone CR.
+        """
+        for body, canonical in [
+            ("Subject: hi\r\n\r\nbare\nlf\r\n.\r\n", True),
+            ("Subject: hi\r\n\r\nlone\rcr\r\n.\r\n", False),
+        ]:
+            h = self.harness()
+            self.transcript(h, MAIL_TXN)
+            h.send(body)
+            self.transcript(h, "< 250 2.0.0 Ok: queued")
+            [entry] = self.entries(h)
+            envelope = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope
+            self.assertEqual((envelope.message.canonical, entry.message_canonical), (canonical,) * 2)
+            h.disconnect()
+
     def test_consume(self) -> None:
         """
         Consume(ok) answers 250 2.0.0 ok and discards the message.

@@ -1409,6 +1409,7 @@ class CodecTests(SynchronousTestCase):
             attempts=(Attempt(1.5, "mx:25", None, "connection refused", address=("::1", 25)),),
             failed_recipients=(("b@example.com", "550 no"),),
             reason="why",
+            message_canonical=True,
         )
 
     def test_round_trip(self) -> None:
@@ -1420,6 +1421,20 @@ class CodecTests(SynchronousTestCase):
         self.assertEqual(data["version"], 2)
         self.assertEqual(entry_from_json(data), entry)
         self.assertEqual(entry_from_json(data, FROZEN).queue, FROZEN)
+
+    def test_canonical(self) -> None:
+        """
+        Whether the message is canonical is written only when it is, and
+        an entry's envelope passes it on to its message.
+        """
+        entry = dataclasses.replace(self.entry(), message_canonical=False)
+        self.assertNotIn("message_canonical", entry_to_json(entry))
+        self.assertFalse(entry_from_json(entry_to_json(entry)).message_canonical)
+        message = Message.from_bytes(b"Subject: x\r\n\r\nbody\r\n")
+        self.assertFalse(entry.envelope(message).message.canonical)
+        entry = dataclasses.replace(entry, message_canonical=True)
+        self.assertTrue(entry_to_json(entry)["message_canonical"])
+        self.assertTrue(entry.envelope(message).message.canonical)
 
     def test_file_round_trip(self) -> None:
         """

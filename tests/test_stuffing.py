@@ -73,6 +73,17 @@ class DotStufferTests(SynchronousTestCase):
         self.assertEqual(encode(split(data, cuts)), encode([data]))
 
     @given(_interesting, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+    def test_canonical_body(self, data: bytes, cuts: list[int]) -> None:
+        """
+        A body known canonical (C{canonical=True}) encodes, in any
+        chunking, to the same bytes as one whose line endings are checked.
+        """
+        body = normalize(data)
+        stuffer = DotStuffer(canonical=True)
+        out = b"".join(stuffer.encode(c) for c in split(body, cuts)) + stuffer.finish()
+        self.assertEqual(out, encode([body]))
+
+    @given(_interesting, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
     def test_wire_form(self, data: bytes, cuts: list[int]) -> None:
         """
         The output has no bare CR or LF, every line starting with a dot is

@@ -84,7 +84,7 @@ async def write_data_body(
     out in one write: a separate small write would wait for the hop's
     delayed ACK.
     """
-    stuffer = DotStuffer()
+    stuffer = DotStuffer(canonical=message.canonical)
     data = message.data
     if data is not None and len(data) <= CHUNK_SIZE:
         # The common case (the spool keeps small messages in memory): one
@@ -125,7 +125,7 @@ def one_chunk(message: Message) -> bytes:
     The whole of a message that L{fits_one_chunk}, as a C{BDAT n LAST}.
     """
     assert message.data is not None
-    encoder = LineEndings()
+    encoder = LineEndings(canonical=message.canonical)
     return bdat_command(encoder.encode(message.data) + encoder.finish(), last=True)
 
 
@@ -163,7 +163,7 @@ async def write_bdat_body(
     writes leaves the hop at a command boundary, never inside a chunk, and
     a message without its last chunk is never taken for whole.
     """
-    encoder = LineEndings()
+    encoder = LineEndings(canonical=message.canonical)
     owed = 0
     refusal: Reply | None = None
     complete = False

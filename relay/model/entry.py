@@ -192,6 +192,9 @@ class SpoolEntry:
     @ivar received_from: who sent it (C{helo [address]}), for logs and DSNs.
     @ivar tls_policy: the TLS policy the plugin chose
         (C{EnvelopeWithNextHop.tls_policy}), or C{None}.
+    @ivar message_canonical: the message file's line endings are all CRLF
+        (L{Message.canonical<relay.model.message.Message.canonical>}), so
+        that delivery need not normalize them.
     @ivar warned_at: when the sender was warned that delivery is late
         (C{--delay-warning}), or C{None}: one warning per entry.
     """
@@ -220,6 +223,7 @@ class SpoolEntry:
     received_from: str | None = None
     tls_policy: str | None = None
     warned_at: float | None = None
+    message_canonical: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -299,7 +303,11 @@ class SpoolEntry:
             sender=self.sender,
             sender_args=self.sender_args,
             recipients=self.recipients,
-            message=message,
+            message=(
+                replace(message, canonical=True)
+                if self.message_canonical and not message.canonical
+                else message
+            ),
             rejected_recipients=self.rejected_recipients,
             recipient_args=self.recipient_args,
         )
@@ -330,6 +338,7 @@ def entry_for(
         created_at=now,
         next_attempt_at=now,
         message_size=env.message.size,
+        message_canonical=env.message.canonical,
         recipient_args=env.recipient_args,
         rejected_recipients=env.rejected_recipients,
         reason=reason,

@@ -77,12 +77,18 @@ class Message:
     @ivar size: the size in bytes, CRLF line endings, unstuffed.
     @ivar data: the whole message when it is held in memory.
     @ivar path: the file holding the message when it is not.
+    @ivar canonical: every line ends with CRLF and no CR or LF stands
+        alone, as relay's server stores what it received with DATA; a
+        client then sends the bytes without normalizing their line
+        endings (L{relay.smtp.stuffing.DotStuffer}).  C{False}: not known
+        (a message a plugin composed, say), and they are normalized.
     """
 
     headers: tuple[tuple[str, str], ...]
     size: int
     data: bytes | None = None
     path: str | None = field(default=None)
+    canonical: bool = False
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Message:

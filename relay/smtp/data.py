@@ -50,6 +50,10 @@ class DataReader:
 
     @ivar size: decoded bytes passed to the sink so far.
     @ivar bare_lf_seen: a LF not preceded by CR was seen.
+    @ivar lone_cr_seen: a CR not followed by LF was passed on (or a line so
+        long that it went in pieces): without it, and with bare LFs
+        normalized, the decoded bytes are canonical
+        (L{Message.canonical<relay.model.message.Message.canonical>}).
     @ivar max_line_length_exceeded: a line was longer than 998 bytes.
     @ivar done: the end marker was seen.
     """
@@ -61,6 +65,7 @@ class DataReader:
         self._state = _AFTER_CRLF
         self.size = 0
         self.bare_lf_seen = False
+        self.lone_cr_seen = False
         self.max_line_length_exceeded = False
         self.done = False
 
@@ -93,6 +98,7 @@ class DataReader:
             # A very long line: pass on all but its last byte (which may be
             # the CR of a CRLF) so that memory stays bounded.
             self.max_line_length_exceeded = True
+            self.lone_cr_seen = True
             head, self._carry = self._carry[:-1], self._carry[-1:]
             if self._state != _MID_LINE and head[:1] == b".":
                 head = head[1:]
@@ -118,7 +124,11 @@ class DataReader:
         ):
             self.max_line_length_exceeded = True
         ends_crlf = block.endswith(b"\r\n")
-        if block.count(b"\n") != block.count(b"\r\n"):
+        pairs = block.count(b"\r\n")
+        if not self.lone_cr_seen and block.count(b"\r") != pairs:
+            # (The block ends with a LF: no CRLF is split off it.)
+            self.lone_cr_seen = True
+        if block.count(b"\n") != pairs:
             self.bare_lf_seen = True
             if not self._reject_bare_lf:
                 block = _BARE_LF.sub(b"\r\n", block)

@@ -22,6 +22,7 @@ is still the client's 451.  The spool stays about durability.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -142,13 +143,17 @@ class IncomingMessage:
             return Reply.exceeded_storage()
         return None
 
-    async def finish(self, t: Transaction, bare_lf_seen: bool = False) -> None:
+    async def finish(
+        self, t: Transaction, bare_lf_seen: bool = False, canonical: bool = False
+    ) -> None:
         """
         The message ended: check it, complete it in the spool, ask the
         plugin, do what it says, and reply.
 
         @param bare_lf_seen: the message holds a bare LF (refused with
             C{--reject-bare-lf}).
+        @param canonical: the bytes stored are canonical
+            (L{Message.canonical<relay.model.message.Message.canonical>}).
         """
         protocol = self._protocol
         headers = self._checked_headers(bare_lf_seen)
@@ -158,6 +163,8 @@ class IncomingMessage:
             writer, self._writer = self._writer, None
             assert writer is not None
             message = await writer.finish(headers)
+            if canonical:
+                message = dataclasses.replace(message, canonical=True)
         except Exception:
             protocol.log.failure("finishing the message failed")
             protocol.reply(spool_error(Failure()))

@@ -13,6 +13,14 @@ whole chunks with C{bytes.replace}: no Python call per line.
 from __future__ import annotations
 
 
+def _is_canonical(chunk: bytes) -> bool:
+    """
+    Whether every CR and every LF in C{chunk} is part of a CRLF.
+    """
+    pairs = chunk.count(b"\r\n")
+    return pairs == chunk.count(b"\n") and pairs == chunk.count(b"\r")
+
+
 class DotStuffer:
     """
     Encode a message body chunk by chunk.
@@ -20,9 +28,15 @@ class DotStuffer:
     Feed every chunk to L{encode} and write what it returns, then write what
     L{finish} returns: the final line ending if the body lacks one, and the
     end marker C{.CRLF}.
+
+    @param canonical: the body's line endings are all CRLF already
+        (L{Message.canonical<relay.model.message.Message.canonical>}): only
+        dots are stuffed, and the line endings are not even counted (on 1
+        MiB, 1.0 ms instead of 3.8).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, canonical: bool = False) -> None:
+        self._canonical = canonical
         # The previous chunk ended with CR: held back until we know whether
         # a LF follows (a CRLF split across two chunks is one line ending).
         self._pending_cr = False
@@ -44,8 +58,7 @@ class DotStuffer:
             self._pending_cr = True
         if not chunk:
             return b""
-        pairs = chunk.count(b"\r\n")
-        if pairs != chunk.count(b"\n") or pairs != chunk.count(b"\r"):
+        if not self._canonical and not _is_canonical(chunk):
             # Not canonical (what the server stored is, but for lone CRs
             # or a message a plugin composed).  Counting first costs less
             # than three copies: on 1 MiB of smtp-source-like lines, 3.8 ms
@@ -81,10 +94,13 @@ class LineEndings:
     form), nothing else changes.  A chunk that is canonical already (every
     message the server took with DATA is) is returned as it is, without a
     copy, also when a CRLF is split between two chunks: counting is all
-    the work.
+    the work, and with C{canonical} (the body is known canonical,
+    L{Message.canonical<relay.model.message.Message.canonical>}) not even
+    that.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, canonical: bool = False) -> None:
+        self._canonical = canonical
         # The last byte sent was a CR: a LF first in the next chunk ends
         # that line; anything else means the CR was alone.
         self._after_cr = False
@@ -95,7 +111,7 @@ class LineEndings:
 
         @return: the bytes to send (may be empty).
         """
-        if not chunk:
+        if not chunk or self._canonical:
             return chunk
         # The start of the chunk: a LF that completes the CR before it
         # stays as it is; after a lone CR, its LF comes first.

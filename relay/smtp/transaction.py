@@ -246,7 +246,9 @@ class MailTransaction:
         t, incoming, data = self.transaction, self._incoming, self._data
         assert t is not None and incoming is not None and data is not None
         try:
-            await incoming.finish(t, bare_lf_seen=data.bare_lf_seen)
+            await incoming.finish(
+                t, bare_lf_seen=data.bare_lf_seen, canonical=not data.lone_cr_seen
+            )
         finally:
             self.reset()
 
