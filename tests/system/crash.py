@@ -39,6 +39,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.trial.unittest import SkipTest, TestCase
 
+from relay.model.entry import ACTIVE, FROZEN, REMOVED
+from relay.spool.layout import SpoolLayout
+from relay.spool.lock import SpoolLock
 from tests.system.support import (
     ClientSession,
     RelayProcess,
@@ -154,6 +157,8 @@ class Crasher:
         self.wanted = wanted
         self.receivers = receivers
         self.kills: list[str] = []
+        #: when the last kill came (the system's clock, as file times)
+        self.last_kill = 0.0
         self.armed: dict[str, Any] | None = None
         self.fallback: Any = None
         self.clients_done = False
@@ -241,6 +246,7 @@ class Crasher:
             kind += "/group" if group else "/master"
         else:
             self.relay.kill()
+        self.last_kill = time.time()
         self.kills.append(kind)
         Deferred.fromCoroutine(self.restart())
 
@@ -431,12 +437,22 @@ class CrashTests(TestCase):
         spool = relay.spool
 
         empty_since: list[float] = []
+        layout = SpoolLayout(spool)
+
+        def leftover(name: str) -> bool:
+            # A message file that no entry refers to (see below).
+            queue, _, file = name.partition(os.sep)
+            entry_id = file.removesuffix(".eml")
+            return queue == "messages" and not any(
+                os.path.exists(layout.metadata_path(q, entry_id)) for q in (ACTIVE, FROZEN, REMOVED)
+            )
 
         def drained() -> bool:
             # Done when everything acknowledged is at the sink and the spool
-            # is empty, or when the spool has stayed empty for a while with
-            # messages missing (they are lost: nothing is left to deliver).
-            if spool_files(spool, "active", "tmp", "messages"):
+            # is empty (but for leftover message files), or when it has
+            # stayed so for a while with messages missing (they are lost:
+            # nothing is left to deliver).
+            if not all(leftover(f) for f in spool_files(spool, "active", "tmp", "messages")):
                 del empty_since[:]
                 return False
             if acknowledged <= {m.message_id for m in sink.received}:
@@ -454,6 +470,27 @@ class CrashTests(TestCase):
                 f"{e}; seed={run_seed}; missing={missing[:10]} ({len(missing)}); "
                 f"spool={spool_files(spool, 'active', 'tmp', 'messages')[:10]}\n{relay.tail()}"
             )
+
+        # A commit killed within the lock's clock margin before the last
+        # start leaves a message file that start's sweep must keep (it
+        # could be a commit of the new relay's own); the next start removes
+        # it.  Check that it does.
+        leftovers = spool_files(spool, "messages")
+        if leftovers:
+            await poll(
+                lambda: time.time() > crasher.last_kill + SpoolLock.CLOCK_MARGIN + 0.5,
+                "the clock margin since the last kill", 10, 0.1,
+            )  # fmt: skip
+            await relay.stop()
+            relay.start()
+            await relay.wait_listening()
+            try:
+                await poll(
+                    lambda: not spool_files(spool, "active", "tmp", "messages"),
+                    "the next start to sweep the leftover message files", 30, 0.1,
+                )  # fmt: skip
+            except AssertionError as e:
+                self.fail(f"{e}; seed={run_seed}; leftovers={leftovers}\n{relay.tail()}")
 
         copies: dict[str, list[Any]] = {}
         corrupted, unexpected, unexplained = [], [], []
@@ -484,6 +521,7 @@ class CrashTests(TestCase):
             f"crash: receivers={receivers} messages={total} kills={len(crasher.kills)} acknowledged={len(acknowledged)} "
             f"cut={cut} refused={refused} delivered={len(copies)} duplicates={duplicates} "
             f"lost={len(lost)} corrupted={len(corrupted)} unexpected={len(unexpected)} "
+            f"swept_at_next_start={len(leftovers)} "
             f"seed={run_seed} sending={sent_done:.1f}s total={elapsed:.1f}s "
             f"kinds={','.join(f'{k}:{n}' for k, n in sorted(kinds.items()))}"
         )

@@ -46,6 +46,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
+from relay.delivery.client_body import CHUNK_SIZE
 from tests import test_integration as integration
 from tests.test_integration import (
     ROOT,
@@ -814,12 +815,12 @@ class PostfixTests(InteropCase):
     @inlineCallbacks
     def test_relay_sends_chunks_to_postfix(self) -> Any:
         """
-        A message of about 300 KB (so relay keeps it in a file and sends
-        it in 64 KiB chunks, pipelined, a CRLF and a dot line across chunk
-        boundaries) reaches Postfix's maildir intact; Postfix's log counts
-        the BDAT commands and no DATA.
+        A message of four chunks and a bit (so relay keeps it in a file
+        and sends it in chunks of CHUNK_SIZE, pipelined, a CRLF and a dot
+        line across chunk boundaries) reaches Postfix's maildir intact;
+        Postfix's log counts the BDAT commands and no DATA.
         """
-        size = 64 * 1024
+        size = CHUNK_SIZE
         head = (
             b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: chunks\r\n"
             b"Date: Tue, 24 Nov 2026 12:00:00 +0000\r\nMessage-ID: <chunks@example.com>\r\n\r\n"
