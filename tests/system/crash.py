@@ -512,14 +512,16 @@ class CrashTests(TestCase):
         duplicates = sum(len(got) - 1 for got in copies.values())
         lost = sorted(acknowledged - set(copies))
         cut = sum(1 for s in status.values() if s == "cut")
-        refused = sum(1 for s in status.values() if s.startswith("refused"))
+        refusals = sorted(s.split()[1] for s in status.values() if s.startswith("refused"))
+        refused = len(refusals)
         kinds: dict[str, int] = {}
         for kind in crasher.kills:
             kinds[kind] = kinds.get(kind, 0) + 1
         elapsed = time.monotonic() - started
         summarize(
             f"crash: receivers={receivers} messages={total} kills={len(crasher.kills)} acknowledged={len(acknowledged)} "
-            f"cut={cut} refused={refused} delivered={len(copies)} duplicates={duplicates} "
+            f"cut={cut} refused={refused}{'(' + ','.join(refusals) + ')' if refusals else ''} "
+            f"delivered={len(copies)} duplicates={duplicates} "
             f"lost={len(lost)} corrupted={len(corrupted)} unexpected={len(unexpected)} "
             f"swept_at_next_start={len(leftovers)} "
             f"seed={run_seed} sending={sent_done:.1f}s total={elapsed:.1f}s "
