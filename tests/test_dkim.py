@@ -43,7 +43,6 @@ from relay.control.server import ControlLocator
 from relay.dkim import DkimKeysError, canonical
 from relay.dkim.canonical import (
     HeaderSectionTooLarge,
-    LineEndings,
     RelaxedBodyHash,
     SigningInput,
 )
@@ -60,6 +59,7 @@ from relay.dkim.signature import HeaderFields, Unsignable, signature_fields
 from relay.dkim.signer import CHUNK_SIZE, DkimSigner, from_domain, sign_bytes
 from relay.interfaces import IReloadable
 from relay.model.message import Message
+from relay.smtp.stuffing import CRLFLines
 from relay.spool.memory import MemorySpool
 from relay.testing import ClientHarness, ServerHarness, make_envelope
 
@@ -373,7 +373,7 @@ class BodyHashTests(SynchronousTestCase):
 
 class LineEndingsTests(SynchronousTestCase):
     """
-    L{LineEndings} makes what the relay client puts on the wire.
+    L{CRLFLines} makes what the relay client puts on the wire.
     """
 
     @settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300, deadline=None)
@@ -385,7 +385,7 @@ class LineEndingsTests(SynchronousTestCase):
         relay client's L{relay.smtp.stuffing.DotStuffer} without its dots.
         """
         raw, pieces = raw_and_cuts
-        endings = LineEndings()
+        endings = CRLFLines()
         out = b"".join(endings.encode(p) for p in pieces) + endings.finish()
         want = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         if want and not want.endswith(b"\r\n"):

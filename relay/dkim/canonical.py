@@ -1,6 +1,6 @@
 """
 A message as DKIM reads it, in chunks: its line endings made what the
-wire will carry (L{LineEndings}), its header section kept for signing and
+wire will carry (L{relay.smtp.stuffing.CRLFLines}), its header section kept for signing and
 its body hashed in relaxed canonical form (RFC 6376 section 3.4.4) as it
 goes (L{SigningInput}), so that a message of any size is hashed with the
 memory of one chunk.
@@ -28,52 +28,10 @@ CRLF = b"\r\n"
 MAX_PENDING_LINE = 64 * 1024
 
 
-class LineEndings:
-    """
-    Make every line ending CRLF, as the relay client's
-    L{relay.smtp.stuffing.DotStuffer} does on the wire (a lone CR and a
-    lone LF become CRLF), and end the message with one: what is signed is
-    then what the next hop receives.
-    """
-
-    def __init__(self) -> None:
-        # A CR at the end of a chunk waits for the next: CRLF split across
-        # two chunks is one line ending.
-        self._pending_cr = False
-        self._at_line_start = True
-
-    def encode(self, chunk: bytes) -> bytes:
-        """
-        @return: C{chunk} with CRLF line endings (maybe short of a final CR).
-        """
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._pending_cr = True
-        if not chunk:
-            return b""
-        if chunk.count(b"\n") != chunk.count(CRLF) or chunk.count(b"\r") != chunk.count(CRLF):
-            chunk = chunk.replace(CRLF, b"\n").replace(b"\r", b"\n").replace(b"\n", CRLF)
-        self._at_line_start = chunk.endswith(b"\n")
-        return chunk
-
-    def finish(self) -> bytes:
-        """
-        @return: the line ending the message still needs, if any.
-        """
-        if self._pending_cr or not self._at_line_start:
-            self._pending_cr = False
-            self._at_line_start = True
-            return CRLF
-        return b""
-
-
 class RelaxedBodyHash:
     """
     The SHA-256 of a body in relaxed canonical form, fed in chunks of
-    CRLF-only text (L{LineEndings}' output).
+    CRLF-only text (L{relay.smtp.stuffing.CRLFLines}' output).
     """
 
     def __init__(self) -> None:

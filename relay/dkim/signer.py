@@ -18,7 +18,7 @@ spilled to a file is read twice, a chunk at a time: once to hash it and
 sign, once to copy it, after the signature fields, into a new message of
 the spool (its writer, with back-pressure), so that memory stays flat
 whatever its size.  The signed message has CRLF line endings throughout
-and a final CRLF, as the relay client sends it (L{relay.dkim.canonical.LineEndings}).
+and a final CRLF, as the relay client sends it (L{relay.smtp.stuffing.CRLFLines}).
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.app.reload import ReloadError
-from relay.dkim.canonical import HeaderSectionTooLarge, LineEndings, SigningInput
+from relay.dkim.canonical import HeaderSectionTooLarge, SigningInput
 from relay.dkim.keys import DkimKey, DkimKeysError, KeyTable, load_keys, normalize_domain
 from relay.dkim.signature import Unsignable, signature_fields
 from relay.dkim.signing import Signing
 from relay.interfaces import IReloadable
 from relay.model.envelope import EnvelopeWithNextHop
 from relay.model.message import Message, parse_header_block
+from relay.smtp.stuffing import CRLFLines
 
 #: Bytes read from a message file per trip to the thread pool.
 CHUNK_SIZE = 256 * 1024
@@ -75,7 +76,7 @@ def sign_bytes(
         made CRLF (what follows the fields).
     @raise Unsignable: when it cannot be signed.
     """
-    endings = LineEndings()
+    endings = CRLFLines()
     data = endings.encode(data) + endings.finish()
     message = SigningInput()
     try:
@@ -94,7 +95,7 @@ def sign_file(keys: Sequence[DkimKey], path: str, timestamp: int) -> bytes:
     @return: the signature fields.
     @raise Unsignable: when it cannot be signed.
     """
-    endings = LineEndings()
+    endings = CRLFLines()
     message = SigningInput()
     try:
         with open(path, "rb") as f:
@@ -285,7 +286,7 @@ class DkimSigner:
         reader = _Reader(message.path)
         try:
             writer.write(fields)
-            endings = LineEndings()
+            endings = CRLFLines()
             while chunk := await self._run(reader.read):
                 if writer.write(endings.encode(chunk)):
                     await writer.drained()

@@ -1,7 +1,8 @@
 """
 Streaming encoders of a message body for the wire: L{DotStuffer} for the
 SMTP DATA phase (RFC 5321 section 4.5.2; the inverse of
-L{relay.smtp.data.DataReader}), L{LineEndings} for BDAT chunks (RFC 3030).
+L{relay.smtp.data.DataReader}) over L{CRLFLines} (which DKIM signs with
+too), L{LineEndings} for BDAT chunks (RFC 3030).
 
 Whatever line endings the stored bytes hold, only CRLF reaches the wire:
 lone CR and lone LF both become CRLF.  For DATA, a line that begins with
@@ -13,17 +14,67 @@ whole chunks with C{bytes.replace}: no Python call per line.
 from __future__ import annotations
 
 
-def _is_canonical(chunk: bytes) -> bool:
+class CRLFLines:
     """
-    Whether every CR and every LF in C{chunk} is part of a CRLF.
+    Make every line ending of a body CRLF, chunk by chunk (a lone CR and a
+    lone LF become CRLF), and end the body with one: what the wire carries
+    under DATA's dots, and what DKIM signs
+    (L{relay.dkim.canonical.SigningInput}).
+
+    Feed every chunk to L{encode}, then add what L{finish} returns.
+
+    @param canonical: the body's line endings are all CRLF already
+        (L{Message.canonical<relay.model.message.Message.canonical>}): they
+        are not even counted (on 1 MiB, 2.5 ms less).
     """
-    pairs = chunk.count(b"\r\n")
-    return pairs == chunk.count(b"\n") and pairs == chunk.count(b"\r")
+
+    def __init__(self, canonical: bool = False) -> None:
+        self._canonical = canonical
+        # The previous chunk ended with CR: held back until we know whether
+        # a LF follows (a CRLF split across two chunks is one line ending).
+        self._pending_cr = False
+        # The last byte returned ended a line (true at the start).
+        self.at_line_start = True
+
+    def encode(self, chunk: bytes) -> bytes:
+        """
+        @return: C{chunk} with CRLF line endings (maybe short of a final
+            CR, held for the next chunk; may be empty).
+        """
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._pending_cr = True
+        if not chunk:
+            return b""
+        if not self._canonical:
+            pairs = chunk.count(b"\r\n")
+            if pairs != chunk.count(b"\n") or pairs != chunk.count(b"\r"):
+                # Counting first costs less than three copies of a chunk
+                # that is canonical already (what the server stored is,
+                # but for lone CRs): on 1 MiB of smtp-source-like lines,
+                # 3.8 ms against 4.2 ms a message, dots included.
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        self.at_line_start = chunk.endswith(b"\n")
+        return chunk
+
+    def finish(self) -> bytes:
+        """
+        @return: the line ending the body still needs, if any.
+        """
+        if self._pending_cr or not self.at_line_start:
+            self._pending_cr = False
+            self.at_line_start = True
+            return b"\r\n"
+        return b""
 
 
 class DotStuffer:
     """
-    Encode a message body chunk by chunk.
+    Encode a message body chunk by chunk: its line endings made CRLF
+    (L{CRLFLines}) and its dots stuffed.
 
     Feed every chunk to L{encode} and write what it returns, then write what
     L{finish} returns: the final line ending if the body lacks one, and the
@@ -36,12 +87,7 @@ class DotStuffer:
     """
 
     def __init__(self, canonical: bool = False) -> None:
-        self._canonical = canonical
-        # The previous chunk ended with CR: held back until we know whether
-        # a LF follows (a CRLF split across two chunks is one line ending).
-        self._pending_cr = False
-        # The last byte written ended a line (true at the start of the body).
-        self._at_line_start = True
+        self._lines = CRLFLines(canonical)
         self.size = 0
 
     def encode(self, chunk: bytes) -> bytes:
@@ -50,24 +96,13 @@ class DotStuffer:
 
         @return: the bytes to write (may be empty).
         """
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._pending_cr = True
+        at_line_start = self._lines.at_line_start
+        chunk = self._lines.encode(chunk)
         if not chunk:
             return b""
-        if not self._canonical and not _is_canonical(chunk):
-            # Not canonical (what the server stored is, but for lone CRs
-            # or a message a plugin composed).  Counting first costs less
-            # than three copies: on 1 MiB of smtp-source-like lines, 3.8 ms
-            # against 4.2 ms a message, dots included.
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         chunk = chunk.replace(b"\n.", b"\n..")
-        if self._at_line_start and chunk[:1] == b".":
+        if at_line_start and chunk[:1] == b".":
             chunk = b"." + chunk
-        self._at_line_start = chunk.endswith(b"\n")
         self.size += len(chunk)
         return chunk
 
@@ -78,11 +113,7 @@ class DotStuffer:
         @return: the line ending the body still needs, if any, followed by
             the end-of-data marker C{.CRLF}.
         """
-        out = b".\r\n"
-        if self._pending_cr or not self._at_line_start:
-            out = b"\r\n" + out
-        self._pending_cr = False
-        self._at_line_start = True
+        out = self._lines.finish() + b".\r\n"
         self.size += len(out)
         return out
 
