@@ -30,6 +30,7 @@ from relay.simple import Defaults, Simple
 from relay.spool.memory import MemoryMessageWriter, MemorySpool
 from relay.testing import ClientHarness, TranscriptMismatch, make_envelope
 from tests.pki import certificate
+from tests.transcripts import ehlo_reply
 
 SETTINGS = ClientSettings(hostname="relay.test", tls=TLSPolicy("none"))
 
@@ -126,17 +127,10 @@ class DeliveryTests(SynchronousTestCase):
         harness = ClientHarness(settings=replace(SETTINGS, pool=PoolLimits(max_idle_per_hop=0)))
         harness.deliver(make_envelope("a@example.org", ["b@example.com", "c@example.com"]))
         harness.connections[0].check(
-            """
+            f"""
             < 220 localhost ESMTP
             > EHLO relay.test
-            < 250-localhost
-            < 250-PIPELINING
-            < 250-SIZE
-            < 250-8BITMIME
-            < 250-DSN
-            < 250-ENHANCEDSTATUSCODES
-            < 250-SMTPUTF8
-            < 250 CHUNKING
+            {ehlo_reply()}
             > MAIL FROM:<a@example.org> SIZE=34
             > RCPT TO:<b@example.com>
             > RCPT TO:<c@example.com>
@@ -440,29 +434,14 @@ class TLSTests(SynchronousTestCase):
         harness.deliver(make_envelope("a@example.org", "b@example.com"))
         harness.deliver(make_envelope("a@example.org", "c@example.com"))
         harness.connections[0].check(
-            """
+            f"""
             < 220
             > EHLO relay.test
-            < 250-localhost
-            < 250-PIPELINING
-            < 250-SIZE
-            < 250-8BITMIME
-            < 250-DSN
-            < 250-ENHANCEDSTATUSCODES
-            < 250-SMTPUTF8
-            < 250-CHUNKING
-            < 250 STARTTLS
+            {ehlo_reply("STARTTLS")}
             > STARTTLS
             < 220 2.0.0 Ready to start TLS
             > EHLO relay.test
-            < 250-localhost
-            < 250-PIPELINING
-            < 250-SIZE
-            < 250-8BITMIME
-            < 250-DSN
-            < 250-ENHANCEDSTATUSCODES
-            < 250-SMTPUTF8
-            < 250 CHUNKING
+            {ehlo_reply()}
             > MAIL FROM:<a@example.org>
             > RCPT TO:<b@example.com>
             > BDAT 34 LAST

@@ -36,18 +36,12 @@ from relay.spool.observed import ObservedSpool
 from relay.testing import ClientHarness, MemorySpool, ServerHarness
 from relay.testing.client import HOP
 from tests.test_delivery import FakeClient, no_dns
+from tests.transcripts import ehlo_reply
 
-EHLO = """
+EHLO = f"""
 < 220
 > EHLO client.example
-< 250-localhost
-< 250-PIPELINING
-< 250-SIZE
-< 250-8BITMIME
-< 250-DSN
-< 250-ENHANCEDSTATUSCODES
-< 250-SMTPUTF8
-< 250 CHUNKING
+{ehlo_reply()}
 """
 
 NOTIFY_CHOICES: list[str | None] = [None, "NEVER"] + [

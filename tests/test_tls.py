@@ -74,6 +74,7 @@ from tests.pki import CertificateFiles, key_pem, pki
 from tests.test_integration import ROOT, free_port
 from tests.test_receivers import FakeProcessTransport
 from tests.test_server import MESSAGE, Recorder
+from tests.transcripts import ehlo_reply
 
 # -- in-memory TLS ----------------------------------------------------------------
 
@@ -522,18 +523,10 @@ class ImplicitTLSTranscriptTests(SynchronousTestCase):
         h = ServerHarness(callbacks, transport=transport)
         self.assertIsNotNone(callbacks.calls_to(SessionConnectCall)[0].session.tls)
         h.play(
-            """
+            f"""
             < 220 test.example
             > EHLO client.example
-            < 250-localhost
-            < 250-PIPELINING
-            < 250-SIZE
-            < 250-8BITMIME
-            < 250-DSN
-            < 250-ENHANCEDSTATUSCODES
-            < 250-SMTPUTF8
-            < 250-CHUNKING
-            < 250 AUTH PLAIN LOGIN
+            {ehlo_reply("AUTH PLAIN LOGIN")}
             > STARTTLS
             < 503 5.5.1 TLS already active
             > AUTH PLAIN AGFsaWNlAHNlY3JldA==
