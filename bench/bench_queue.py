@@ -1285,10 +1285,6 @@ def file_system(path: str) -> str:
 def info(base: str) -> dict[str, str]:
     import twisted
 
-    commit = subprocess.run(
-        ["git", "-C", ROOT, "describe", "--always", "--dirty"],
-        capture_output=True, text=True, timeout=30, check=False,
-    ).stdout.strip()  # fmt: skip
     fs = file_system(base)
     with open("/proc/meminfo") as f:
         total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
@@ -1300,7 +1296,7 @@ def info(base: str) -> dict[str, str]:
         "python": platform.python_version(),
         "twisted": twisted.__version__,
         "postfix": postfix.version(),
-        "relay commit": commit or "unknown",
+        "relay commit": run.relay_commit(),
     }
 
 
@@ -1378,12 +1374,8 @@ def default_cap() -> int:
     return int(min(16 * 1024 * MB, available * 0.6))
 
 
-def stop_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(f"stopped by signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    signal.signal(signal.SIGTERM, run.stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--entries", default="100000", help="backlog sizes, comma-separated (default 100000)"

@@ -1043,15 +1043,10 @@ def chart(figures: Figures, path: str) -> None:
     plt.close(fig)
 
 
-def versions() -> dict[str, str]:
-    import twisted
-
-    try:
-        import aiosmtpd
-
-        aio = aiosmtpd.__version__
-    except ImportError:
-        aio = "not installed"
+def relay_commit() -> str:
+    """
+    The checkout's commit as C{git describe} says it, for a report.
+    """
     try:
         commit = subprocess.run(
             ["git", "-C", ROOT, "describe", "--always", "--dirty"],
@@ -1061,7 +1056,19 @@ def versions() -> dict[str, str]:
             check=False,
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        commit = "unknown"
+        commit = ""
+    return commit or "unknown"
+
+
+def versions() -> dict[str, str]:
+    import twisted
+
+    try:
+        import aiosmtpd
+
+        aio = aiosmtpd.__version__
+    except ImportError:
+        aio = "not installed"
     return {
         "cores": str(os.cpu_count()),
         "kernel": platform.release(),
@@ -1071,7 +1078,7 @@ def versions() -> dict[str, str]:
         "aiosmtpd": aio,
         "haraka": haraka.version(os.path.join(CACHE, "haraka")),
         "python-slimta": slimta_venv.version(os.path.join(CACHE, "slimta")),
-        "relay commit": commit or "unknown",
+        "relay commit": relay_commit(),
     }
 
 
