@@ -738,26 +738,13 @@ class PostfixTests(InteropCase):
         maildir: the bytes sent to relay are there, after relay's and
         Postfix's Received headers; relay's spool is empty afterwards.
         """
-        postfix_port = yield self.start_postfix()
-        relay_port = yield self.start_relay("relay", f"127.0.0.1:{postfix_port}")
         body = b"From relay to Postfix.\r\n.leading dot\r\n8-bit: caf\xc3\xa9\r\n"
         data = (
             b"From: alice@example.com\r\nTo: bob@example.net\r\nSubject: via relay\r\n"
             b"Date: Tue, 24 Nov 2026 12:00:00 +0000\r\n"
             b"Message-ID: <relay-to-postfix@example.com>\r\n\r\n" + body
         )
-        refused = yield self.send(relay_port, data)
-        self.assertEqual(refused, {})
-        new = os.path.join(self.maildir, "bob", "new")
-        [path] = yield self.poll(
-            lambda: files_under(new),
-            lambda: (
-                f"the message in {new}:\n{self.read(self.maillog)}\n"
-                + self.read(self.relay_logs["relay"])[-3000:]
-            ),
-        )
-        with open(path, "rb") as f:
-            stored = f.read()
+        stored, session = yield self.relay_to_postfix(data, chunking=True)
         # Postfix stores LF line endings in a maildir.
         self.assertTrue(stored.endswith(data.replace(b"\r\n", b"\n")), stored)
         received = received_headers(stored)
@@ -768,7 +755,6 @@ class PostfixTests(InteropCase):
         self.assertIn("status=sent (delivered to maildir)", self.read(self.maillog))
         yield self.poll(lambda: not self.spool_files("relay"), "relay's spool to empty")
         # Postfix offers CHUNKING: the message went as one BDAT.
-        session = yield self.relay_session()
         self.assertRegex(session, r"\bbdat=1\b")
 
     @inlineCallbacks
