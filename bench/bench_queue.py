@@ -1433,13 +1433,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes.append(TARGET_SIZE)
     if not sizes or min(sizes) < 1:
         parser.error("--entries: give at least one positive size")
-    peers = [p for p in PEERS if p in args.peers.split(",")]
-    for tool in ("smtp-source", "smtp-sink"):
-        if shutil.which(tool) is None:
-            parser.error(f"{tool} is not installed (make deb-tools)")
-    if "postfix" in peers and (why := postfix.available()):
-        log(f"skipping Postfix: {why}")
-        peers.remove("postfix")
+    peers = run.peers_to_run(parser, args.peers, PEERS)
 
     began = time.monotonic()
     base = tempfile.mkdtemp(prefix="relay-queue-bench-", dir=args.tmpdir)

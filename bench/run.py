@@ -54,7 +54,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1208,6 +1208,22 @@ def report(
 # -- main ------------------------------------------------------------------------
 
 
+def peers_to_run(parser: argparse.ArgumentParser, wanted: str, known: Sequence[str]) -> list[str]:
+    """
+    The peers of C{known} named in C{wanted} (comma-separated), in
+    C{known}'s order, less Postfix when it cannot run here (said in the
+    log); the parser's error when Postfix's load tools are missing.
+    """
+    peers = [p for p in known if p in wanted.split(",")]
+    for tool in ("smtp-source", "smtp-sink"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (make deb-tools)")
+    if "postfix" in peers and (why := postfix.available()):
+        log(f"skipping Postfix: {why}")
+        peers.remove("postfix")
+    return peers
+
+
 def stop_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(f"stopped by signal {signum}")
 
@@ -1256,13 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
     args.idle = args.idle if args.idle is not None else (200 if args.quick else 1000)
     if args.quick and args.big == 50 * MB:
         args.big = 10 * MB
-    peers = [p for p in PEERS if p in args.peers.split(",")]
-    for tool in ("smtp-source", "smtp-sink"):
-        if shutil.which(tool) is None:
-            parser.error(f"{tool} is not installed (make deb-tools)")
-    if "postfix" in peers and (why := postfix.available()):
-        log(f"skipping Postfix: {why}")
-        peers.remove("postfix")
+    peers = peers_to_run(parser, args.peers, PEERS)
     figures = Figures()
     for name, module in (("haraka", haraka), ("slimta", slimta_venv)):
         if name in peers and (why := module.install(os.path.join(CACHE, name), log)):
