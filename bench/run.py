@@ -309,8 +309,15 @@ class Sink:
             if counts:
                 with self.changed:
                     self.count = int(counts[-1])
-                    self.reached.setdefault(self.count, now)
+                    self.counted(now)
                     self.changed.notify_all()
+
+    def counted(self, now: float) -> None:
+        """
+        The sink's count changed (at the monotonic time C{now}); called
+        holding C{changed}.
+        """
+        self.reached.setdefault(self.count, now)
 
     def wait_for(self, count: int, timeout: float) -> float | None:
         """
