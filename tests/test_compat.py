@@ -373,6 +373,47 @@ class LoggingTests(SynchronousTestCase):
         self.assertEqual(seen, [(False, "relay.log")])
         self.assertEqual(_compat.twistd_log_file(sys._getframe(0)), (True, ""))
 
+    def test_cache_log_times(self) -> None:
+        """
+        With L{_compat.cache_log_times}, twistd's text log (Twisted's
+        C{textFileLogObserver}) writes the same lines, its time stamps
+        worked out once a second.
+        """
+        import io
+
+        from twisted.logger import _file, formatTime, textFileLogObserver
+
+        self.patch(_file, "formatTime", formatTime)
+        events = [
+            {"log_format": "one {n}", "n": n, "log_time": t}
+            for n, t in enumerate([1796136587.1, 1796136587.9, 1796136588.0, 1796136500.5])
+        ]
+
+        def lines() -> list[str]:
+            out = io.StringIO()
+            observer = textFileLogObserver(out)
+            for event in events:
+                observer(dict(event))
+            return out.getvalue().splitlines()
+
+        plain = lines()
+        calls: list[float | None] = []
+
+        def counted(when: float | None, *args: Any) -> str:
+            calls.append(when)
+            return formatTime(when, *args)
+
+        self.patch(_file, "formatTime", counted)
+        _compat.cache_log_times()
+        _compat.cache_log_times()  # once is enough
+        self.assertEqual(lines(), plain)
+        self.assertEqual(calls, [1796136587.1, 1796136588.0, 1796136500.5])
+        # Formats with fractions of a second, and no time, are not cached.
+        cached = _file.formatTime
+        self.assertEqual(cached(1.25, "%S.%f"), formatTime(1.25, "%S.%f"))
+        self.assertEqual(cached(1.5, "%S.%f"), formatTime(1.5, "%S.%f"))
+        self.assertEqual(cached(None), "-")
+
 
 def _quiet_beginner(beginner: Any, publisher: Any) -> Any:
     import io

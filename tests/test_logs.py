@@ -9,9 +9,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,6 +33,7 @@ from twisted.logger import (
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from relay.app.channel import MessageReader, encode_message, portable_event
 from relay.app.pool import ReceiverPool, ReceiverProcess
 from relay.app.settings import Settings
 from relay.logs import (
@@ -376,8 +379,8 @@ class ReceiverEventTests(SynchronousTestCase):
 
     def test_receiver_event_fields(self) -> None:
         """
-        A receiver's event, sent as the receiver sends it (L{portable},
-        then C{eventAsJSON}) and re-emitted by the master's pool, keeps its
+        A receiver's event, sent as the receiver sends it (L{portable_event},
+        in a frame of the channel) and re-emitted by the master's pool, keeps its
         structured fields (an address as its text), names its receiver,
         and its failure's traceback ends with the exception's message; its
         message reads as in the receiver.
@@ -393,7 +396,7 @@ class ReceiverEventTests(SynchronousTestCase):
                 session_id="s1", envelope_id="e1", peer=peer, sizes=(1, 2),
             )  # fmt: skip
         [original] = logged
-        text = eventAsJSON(portable(original))
+        frame = encode_message({"t": "log", "event": portable_event(original)})
         # The receiver's event itself is untouched.
         self.assertIs(original["peer"], peer)
         self.assertIsInstance(original["log_failure"].value, ValueError)
@@ -403,7 +406,8 @@ class ReceiverEventTests(SynchronousTestCase):
             count=1, listeners=[], settings=Settings(), reactor=Clock(),
             publisher=JSONLogObserver(out),
         )
-        pool.message(ReceiverProcess(pool, 1), json.dumps({"t": "log", "event": text}).encode())
+        [message] = MessageReader().feed(frame)
+        pool.message(ReceiverProcess(pool, 1), message)
         [line] = [strict_loads(x) for x in out.getvalue().splitlines()]
         self.assertEqual(
             line["message"], f"[session_id=s1] callback failed for {peer} ({peer!r})"
@@ -421,15 +425,25 @@ class ReceiverEventTests(SynchronousTestCase):
     def test_plain_event_json_loses_fields(self) -> None:
         """
         Why L{portable}: C{eventAsJSON} alone turns such fields into
-        C{{"unpersistable": true}}.
+        C{{"unpersistable": true}}, and pickle refuses some (a lock, a
+        transport); made portable they travel as their text.
         """
         logged: list[dict[str, Any]] = []
-        Logger(observer=logged.append).info("x", peer=IPv4Address("TCP", "192.0.2.9", 1))
+        lock = threading.Lock()
+        Logger(observer=logged.append).info(
+            "x", peer=IPv4Address("TCP", "192.0.2.9", 1), lock=lock
+        )
         self.assertEqual(json.loads(eventAsJSON(logged[0]))["peer"], {"unpersistable": True})
         self.assertEqual(
             json.loads(eventAsJSON(portable(logged[0])))["peer"],
             "IPv4Address(type='TCP', host='192.0.2.9', port=1)",
         )
+        self.assertRaises(TypeError, pickle.dumps, logged[0]["lock"])
+        [message] = MessageReader().feed(
+            encode_message({"t": "log", "event": portable_event(logged[0])})
+        )
+        assert isinstance(message, dict)
+        self.assertEqual(message["event"]["lock"], repr(lock))
 
 
 class DeliveryFieldsTests(SynchronousTestCase):

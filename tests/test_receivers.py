@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from typing import Any
@@ -22,11 +23,18 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger, eventAsJSON
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from relay.app.channel import CHANNEL_FD, FIRST_LISTENER_FD, StartMessage
+from relay.app.channel import (
+    CHANNEL_FD,
+    FIRST_LISTENER_FD,
+    MessageReader,
+    StartMessage,
+    encode_message,
+    portable_event,
+)
 from relay.app.listener import Listener, parse_listener
 from relay.app.pool import ReceiverPool
 from relay.app.receiver import MasterReport, Receiver
@@ -37,7 +45,6 @@ from relay.model.entry import ACTIVE, QUARANTINE, entry_for
 from relay.model.envelope import Envelope, EnvelopeWithNextHop
 from relay.model.message import Message
 from relay.simple import Simple
-from relay.spool.codec import entry_to_json
 from relay.spool.observed import ObservedSpool
 from tests import test_integration
 from tests.test_integration import ROOT, free_port
@@ -237,23 +244,23 @@ class PoolTests(SynchronousTestCase):
         first = self.spawned[0][0]
         entry = make_entry("a")
         quarantined = make_entry("q", QUARANTINE, reason="virus")
-        lines = b"".join(
-            json.dumps(m).encode("utf-8") + b"\n"
+        frames = b"".join(
+            encode_message(m)
             for m in (
-                {"t": "spooled", "entries": [entry_to_json(entry)]},
-                {"t": "quarantined", "reason": "virus", "entries": [entry_to_json(quarantined)]},
+                {"t": "spooled", "entries": [entry]},
+                {"t": "quarantined", "reason": "virus", "entries": [quarantined]},
                 {"t": "rejected"},
                 {"t": "sessions", "n": 3},
             )
         )
-        # Split anywhere: lines are reassembled.
-        for i in range(0, len(lines), 7):
-            first.childDataReceived(CHANNEL_FD, lines[i : i + 7])
+        # Split anywhere: frames are reassembled.
+        for i in range(0, len(frames), 7):
+            first.childDataReceived(CHANNEL_FD, frames[i : i + 7])
         self.assertEqual(self.spooled, [[entry]])
         self.assertEqual(self.quarantined, [([quarantined], "virus")])
         self.assertEqual(self.rejected, [None])
         self.assertEqual(pool.sessions(), 3)
-        self.spawned[1][0].childDataReceived(CHANNEL_FD, b'{"t": "sessions", "n": 2}\n')
+        self.spawned[1][0].childDataReceived(CHANNEL_FD, encode_message({"t": "sessions", "n": 2}))
         self.assertEqual(pool.sessions(), 5)
 
     def test_messages_handed_over(self) -> None:
@@ -262,49 +269,87 @@ class PoolTests(SynchronousTestCase):
         their entries, before C{on_spooled}; an entry without one gets
         C{None}.
         """
-        remembered: list[tuple[str, bytes | None, int]] = []
+        remembered: list[tuple[str, tuple[Any, ...] | None, int]] = []
         pool = self.make(
             1,
             remember=lambda entry, message: remembered.append(
-                (entry.id, message.data if message is not None else None, len(self.spooled))
+                (entry.id, message and dataclasses.astuple(message), len(self.spooled))
             ),
         )
         pool.startService()
         a, b = make_entry("a"), make_entry("b")
-        line = json.dumps(
-            {
-                "t": "spooled",
-                "entries": [entry_to_json(a), entry_to_json(b)],
-                "messages": ["U3ViamVjdDogaGkNCg0KaGVsbG8NCg==", None],
-            }
-        ).encode("utf-8")
-        self.spawned[0][0].childDataReceived(CHANNEL_FD, line + b"\n")
+        message = dataclasses.replace(
+            Message.from_bytes(b"Subject: hi\r\n\r\nhello\r\n"), canonical=True
+        )
+        frame = encode_message({"t": "spooled", "entries": [a, b], "messages": [message, None]})
+        self.spawned[0][0].childDataReceived(CHANNEL_FD, frame)
         self.assertEqual(
-            remembered, [("a-0", b"Subject: hi\r\n\r\nhello\r\n", 0), ("b-0", None, 0)]
+            remembered, [("a-0", dataclasses.astuple(message), 0), ("b-0", None, 0)]
         )
         self.assertEqual(self.spooled, [[a, b]])
 
     def test_bad_message_logged(self) -> None:
+        """
+        A frame that does not unpickle to a message, one of an unknown
+        kind and one over the limit are logged, and the frames after them
+        are read.
+        """
         errors: list[Any] = []
         self.make(1, log=Logger(observer=errors.append)).startService()
         del errors[:]  # the start's own lines
-        self.spawned[0][0].childDataReceived(CHANNEL_FD, b'not json\n{"t": "nonsense"}\n')
-        self.assertEqual([e["receiver"] for e in errors], [1, 1])
+        protocol = self.spawned[0][0]
+        protocol._channel.limit = 1000
+        garbage = b"not a pickle"
+        protocol.childDataReceived(
+            CHANNEL_FD,
+            struct.pack(">I", len(garbage)) + garbage
+            + encode_message({"t": "nonsense"})
+            + encode_message({"t": "sessions", "n": 1, "padding": "x" * 2000})[:500],
+        )  # fmt: skip
+        self.assertEqual([e["receiver"] for e in errors], [1, 1, 1])
         self.assertTrue(all(e["log_failure"] is not None for e in errors))
+        # The rest of the long frame is skipped; what follows is read.
+        tail = encode_message({"t": "sessions", "n": 1, "padding": "x" * 2000})[500:]
+        protocol.childDataReceived(CHANNEL_FD, tail + encode_message({"t": "sessions", "n": 4}))
+        self.assertEqual(len(errors), 3)
+        self.assertEqual(protocol.sessions, 4)
         self.assertEqual(self.spooled, [])
 
     def test_log_events_forwarded(self) -> None:
+        """
+        A receiver's log event reaches the master's observers with its
+        fields, its level and message, and the receiver named.
+        """
         self.started()
         events: list[dict[str, Any]] = []
         Logger(namespace="relay.smtp.server", observer=events.append).warn("queued {id}", id="x1")
-        line = json.dumps({"t": "log", "event": eventAsJSON(events[0])}).encode("utf-8") + b"\n"
-        self.spawned[1][0].childDataReceived(CHANNEL_FD, line)
+        frame = encode_message({"t": "log", "event": portable_event(events[0])})
+        self.spawned[1][0].childDataReceived(CHANNEL_FD, frame)
         [event] = self.logged
         self.assertEqual(event["receiver"], 2)
         self.assertEqual(event["id"], "x1")
         self.assertEqual(event["log_namespace"], "relay.smtp.server")
-        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertEqual(event["log_system"], "receiver-2 relay.smtp.server#warn")
+        self.assertEqual(formatEvent(event), "queued x1")
+        self.assertNotIn("log_logger", event)
+
+    def test_log_failures_forwarded(self) -> None:
+        """
+        A receiver's failure reaches the master with its traceback and
+        exception text.
+        """
+        self.started()
+        events: list[dict[str, Any]] = []
+        try:
+            raise ZeroDivisionError("by zero")
+        except ZeroDivisionError:
+            Logger(observer=events.append).failure("it broke")
+        frame = encode_message({"t": "log", "event": portable_event(events[0])})
+        self.spawned[0][0].childDataReceived(CHANNEL_FD, frame)
+        [event] = self.logged
+        self.assertEqual(event["log_level"], LogLevel.critical)
+        self.assertIn("by zero", event["log_failure"].getTraceback())
 
     def test_output_logged(self) -> None:
         events: list[dict[str, Any]] = []
@@ -352,7 +397,7 @@ class PoolTests(SynchronousTestCase):
         )
         self.clock.advance(1.0)
         restarted = self.spawned[-1][0]
-        restarted.childDataReceived(CHANNEL_FD, b'{"t": "listening"}\n')
+        restarted.childDataReceived(CHANNEL_FD, encode_message({"t": "listening"}))
         self.assertEqual(
             self.successResultOf(pool.reload(None)), "SIGHUP passed on to receivers 1"
         )
@@ -431,7 +476,6 @@ class MasterReportTests(SynchronousTestCase):
     def test_reports_commits(self) -> None:
         sent: list[dict[str, Any]] = []
         spool = ObservedSpool(FakeSpool(), MasterReport(sent.append))  # type: ignore[arg-type]
-        from relay.model.message import Message
         from tests.test_spool import make_envelope
 
         small = make_envelope("a", Message.from_bytes(b"Subject: hi\r\n\r\nhello\r\n"))
@@ -443,19 +487,23 @@ class MasterReportTests(SynchronousTestCase):
             [
                 {
                     "t": "spooled",
-                    "entries": [entry_to_json(e) for e in entries],
+                    "entries": entries,
                     # the message in memory goes along, the spilled one not
-                    "messages": ["U3ViamVjdDogaGkNCg0KaGVsbG8NCg==", None],
+                    "messages": [small.envelope.message, None],
                 }
             ],
         )
-        # What the master reads back is the same entries.
-        from relay.spool.codec import entry_from_json
-
-        self.assertEqual([entry_from_json(e) for e in sent[0]["entries"]], entries)
+        # What the master reads is the same entries and message.
+        [read] = MessageReader().feed(encode_message(sent[0]))
+        assert isinstance(read, dict)
+        self.assertEqual(read["entries"], entries)
+        self.assertEqual(
+            [m and dataclasses.astuple(m) for m in read["messages"]],
+            [dataclasses.astuple(small.envelope.message), None],
+        )
         del sent[:]
         [q] = self.successResultOf(spool.quarantine([], "spam", received_from="h"))
-        self.assertEqual(sent, [{"t": "quarantined", "reason": "spam", "entries": [entry_to_json(q)]}])
+        self.assertEqual(sent, [{"t": "quarantined", "reason": "spam", "entries": [q]}])
 
     def test_passes_the_rest(self) -> None:
         spool = ObservedSpool(FakeSpool(), MasterReport(lambda m: None))  # type: ignore[arg-type]
@@ -470,6 +518,24 @@ class MasterReportTests(SynchronousTestCase):
         spool = ObservedSpool(FakeSpool(), MasterReport(broken))  # type: ignore[arg-type]
         self.assertEqual(len(self.successResultOf(spool.enqueue([]))), 2)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+
+
+class ReceiverMainTests(SynchronousTestCase):
+    def test_refuses_another_version(self) -> None:
+        """
+        A receiver started by a master of another relay version (one
+        upgraded on disk while it ran) exits with one line saying so,
+        before it serves: their messages to each other are pickles of
+        their own classes.
+        """
+        start = StartMessage(number=1, settings=Settings(), listeners=(), version="0.0.0-other")
+        done = subprocess.run(
+            [sys.executable, "-m", "relay.app.receiver", "1"],
+            input=start.to_line(), capture_output=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        self.assertNotEqual(done.returncode, 0)
+        self.assertIn(b"its master 0.0.0-other: restart the relay", done.stderr)
+        self.assertEqual(done.stderr.count(b"\n"), 1, done.stderr)
 
 
 class FakeListeningPort:

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from relay import service as relay_service
+from relay.app.channel import CHANNEL_FD, encode_message
 from relay.delivery.scheduler import DeliveryScheduler
 from relay.simple import Simple
 from relay.tap import Options
@@ -430,7 +431,7 @@ class ReceiversServiceTests(SynchronousTestCase):
         top.privilegedStartService()
         top.startService()
         for process in self.reactor.spawned:
-            process.childDataReceived(3, b'{"t": "sessions", "n": 2}\n')
+            process.childDataReceived(CHANNEL_FD, encode_message({"t": "sessions", "n": 2}))
         self.assertEqual(top.metrics.registry.get_sample_value("relay_sessions"), 4.0)
         d = top.stopService()
         for process in self.reactor.spawned:

@@ -40,7 +40,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from relay.app.build import load_tls_context
-from relay.app.channel import StartMessage
+from relay.app.channel import CHANNEL_FD, StartMessage, encode_message
 from relay.app.listener import Listener, parse_listener
 from relay.app.pool import ReceiverPool
 from relay.app.receiver import Receiver
@@ -986,16 +986,16 @@ class PoolReloadTests(SynchronousTestCase):
         )
         self.pool.startService()
         first, second = self.spawned
-        first.childDataReceived(3, b'{"t": "listening"}\n')
+        first.childDataReceived(CHANNEL_FD, encode_message({"t": "listening"}))
         text = self.successResultOf(self.pool.reload(None))
         self.assertEqual(
             text, "SIGHUP passed on to receivers 1; receivers 2 get it once they are listening"
         )
         self.assertEqual(first.transport.signals, ["HUP"])
         self.assertEqual(second.transport.signals, [])
-        second.childDataReceived(3, b'{"t": "listening"}\n')
+        second.childDataReceived(CHANNEL_FD, encode_message({"t": "listening"}))
         self.assertEqual(second.transport.signals, ["HUP"])
-        second.childDataReceived(3, b'{"t": "listening"}\n')
+        second.childDataReceived(CHANNEL_FD, encode_message({"t": "listening"}))
         self.assertEqual(second.transport.signals, ["HUP"])
 
 

@@ -26,8 +26,6 @@ seconds starts the count again.
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import socket
 import sys
@@ -49,7 +47,10 @@ from relay.app.channel import (
     FIRST_LISTENER_FD,
     MAX_LINE,
     RECEIVER_MODULE,
+    ChannelError,
+    MessageReader,
     StartMessage,
+    event_from_portable,
 )
 from relay.app.listener import Listener, open_listener
 from relay.app.settings import Settings
@@ -80,11 +81,16 @@ class ReceiverProcess(ProcessProtocol):
         self.started_at = 0.0
         self.sessions = 0
         self._buffers: dict[int, bytes] = {}
+        self._channel = MessageReader()
 
     def connectionMade(self) -> None:
         self.transport.write(self.pool.start_message(self.number).to_line())
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd == CHANNEL_FD:
+            for message in self._channel.feed(data):
+                self.pool.message(self, message)
+            return
         buffer = self._buffers.get(fd, b"") + data
         *lines, rest = buffer.split(b"\n")
         if len(rest) > MAX_LINE:
@@ -94,9 +100,7 @@ class ReceiverProcess(ProcessProtocol):
             rest = b""
         self._buffers[fd] = rest
         for line in lines:
-            if fd == CHANNEL_FD:
-                self.pool.message(self, line)
-            elif line.strip():
+            if line.strip():
                 self.pool.output(self, fd, line)
 
     def childConnectionLost(self, fd: int) -> None:
@@ -495,34 +499,25 @@ class ReceiverPool(Service):
         if life is not None and self._receivers[process.number].process is process:
             life.ended(reason)
 
-    def message(self, process: ReceiverProcess, line: bytes) -> None:
+    def message(self, process: ReceiverProcess, data: dict[str, Any] | ChannelError) -> None:
         """
         One message from receiver C{process} (see L{relay.app.channel}).
         """
         try:
-            data = json.loads(line)
+            if isinstance(data, ChannelError):
+                raise data
             kind = data["t"]
             if kind == "log":
                 self._log_event(process, data["event"])
             elif kind == "spooled":
-                from relay.spool.codec import entry_from_json
-
-                entries = [entry_from_json(e) for e in data["entries"]]
+                entries = data["entries"]
                 if self.remember is not None:
-                    from relay.model.message import Message
-
-                    bodies = data.get("messages") or [None] * len(entries)
-                    for entry, body in zip(entries, bodies, strict=True):
-                        self.remember(
-                            entry, Message.from_bytes(base64.b64decode(body)) if body else None
-                        )
+                    messages = data.get("messages") or [None] * len(entries)
+                    for entry, message in zip(entries, messages, strict=True):
+                        self.remember(entry, message)
                 self.on_spooled(entries)
             elif kind == "quarantined":
-                from relay.spool.codec import entry_from_json
-
-                self.on_quarantined(
-                    [entry_from_json(e) for e in data["entries"]], str(data["reason"])
-                )
+                self.on_quarantined(data["entries"], str(data["reason"]))
             elif kind == "rejected":
                 self.on_rejected()
             elif kind == "sessions":
@@ -535,16 +530,16 @@ class ReceiverPool(Service):
                 raise ValueError(f"unknown message {kind!r}")
         except Exception:
             self.log.failure(
-                "Bad message from receiver {receiver}: {line!r}",
-                receiver=process.number, line=line[:200],
+                "Bad message from receiver {receiver}: {message!r}",
+                receiver=process.number, message=str(data)[:200],
             )  # fmt: skip
 
-    def _log_event(self, process: ReceiverProcess, text: str) -> None:
-        from twisted.logger import eventFromJSON, globalLogPublisher
+    def _log_event(self, process: ReceiverProcess, event: dict[str, Any]) -> None:
+        from twisted.logger import globalLogPublisher
 
-        event = eventFromJSON(text)
+        event = event_from_portable(event)
         event["receiver"] = process.number
-        level = getattr(event.get("log_level"), "name", "info")
+        level = event["log_level"].name
         namespace = event.get("log_namespace", "-")
         event["log_system"] = f"receiver-{process.number} {namespace}#{level}"
         (self.publisher or globalLogPublisher)(event)

@@ -23,8 +23,6 @@ Without C{tls_cert} it does without pyOpenSSL
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import sys
@@ -33,6 +31,7 @@ from typing import Any, Callable, Sequence
 from twisted.logger import Logger
 from zope.interface import implementer
 
+import relay
 from relay.app._compat import keep_openssl_out
 from relay.app.build import Parts
 from relay.app.channel import (
@@ -41,6 +40,8 @@ from relay.app.channel import (
     HANDOVER_BYTES,
     SESSIONS_INTERVAL,
     StartMessage,
+    encode_message,
+    portable_event,
 )
 from relay.interfaces import ISpoolObserver
 from relay.spool.observed import ObservedSpool
@@ -58,23 +59,17 @@ class MasterReport:
         self._send = send
 
     def spooled(self, entries: Sequence[Any], envelopes: Sequence[Any]) -> None:
-        from relay.spool.codec import entry_to_json
-
-        # Small messages go along (base64), so that the master delivers
-        # them without reading back what was just written.
-        bodies: list[str | None] = []
+        # Small messages go along, so that the master delivers them
+        # without reading back what was just written.
+        messages: list[Any] = []
         for e in envelopes:
-            data = e.envelope.message.data
-            if data is not None and len(data) <= HANDOVER_BYTES:
-                bodies.append(base64.b64encode(data).decode("ascii"))
-            else:
-                bodies.append(None)
-        self._send(dict(t="spooled", entries=[entry_to_json(e) for e in entries], messages=bodies))
+            message = e.envelope.message
+            small = message.data is not None and len(message.data) <= HANDOVER_BYTES
+            messages.append(message if small else None)
+        self._send(dict(t="spooled", entries=list(entries), messages=messages))
 
     def quarantined(self, entries: Sequence[Any], reason: str) -> None:
-        from relay.spool.codec import entry_to_json
-
-        self._send(dict(t="quarantined", entries=[entry_to_json(e) for e in entries], reason=reason))
+        self._send(dict(t="quarantined", entries=list(entries), reason=reason))
 
 
 class AcceptGate:
@@ -294,7 +289,7 @@ class _Channel:
 
     def send(self, message: dict[str, Any]) -> None:
         if not self.closed:
-            self.io.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
+            self.io.write(encode_message(message))
 
     def close(self, timeout: float = 5.0) -> Any:
         """
@@ -328,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Until the reload service takes SIGHUP over: its default would end us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     start_message = _read_start()
+    if start_message.version != relay.__version__:
+        raise SystemExit(
+            f"relay.app.receiver: this is relay {relay.__version__}, its master"
+            f" {start_message.version}: restart the relay after an upgrade"
+        )
     for entry in reversed(start_message.path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from twisted.internet import reactor as _reactor
 
     reactor: Any = _reactor
-    from twisted.logger import eventAsJSON, globalLogBeginner
+    from twisted.logger import globalLogBeginner
 
     stopping: list[bool] = []
 
@@ -361,13 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     channel = _Channel(reactor, master_gone)
 
-    from relay.logs import portable
-
     def forward(event: dict[str, Any]) -> None:
         try:
-            # portable: fields JSON cannot hold travel as their text, not as
-            # eventAsJSON's {"unpersistable": true}.
-            channel.send({"t": "log", "event": eventAsJSON(portable(event))})
+            channel.send({"t": "log", "event": portable_event(event)})
         except Exception:
             pass
 
