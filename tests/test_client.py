@@ -434,6 +434,28 @@ class TransactionTests(SynchronousTestCase):
         self.assertIsNone(err.reply)
         self.assertTrue(hop.transport.disconnecting)
 
+    def test_reply_timeout_counts_from_each_wait(self) -> None:
+        """
+        Each reply gets the whole reply timeout, counted from when the
+        client starts waiting for it; one timer serves the connection's
+        replies, and none is left once it is closed.
+        """
+        hop = Hop(self, reply_timeout=60)
+        hop.connect()
+        hop.reactor.advance(50)
+        hop.reply("220 hop.test ESMTP")
+        hop.expect(b"EHLO relay.test\r\n")
+        hop.reply("250 hop.test")
+        self.assertEqual(len(hop.reactor.getDelayedCalls()), 1)
+        # The MAIL (and RCPT, DATA) wait started at 50: not over at 109.
+        hop.reactor.advance(59)
+        self.assertEqual(hop.result, [])
+        hop.reactor.advance(1)
+        self.assertFalse(hop.error().permanent)
+        self.assertTrue(hop.transport.disconnecting)
+        hop.protocol.connectionLost(Failure(Exception("aborted")))
+        self.assertEqual(hop.reactor.getDelayedCalls(), [])
+
     def test_connection_lost(self) -> None:
         """
         The hop closing the connection mid-transaction is a transient error.
