@@ -1675,6 +1675,38 @@ class FormatMigrationTests(SynchronousTestCase):
         self.assertNotIn("reason", plain)
 
 
+class EntryReplaceTests(SynchronousTestCase):
+    """
+    L{SpoolEntry.replace} is C{dataclasses.replace}.
+    """
+
+    def test_same_as_dataclasses_replace(self) -> None:
+        """
+        The copy has the changes and the other fields; fields given as
+        lists become tuples, as the constructor makes them; the original
+        is untouched.
+        """
+        entry = entry_from_json(V1_ENTRY)
+        changes: dict[str, Any] = dict(
+            recipients=[EmailAddress("x", "example.org")], step=3, reason="r"
+        )
+        copy = entry.replace(**changes)
+        self.assertEqual(copy, dataclasses.replace(entry, **changes))
+        self.assertEqual(copy.recipients, (EmailAddress("x", "example.org"),))
+        self.assertIsInstance(copy.recipients, tuple)
+        self.assertEqual(entry, entry_from_json(V1_ENTRY))
+        self.assertEqual(entry.replace(), entry)
+
+    def test_unknown_field(self) -> None:
+        """
+        A name that is not a field is a C{TypeError}, as for
+        C{dataclasses.replace}.
+        """
+        entry = entry_from_json(V1_ENTRY)
+        self.assertRaises(TypeError, entry.replace, recipient=())
+        self.assertRaises(TypeError, dataclasses.replace, entry, recipient=())
+
+
 class IdTests(SynchronousTestCase):
     """
     Envelope ids carry their creation time and sort by it.

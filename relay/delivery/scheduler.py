@@ -621,8 +621,7 @@ class DeliveryScheduler(Service):
             entry, outcomes, expired=expired, retry_at=step[0] if step is not None else None
         )
         attempts = [attempt for attempt, _ in outcomes]
-        updated = dataclasses.replace(
-            entry,
+        updated = entry.replace(
             recipients=tuple(remaining),
             failed_recipients=tuple(entry.failed_recipients) + tuple(failed),
             delivered_recipients=tuple(entry.delivered_recipients) + tuple(delivered),
@@ -630,8 +629,7 @@ class DeliveryScheduler(Service):
         if expired:
             # The retries ran out: what is left failed for good.
             last = updated.last_error or "no reply"
-            updated = dataclasses.replace(
-                updated,
+            updated = updated.replace(
                 recipients=(),
                 failed_recipients=tuple(updated.failed_recipients)
                 + tuple((str(r), last) for r in remaining),
@@ -652,15 +650,15 @@ class DeliveryScheduler(Service):
             if step is not None:
                 at = min(at, step[0])
             new_step = entry.step + 1 if step is not None and tried else entry.step
-            updated = dataclasses.replace(updated, step=new_step, next_attempt_at=at)
+            updated = updated.replace(step=new_step, next_attempt_at=at)
             await self.spool.update(updated)
             self._wait(updated, waits, wake)
             return
         at, later = step
         if self._warning_due(updated, now):
             await self._warn(updated, message, now, at + sum(later))
-            updated = dataclasses.replace(updated, warned_at=now)
-        updated = dataclasses.replace(updated, step=entry.step + 1, next_attempt_at=at)
+            updated = updated.replace(warned_at=now)
+        updated = updated.replace(step=entry.step + 1, next_attempt_at=at)
         updated = await self.spool.update(updated)
         last_class = next(
             (a.failure_class for a in reversed(attempts) if a.failure_class is not None), None
@@ -702,8 +700,8 @@ class DeliveryScheduler(Service):
         tell = [(r, text) for r, text in unreported if self._asked(entry, r, dsn.FAILURE)]
         bounced = bool(tell) and await self._bounce(entry, tell, message, now, expired)
         if unreported:
-            entry = dataclasses.replace(
-                entry, reported=tuple(entry.reported) + tuple(r for r, _ in unreported)
+            entry = entry.replace(
+                reported=tuple(entry.reported) + tuple(r for r, _ in unreported)
             )
         last = entry.failed_recipients[-1][1]
         if expired:
@@ -714,7 +712,7 @@ class DeliveryScheduler(Service):
             reason += " (bounced)"
         if self.bounced_lifetime <= 0:
             # --bounced-lifetime 0: nothing is kept once settled.
-            await self.expiry.remove(dataclasses.replace(entry, queue=FROZEN, reason=reason), 0)
+            await self.expiry.remove(entry.replace(queue=FROZEN, reason=reason), 0)
             return
         await self._freeze(entry, reason)
 
@@ -769,7 +767,7 @@ class DeliveryScheduler(Service):
 
     async def _freeze(self, entry: SpoolEntry, reason: str) -> None:
         now = self.clock.seconds()
-        await self.spool.update(dataclasses.replace(entry, reason=reason, moved_at=now))
+        await self.spool.update(entry.replace(reason=reason, moved_at=now))
         await self.spool.move(entry.id, FROZEN)
         self.log.warn(
             "{entry_id}: frozen: {reason}",

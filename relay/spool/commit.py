@@ -434,7 +434,7 @@ class Committer:
             try:
                 queue = find_queue(layout, entry.id)
                 if entry.queue != queue:
-                    entry = dataclasses.replace(entry, queue=queue)
+                    entry = entry.replace(queue=queue)
                 tmp = layout.metadata_tmp(queue, entry.id)
                 unlink_if_present(fs, tmp)
                 # A waiting entry's mtime is its next attempt: the scheduler
@@ -486,7 +486,7 @@ class Committer:
         entry = read_entry(layout, source, entry_id)
         if source == queue:
             return entry
-        moved = dataclasses.replace(entry, queue=queue)
+        moved = entry.replace(queue=queue)
         if queue == QUARANTINE:
             q_eml = layout.quarantined_message_path(entry_id)
             unlink_if_present(fs, q_eml)
