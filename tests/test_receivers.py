@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -333,6 +334,24 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(event["log_system"], "receiver-2 relay.smtp.server#warn")
         self.assertEqual(formatEvent(event), "queued x1")
         self.assertNotIn("log_logger", event)
+
+    def test_log_event_text_as_in_receiver(self) -> None:
+        """
+        An event of plain fields (sent as it is) and one with an object
+        (flattened first) read in the master as they would have in the
+        receiver, conversions and format specs included.
+        """
+        self.started()
+        events: list[dict[str, Any]] = []
+        log = Logger(observer=events.append)
+        log.info("{s!r} {n:03d} {f:.1f} {none}", s="x", n=5, f=2.25, none=None)
+        log.info("{peer!r} {peer}", peer=IPv4Address("TCP", "192.0.2.1", 25))
+        for event in events:
+            frame = encode_message({"t": "log", "event": portable_event(event)})
+            self.spawned[0][0].childDataReceived(CHANNEL_FD, frame)
+        self.assertEqual(
+            [formatEvent(e) for e in self.logged], [formatEvent(e) for e in events]
+        )
 
     def test_log_failures_forwarded(self) -> None:
         """
