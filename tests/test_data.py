@@ -301,6 +301,50 @@ class CanonicalTests(SynchronousTestCase):
             self.assertTrue(canonical, body)
 
 
+class DotSeenTests(SynchronousTestCase):
+    """
+    L{DataReader.dot_seen}: a line of the message began with a dot.
+    """
+
+    def test_examples(self) -> None:
+        for wire, seen in [
+            (b"a\r\nb\r\n.\r\n", False),
+            (b"..a\r\nb\r\n.\r\n", True),
+            (b"a\r\n..\r\n.\r\n", True),
+            (b"a.b\r\n.\r\n", False),
+            (b".\r\n", False),
+            (b"a\n.b\r\n.\r\n", True),
+        ]:
+            _, _, reader = decode(wire)
+            self.assertTrue(reader.done, wire)
+            self.assertEqual(reader.dot_seen, seen, wire)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\r", b"\n", b"\r\n.\r"]), max_size=40),
+        st.integers(min_value=1, max_value=7),
+    )
+    def test_dot_free_needs_no_stuffing(self, parts: list[bytes], step: int) -> None:
+        """
+        In any chunking: without C{dot_seen}, no line of the decoded body
+        begins with a dot; and the end marker is found where it is.
+        """
+        wire = b"".join(parts) + b"\r\n.\r\nTAIL"
+        out: list[bytes] = []
+        reader = DataReader(out.append)
+        rest = None
+        for i in range(0, len(wire), step):
+            rest = reader.feed(wire[i : i + step])
+            if rest is not None:
+                rest += wire[i + step :]
+                break
+        self.assertTrue(reader.done)
+        self.assertEqual(decode(wire)[:2], (b"".join(out), rest))
+        body = b"".join(out)
+        if not reader.dot_seen and not reader.lone_cr_seen:
+            self.assertFalse(any(line.startswith(b".") for line in body.split(b"\r\n")), body)
+
+
 class LongLineTests(SynchronousTestCase):
     """
     L{_has_long_line} agrees with the definition: some run of bytes

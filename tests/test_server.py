@@ -566,19 +566,23 @@ class DataTests(ServerTestCase):
     def test_canonical(self) -> None:
         """
         A message received with DATA is stored canonical (bare LFs made
-        CRLF), and its entry says so, unless it holds a lone CR.
+        CRLF), and its entry says so, unless it holds a lone CR; and dot
+        free (it needs no stuffing to go out) unless a line began with a
+        dot.
         """
-        for body, canonical in [
-            ("Subject: hi\r\n\r\nbare\nlf\r\n.\r\n", True),
-            ("Subject: hi\r\n\r\nlone\rcr\r\n.\r\n", False),
+        for body, canonical, dot_free in [
+            ("Subject: hi\r\n\r\nbare\nlf\r\n.\r\n", True, True),
+            ("Subject: hi\r\n\r\nlone\rcr\r\n.\r\n", False, False),
+            ("Subject: hi\r\n\r\n..dot\r\n.\r\n", True, False),
         ]:
             h = self.harness()
             self.transcript(h, MAIL_TXN)
             h.send(body)
             self.transcript(h, "< 250 2.0.0 Ok: queued")
             [entry] = self.entries(h)
-            envelope = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope
-            self.assertEqual((envelope.message.canonical, entry.message_canonical), (canonical,) * 2)
+            message = self.callbacks.calls_to(ProcessEnvelopeCall)[-1].envelope.message
+            self.assertEqual((message.canonical, entry.message_canonical), (canonical,) * 2)
+            self.assertEqual((message.dot_free, entry.message_dot_free), (dot_free,) * 2)
             h.disconnect()
 
     def test_consume(self) -> None:

@@ -1435,6 +1435,12 @@ class CodecTests(SynchronousTestCase):
         entry = dataclasses.replace(entry, message_canonical=True)
         self.assertTrue(entry_to_json(entry)["message_canonical"])
         self.assertTrue(entry.envelope(message).message.canonical)
+        self.assertFalse(entry.envelope(message).message.dot_free)
+        self.assertNotIn("message_dot_free", entry_to_json(entry))
+        entry = dataclasses.replace(entry, message_dot_free=True)
+        self.assertTrue(entry_to_json(entry)["message_dot_free"])
+        self.assertTrue(entry_from_json(entry_to_json(entry)).message_dot_free)
+        self.assertTrue(entry.envelope(message).message.dot_free)
 
     def test_file_round_trip(self) -> None:
         """

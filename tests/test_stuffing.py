@@ -84,6 +84,27 @@ class DotStufferTests(SynchronousTestCase):
         self.assertEqual(out, encode([body]))
 
     @given(_interesting, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+    def test_dot_free_body(self, data: bytes, cuts: list[int]) -> None:
+        """
+        A canonical body none of whose lines begins with a dot
+        (C{dot_free=True}) encodes, in any chunking, to the same bytes as
+        one that is searched for dots; C{dot_free} alone (not canonical)
+        changes nothing.
+        """
+        body = normalize(data)
+        lines = body.split(b"\r\n")
+        body = b"\r\n".join(line.lstrip(b".") for line in lines)
+        for canonical in (True, False):
+            stuffer = DotStuffer(canonical=canonical, dot_free=True)
+            out = b"".join(stuffer.encode(c) for c in split(body, cuts)) + stuffer.finish()
+            self.assertEqual(out, encode([body]))
+            self.assertEqual(stuffer.size, len(out))
+        if b"\r" in data or b"\n" in data:
+            # Not canonical: a dot after a lone CR still gets stuffed.
+            stuffer = DotStuffer(dot_free=True)
+            self.assertEqual(stuffer.encode(b"a\r.b") + stuffer.finish(), b"a\r\n..b\r\n.\r\n")
+
+    @given(_interesting, st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
     def test_wire_form(self, data: bytes, cuts: list[int]) -> None:
         """
         The output has no bare CR or LF, every line starting with a dot is

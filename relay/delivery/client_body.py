@@ -84,7 +84,7 @@ async def write_data_body(
     out in one write: a separate small write would wait for the hop's
     delayed ACK.
     """
-    stuffer = DotStuffer(canonical=message.canonical)
+    stuffer = DotStuffer(canonical=message.canonical, dot_free=message.dot_free)
     data = message.data
     if data is not None and len(data) <= CHUNK_SIZE:
         # The common case (the spool keeps small messages in memory): one

@@ -195,6 +195,8 @@ class SpoolEntry:
     @ivar message_canonical: the message file's line endings are all CRLF
         (L{Message.canonical<relay.model.message.Message.canonical>}), so
         that delivery need not normalize them.
+    @ivar message_dot_free: and no line of it begins with a dot
+        (L{Message.dot_free<relay.model.message.Message.dot_free>}).
     @ivar warned_at: when the sender was warned that delivery is late
         (C{--delay-warning}), or C{None}: one warning per entry.
     """
@@ -224,6 +226,7 @@ class SpoolEntry:
     tls_policy: str | None = None
     warned_at: float | None = None
     message_canonical: bool = False
+    message_dot_free: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -323,7 +326,7 @@ class SpoolEntry:
             sender_args=self.sender_args,
             recipients=self.recipients,
             message=(
-                replace(message, canonical=True)
+                replace(message, canonical=True, dot_free=self.message_dot_free)
                 if self.message_canonical and not message.canonical
                 else message
             ),
@@ -361,6 +364,7 @@ def entry_for(
         next_attempt_at=now,
         message_size=env.message.size,
         message_canonical=env.message.canonical,
+        message_dot_free=env.message.canonical and env.message.dot_free,
         recipient_args=env.recipient_args,
         rejected_recipients=env.rejected_recipients,
         reason=reason,

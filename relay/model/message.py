@@ -82,6 +82,10 @@ class Message:
         client then sends the bytes without normalizing their line
         endings (L{relay.smtp.stuffing.DotStuffer}).  C{False}: not known
         (a message a plugin composed, say), and they are normalized.
+    @ivar dot_free: besides C{canonical}, no line begins with a dot (the
+        server saw no dot-stuffing): the bytes go out under DATA as they
+        are, not even searched for dots to stuff.  Only meaningful with
+        C{canonical} (normalizing line endings can make new lines).
     """
 
     headers: tuple[tuple[str, str], ...]
@@ -89,6 +93,7 @@ class Message:
     data: bytes | None = None
     path: str | None = field(default=None)
     canonical: bool = False
+    dot_free: bool = False
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Message:

@@ -54,6 +54,9 @@ class DataReader:
         long that it went in pieces): without it, and with bare LFs
         normalized, the decoded bytes are canonical
         (L{Message.canonical<relay.model.message.Message.canonical>}).
+    @ivar dot_seen: a line began with a dot (it was stuffed); without
+        one, a canonical message needs no stuffing to go out again
+        (L{Message.dot_free<relay.model.message.Message.dot_free>}).
     @ivar max_line_length_exceeded: a line was longer than 998 bytes.
     @ivar done: the end marker was seen.
     """
@@ -66,6 +69,7 @@ class DataReader:
         self.size = 0
         self.bare_lf_seen = False
         self.lone_cr_seen = False
+        self.dot_seen = False
         self.max_line_length_exceeded = False
         self.done = False
 
@@ -82,16 +86,21 @@ class DataReader:
         if self._state == _AFTER_CRLF and buf[:3] == b".\r\n":
             self._finish()
             return buf[3:]
-        idx = buf.find(b"\r\n.\r\n")
+        # The end marker holds a line that begins with a dot: one search
+        # for those (which unstuffing needs anyway) tells whether to look
+        # for the marker at all; most chunks have neither (1 MiB of
+        # smtp-source's lines: 4.6 ms decoded, 3.9 this way).
+        dot = buf.find(b"\n.")
+        idx = buf.find(b"\r\n.\r\n", max(0, dot - 1)) if dot >= 0 else -1
         if idx >= 0:
             self._carry = b""
-            self._process(buf[: idx + 2])
+            self._process(buf[: idx + 2], dot < idx + 2)
             self._finish()
             return buf[idx + 5 :]
         last = buf.rfind(b"\n")
         if last >= 0:
             self._carry = buf[last + 1 :]
-            self._process(buf[: last + 1])
+            self._process(buf[: last + 1], 0 <= dot < last)
         else:
             self._carry = buf
         if len(self._carry) > MAX_CARRY:
@@ -102,6 +111,7 @@ class DataReader:
             head, self._carry = self._carry[:-1], self._carry[-1:]
             if self._state != _MID_LINE and head[:1] == b".":
                 head = head[1:]
+                self.dot_seen = True
             self._state = _MID_LINE
             self._emit(head)
         return None
@@ -110,10 +120,13 @@ class DataReader:
         self.done = True
         self._carry = b""
 
-    def _process(self, block: bytes) -> None:
+    def _process(self, block: bytes, dots: bool = True) -> None:
         """
         Decode C{block}: complete lines (it ends with LF), starting where
         the state says.
+
+        @param dots: whether a line after the first in C{block} may begin
+            with a dot (C{False}: known not to, no search for them).
         """
         if not block:
             return
@@ -134,7 +147,12 @@ class DataReader:
                 block = _BARE_LF.sub(b"\r\n", block)
         if self._state != _MID_LINE and block[:1] == b".":
             block = block[1:]
-        block = block.replace(b"\n.", b"\n")
+            self.dot_seen = True
+        if dots:
+            unstuffed = block.replace(b"\n.", b"\n")
+            if len(unstuffed) != len(block):
+                self.dot_seen = True
+            block = unstuffed
         self._state = _AFTER_CRLF if ends_crlf else _AFTER_LF
         self._emit(block)
 

@@ -144,7 +144,11 @@ class IncomingMessage:
         return None
 
     async def finish(
-        self, t: Transaction, bare_lf_seen: bool = False, canonical: bool = False
+        self,
+        t: Transaction,
+        bare_lf_seen: bool = False,
+        canonical: bool = False,
+        dot_free: bool = False,
     ) -> None:
         """
         The message ended: check it, complete it in the spool, ask the
@@ -154,6 +158,8 @@ class IncomingMessage:
             C{--reject-bare-lf}).
         @param canonical: the bytes stored are canonical
             (L{Message.canonical<relay.model.message.Message.canonical>}).
+        @param dot_free: and no line of them begins with a dot
+            (L{Message.dot_free<relay.model.message.Message.dot_free>}).
         """
         protocol = self._protocol
         headers = self._checked_headers(bare_lf_seen)
@@ -164,7 +170,7 @@ class IncomingMessage:
             assert writer is not None
             message = await writer.finish(headers)
             if canonical:
-                message = dataclasses.replace(message, canonical=True)
+                message = dataclasses.replace(message, canonical=True, dot_free=dot_free)
         except Exception:
             protocol.log.failure("finishing the message failed")
             protocol.reply(spool_error(Failure()))

@@ -247,7 +247,10 @@ class MailTransaction:
         assert t is not None and incoming is not None and data is not None
         try:
             await incoming.finish(
-                t, bare_lf_seen=data.bare_lf_seen, canonical=not data.lone_cr_seen
+                t,
+                bare_lf_seen=data.bare_lf_seen,
+                canonical=not data.lone_cr_seen,
+                dot_free=not data.dot_seen,
             )
         finally:
             self.reset()

@@ -135,6 +135,7 @@ def _to_v2(entry: SpoolEntry) -> dict[str, Any]:
         "tls_policy": entry.tls_policy,
         "warned_at": entry.warned_at,
         "message_canonical": entry.message_canonical,
+        "message_dot_free": entry.message_dot_free,
         "moved_at": entry.moved_at if entry.moved_at != entry.created_at else None,
     }
     data.update((key, value) for key, value in optional.items() if value)
@@ -173,6 +174,7 @@ def _from_v2(data: dict[str, Any], queue: str | None) -> SpoolEntry:
         warned_at=float(data["warned_at"]) if data.get("warned_at") is not None else None,
         # Absent from entries written before it was recorded: normalized.
         message_canonical=bool(data.get("message_canonical", False)),
+        message_dot_free=bool(data.get("message_dot_free", False)),
     )
 
 
