@@ -120,8 +120,11 @@ class DeliveryScheduler(Service):
         self.smarthost = smarthost
         self.stop_timeout = stop_timeout
         self.wait_for = wait_for
-        if log is not None:
-            self.log = log
+        # Made once: a Logger class attribute makes a new Logger at every
+        # self.log (its __get__), several times a message delivered.
+        self.log = log if log is not None else Logger(
+            namespace=f"{__name__}.{type(self).__name__}", source=self
+        )
         self.jobs: dict[str, Deferred[None]] = {}
         # The jobs that hold one of the max_send_jobs slots: those not yet
         # recording their outcome in the spool (see _pump).  The others are
