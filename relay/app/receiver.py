@@ -374,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reloading: list[Any] = []
 
     def start() -> None:
+        from relay.app.heap import settle_startup_heap
         from relay.app.reload import ReloadService
 
         try:
@@ -384,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             service.startService()
             reloading.append(service)
             receiver.start()
+            settle_startup_heap()
         except Exception:
             # Not serving: exit, so that the master sees it (and retries
             # after its backoff) rather than a receiver that does nothing.
