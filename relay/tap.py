@@ -494,14 +494,11 @@ def makeService(options: Options):  # type: ignore[no-untyped-def]
     start) ends the process here, before twistd starts logging or goes to
     the background, with one line naming the problem.
     """
-    from relay.app._compat import cache_log_times
     from relay.app.build import build_relay, default_reactor
     from relay.app.directories import StartupError, prepare_directories
     from relay.dkim import DkimKeysError
     from relay.spool.lock import SpoolLocked, check_unlocked
 
-    # twistd's text log, which writes a line or two a message.
-    cache_log_times()
     try:
         prepare_directories(options["spool"], options["quarantine"])
         check_unlocked(options["spool"])

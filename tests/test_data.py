@@ -254,6 +254,23 @@ class DataReaderTests(SynchronousTestCase):
         self.assertEqual(decode_chunks(chunks), (body, b"TAIL"))
 
 
+# Bodies made of the pieces that line endings and dot-stuffing turn on.
+_BODY_PARTS = st.lists(
+    st.sampled_from([b".", b"a", b"\r\n", b"\r", b"\n", b"\r\n.\r"]), max_size=40
+)
+
+
+def check_flag(test: SynchronousTestCase, name: str, cases: list[tuple[bytes, bool]]) -> None:
+    """
+    Each wire form in C{cases} decodes completely and leaves the reader's
+    flag C{name} as given.
+    """
+    for wire, expected in cases:
+        _, _, reader = decode(wire)
+        test.assertTrue(reader.done, wire)
+        test.assertEqual(getattr(reader, name), expected, wire)
+
+
 class CanonicalTests(SynchronousTestCase):
     """
     L{DataReader.lone_cr_seen}: without it the decoded bytes are canonical
@@ -262,16 +279,17 @@ class CanonicalTests(SynchronousTestCase):
     """
 
     def test_examples(self) -> None:
-        for wire, lone in [
-            (b"a\r\nb\r\n.\r\n", False),
-            (b"a\nb\r\n.\r\n", False),
-            (b"a\rb\r\n.\r\n", True),
-            (b"a\r\r\n.\r\n", True),
-            (b".\r\n", False),
-        ]:
-            _, _, reader = decode(wire)
-            self.assertTrue(reader.done, wire)
-            self.assertEqual(reader.lone_cr_seen, lone, wire)
+        check_flag(
+            self,
+            "lone_cr_seen",
+            [
+                (b"a\r\nb\r\n.\r\n", False),
+                (b"a\nb\r\n.\r\n", False),
+                (b"a\rb\r\n.\r\n", True),
+                (b"a\r\r\n.\r\n", True),
+                (b".\r\n", False),
+            ],
+        )
 
     def test_line_in_pieces(self) -> None:
         """
@@ -282,10 +300,7 @@ class CanonicalTests(SynchronousTestCase):
         self.assertTrue(reader.lone_cr_seen)
 
     @settings(max_examples=300, deadline=None)
-    @given(
-        st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\r", b"\n", b"\r\n.\r"]), max_size=40),
-        st.integers(min_value=1, max_value=7),
-    )
+    @given(_BODY_PARTS, st.integers(min_value=1, max_value=7))
     def test_canonical_when_no_lone_cr(self, parts: list[bytes], step: int) -> None:
         wire = b"".join(parts) + b"\r\n.\r\n"
         out: list[bytes] = []
@@ -307,23 +322,21 @@ class DotSeenTests(SynchronousTestCase):
     """
 
     def test_examples(self) -> None:
-        for wire, seen in [
-            (b"a\r\nb\r\n.\r\n", False),
-            (b"..a\r\nb\r\n.\r\n", True),
-            (b"a\r\n..\r\n.\r\n", True),
-            (b"a.b\r\n.\r\n", False),
-            (b".\r\n", False),
-            (b"a\n.b\r\n.\r\n", True),
-        ]:
-            _, _, reader = decode(wire)
-            self.assertTrue(reader.done, wire)
-            self.assertEqual(reader.dot_seen, seen, wire)
+        check_flag(
+            self,
+            "dot_seen",
+            [
+                (b"a\r\nb\r\n.\r\n", False),
+                (b"..a\r\nb\r\n.\r\n", True),
+                (b"a\r\n..\r\n.\r\n", True),
+                (b"a.b\r\n.\r\n", False),
+                (b".\r\n", False),
+                (b"a\n.b\r\n.\r\n", True),
+            ],
+        )
 
     @settings(max_examples=300, deadline=None)
-    @given(
-        st.lists(st.sampled_from([b".", b"a", b"\r\n", b"\r", b"\n", b"\r\n.\r"]), max_size=40),
-        st.integers(min_value=1, max_value=7),
-    )
+    @given(_BODY_PARTS, st.integers(min_value=1, max_value=7))
     def test_dot_free_needs_no_stuffing(self, parts: list[bytes], step: int) -> None:
         """
         In any chunking: without C{dot_seen}, no line of the decoded body

@@ -523,6 +523,29 @@ class DiskSpoolTests(SpoolContractMixin, SynchronousTestCase):
             mode = os.stat(os.path.join(self.root, "spool", d)).st_mode
             self.assertEqual(stat.S_IMODE(mode), 0o700)
 
+    def test_stale_metadata_tmp_replaced(self) -> None:
+        """
+        A temporary metadata file a crash left under the id a commit takes
+        (in C{tmp/}, or beside the quarantine) is replaced, not an error.
+        """
+        s = self.spool()
+        s.recover()
+        for queue, tmp in (
+            (ACTIVE, os.path.join(self.root, "spool", "tmp", "env1-0.json")),
+            (QUARANTINE, None),
+        ):
+            if tmp is None:
+                tmp = s.layout.metadata_tmp(QUARANTINE, "env2-0")
+            with open(tmp, "w") as f:
+                f.write("half a file")
+            if queue == ACTIVE:
+                [entry] = self.successResultOf(s.enqueue([make_envelope()]))
+                self.assertEqual(self.files("active"), ["env1-0.json"])
+            else:
+                [entry] = self.successResultOf(s.quarantine([make_envelope("env2")], "why"))
+            self.assertFalse(os.path.exists(tmp))
+            self.assertEqual(self.successResultOf(s.get(entry.id)), entry)
+
     def test_attempt_address_in_json(self) -> None:
         """
         An attempt's peer address is stored as C{[ip, port]}; an attempt

@@ -536,3 +536,47 @@ class StartupErrorTests(SynchronousTestCase):
             self.exit_line(),
             f"twistd relay: spool {spool} is in use by another relay (pid {os.getpid()})",
         )
+
+
+class TwistdEntryTests(SynchronousTestCase):
+    """
+    What C{twistd relay} runs: the drop-in names L{relay.app.twistd}.
+    """
+
+    def test_drop_in(self) -> None:
+        """
+        The drop-in's C{relay} service maker takes L{relay.tap}'s options
+        and makes its service with L{relay.app.twistd.makeService}.
+        """
+        import relay.app.twistd
+        from twisted.plugins.relay_plugin import relay as maker
+
+        self.assertEqual(maker.tapname, "relay")
+        self.assertIs(maker.options, Options)
+        self.assertEqual(maker.module, "relay.app.twistd")
+        self.assertIs(relay.app.twistd.Options, Options)
+
+    def test_process_only_steps(self) -> None:
+        """
+        L{relay.app.twistd.makeService} is L{relay.tap.makeService} plus
+        what only the relay's own process does: the text log's time stamps
+        cached, the heap settled once the reactor runs.
+        """
+        from twisted.internet import reactor
+
+        import relay.app.twistd
+        from relay import tap
+        from relay.app import _compat, heap
+
+        made: list[object] = []
+        scheduled: list[object] = []
+        cached: list[bool] = []
+        sentinel = object()
+        self.patch(tap, "makeService", lambda options: made.append(options) or sentinel)
+        self.patch(reactor, "callWhenRunning", lambda f, *a, **kw: scheduled.append(f))
+        self.patch(_compat, "cache_log_times", lambda: cached.append(True))
+        options = Options()
+        self.assertIs(relay.app.twistd.makeService(options), sentinel)
+        self.assertEqual(made, [options])
+        self.assertEqual(scheduled, [heap.settle_startup_heap])
+        self.assertEqual(cached, [True])

@@ -327,4 +327,3 @@ def cache_log_times() -> None:
 
     if not isinstance(_file.formatTime, _CachedFormatTime):
         _file.formatTime = _CachedFormatTime(_file.formatTime)  # type: ignore[assignment]
-

@@ -232,4 +232,3 @@ class MessageReader:
             start = end
         del buffer[:start]
         return out
-

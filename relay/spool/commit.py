@@ -309,12 +309,19 @@ class Committer:
         for entry_id, e in zip(ids, c.envelopes, strict=True):
             entry = entry_for(entry_id, c.queue, e, c.now, c.reason, c.received_from)
             tmp = layout.metadata_tmp(c.queue, entry_id)
-            unlink_if_present(fs, tmp)
             c.created.append(tmp)
             # mtime = next attempt (see update_batch): due now, by the
             # spool's clock, which need not be the system's
             mtime = entry.next_attempt_at if c.queue == ACTIVE else None
-            write_new(fs, tmp, encode_entry(entry), sync_each, mtime=mtime)
+            data = encode_entry(entry)
+            try:
+                write_new(fs, tmp, data, sync_each, mtime=mtime)
+            except FileExistsError:
+                # Left by a crash (the id is fresh: nothing else has it).
+                # Removed only then: an unlink that finds nothing was a
+                # failing system call for every message.
+                fs.unlink(tmp)
+                write_new(fs, tmp, data, sync_each, mtime=mtime)
             c.renames.append((tmp, layout.metadata_path(c.queue, entry_id)))
             entries.append(entry)
         c.result = entries

@@ -1,3 +1,3 @@
 from twisted.application.service import ServiceMaker
 
-relay = ServiceMaker("relay", "relay.tap", "A durable SMTP mail relay", "relay")
+relay = ServiceMaker("relay", "relay.app.twistd", "A durable SMTP mail relay", "relay")
