@@ -621,10 +621,39 @@ class Server:
                 self.process.wait(10)
 
 
+def dirty_kib() -> int:
+    """
+    The kernel's dirty and under-writeback page cache, KiB (/proc/meminfo).
+    """
+    total = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("Dirty", "Writeback"):
+                total += int(rest.split()[0])
+    return total
+
+
+def settle_disk(limit_kib: int = 1024, timeout: float = 20.0) -> None:
+    """
+    Write out what the previous measurement left for the disk (the files
+    it wrote, the thousands its removal unlinked) before the next server
+    starts: with one filesystem for all, a server measured right after
+    the fsync-per-file peers paid for their dirty data in its own
+    C{syncfs} (relay's W1 measured 457-487 msg/s there against 621 first
+    in its round, at 3.1 against 2.5 CPU s per 1000 messages).
+    """
+    os.sync()
+    deadline = time.monotonic() + timeout
+    while dirty_kib() > limit_kib and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running(
     name: str, base: str, options: Options, forwarding: bool, recipients: bool = False
 ) -> Iterator[tuple[Server, Sink | None]]:
+    settle_disk()
     os.makedirs(base, exist_ok=True)
     sink = Sink(base, recipients) if forwarding else None
     server = None
@@ -1108,7 +1137,7 @@ def report(
         *(f"- {k}: {v}" for k, v in info.items()),
         f"- command: `{' '.join(['.venv/bin/python', 'bench/run.py', *sys.argv[1:]])}`",
         f"- rounds: {args.rounds} (peers interleaved, order rotated each round, each server started afresh "
-        "for every measurement)",
+        "for every measurement, after the disk has written out what the one before left: `settle_disk`)",
         f"- W1: `smtp-source -c -m {args.messages} -s {args.sessions} -l {args.size}`; W2: the same with `-d`",
         f"- W3 (fan-out): {args.fanout_messages} messages of 20 KiB, each to 50 recipients over 10 domains, "
         "10 sessions kept open, a command at a time (`bench/fanout.py send`); the next hop is "
