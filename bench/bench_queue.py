@@ -357,29 +357,6 @@ def serving_after(port: int, started: float, alive: Callable[[], bool], timeout:
     raise RuntimeError(f"no 220 greeting within {timeout:.0f} s")
 
 
-def quiet_after(
-    root: int, started: float, timeout: float, window: float = 3.0, busy: float = 0.1
-) -> float | None:
-    """
-    Seconds from C{started} until the tree under C{root} used less than
-    C{busy} of a core over C{window} seconds (its start-up work done), or
-    C{None} if that did not happen within C{timeout}.
-    """
-    samples: deque[tuple[float, int]] = deque()
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        procs = run.tree(root)
-        if not procs:
-            return None
-        now = time.monotonic()
-        samples.append((now, sum(ticks for ticks, _ in procs.values())))
-        while len(samples) > 2 and now - samples[1][0] >= window:
-            samples.popleft()
-        t0, ticks0 = samples[0]
-        if now - t0 >= window and (samples[-1][1] - ticks0) / run.CLOCK_TICKS < busy * (now - t0):
-            return t0 - started
-        time.sleep(0.25)
-    return None
 
 
 def vm_hwm(pid: int) -> int:
@@ -768,7 +745,7 @@ def relay_phase(figures: Figures, settings: Settings, sink: CountingSink) -> Non
                 )  # fmt: skip
             except RuntimeError as e:
                 figures.fail("SMTP served after start (s)", "relay", str(e), relay.log_tail())
-            quiet = quiet_after(relay.pid, relay.started, limit)
+            quiet = run.quiet_after(relay.pid, relay.started, limit)
             if quiet is None:
                 why = "relay exited" if not relay.alive() else f"not within {limit:.0f} s"
                 figures.fail("start-up done, CPU quiet after (s)", "relay", why, relay.log_tail())
@@ -1069,7 +1046,7 @@ def postfix_phase(figures: Figures, settings: Settings, sink: CountingSink) -> N
             except Exception as e:
                 figures.fail("SMTP served after start (s)", "postfix", str(e), pf.log_tail())
                 return
-            quiet = quiet_after(master, started, limit)
+            quiet = run.quiet_after(master, started, limit)
             if quiet is None:
                 figures.fail(
                     "start-up done, CPU quiet after (s)", "postfix", f"not within {limit:.0f} s"
