@@ -11,7 +11,6 @@ import errno
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent, globalLogPublisher
@@ -132,25 +131,6 @@ class ConnectTests(ServerTestCase):
         session = connect.session
         self.assertEqual(session.remote_host, "198.51.100.7")
         self.assertEqual(len(session.id), 10)
-
-    def test_reads_in_large_pieces(self) -> None:
-        """
-        A transport that reads in pieces of C{bufferSize} bytes (Twisted's
-        TCP and TLS transports: 64 KiB) is set to read up to
-        L{READ_SIZE<relay.smtp.protocol.READ_SIZE>} at a time.
-        """
-        from relay.smtp.protocol import READ_SIZE
-        from relay.testing.transcript import TLSStringTransport
-
-        transport = TLSStringTransport(
-            hostAddress=IPv4Address("TCP", "192.0.2.1", 25),
-            peerAddress=IPv4Address("TCP", "198.51.100.7", 40000),
-        )
-        transport.bufferSize = 65536  # type: ignore[attr-defined]
-        h = self.harness(transport=transport)
-        self.transcript(h, "< 220 test.example ESMTP")
-        self.assertEqual(transport.bufferSize, READ_SIZE)  # type: ignore[attr-defined]
-        self.assertGreater(READ_SIZE, 65536)
 
     def test_greeting_deferred_and_async(self) -> None:
         """

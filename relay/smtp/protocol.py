@@ -50,8 +50,6 @@ if TYPE_CHECKING:
     from relay.smtp.server import ServerSettings, SMTPServerFactory
 
 MAX_LINE = 512
-# The most one read from the client's connection takes (see connectionMade).
-READ_SIZE = 256 * 1024
 # Input waiting while a command is pending: past this the transport is
 # paused, so that a client pipelining without reading cannot grow memory.
 MAX_PENDING_INPUT = 64 * 1024
@@ -478,12 +476,6 @@ class SMTPServerProtocol(protocol.Protocol):
         self.starttls.handshake_completed()
 
     def connectionMade(self) -> None:
-        if hasattr(self.transport, "bufferSize"):
-            # Read a message's data in larger pieces than Twisted's 64 KiB:
-            # a quarter of the reads, and of the decoder's calls, per MiB
-            # (measured under W4: the receivers' CPU 10-11 ms a 1 MiB
-            # message against 11-12, end to end 81-82 msg/s against 75-77).
-            self.transport.bufferSize = READ_SIZE
         try:
             self.transport.registerProducer(self, True)
         except (AttributeError, RuntimeError):
