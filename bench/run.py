@@ -4,7 +4,7 @@ twisted.mail with Postfix's own load tools; writes bench/RESULTS.md and
 bench/ratios.png.
 
     .venv/bin/python bench/run.py            # the full run (make bench)
-    .venv/bin/python bench/run.py --quick    # fewer messages, 1 round (about a minute)
+    .venv/bin/python bench/run.py --quick    # fewer messages, 1 round (about a minute and a half)
 
 Load: C{smtp-source} is the client, C{smtp-sink} the next hop.  W1 sends
 3000 messages of 2 KiB over 20 concurrent sessions, one connection per
@@ -155,7 +155,7 @@ def quiet_after(
         t0, ticks0 = samples[0]
         if now - t0 >= window and (samples[-1][1] - ticks0) / CLOCK_TICKS < busy * (now - t0):
             return t0 - started
-        time.sleep(0.25)
+        time.sleep(min(0.25, window / 5))
     return None
 
 
@@ -613,13 +613,12 @@ class Server:
     def settle(self, timeout: float = 20.0) -> None:
         """
         Wait until the server has done its start-up work (its tree under a
-        tenth of a core for a second), so that a load measures the running
-        server: relay's receivers are still importing when the first one
-        greets, and that second of CPU fell inside W1's six (3.0-3.4 CPU
-        s per 1000 messages measured so, 2.5 with the relay settled).
+        tenth of a core for half a second), so that a load measures the
+        running server: relay's second receiver may still be importing
+        when the first one greets, and W1 lasts some six seconds.
         """
         if self.root is not None:
-            quiet_after(self.root, time.monotonic(), timeout, window=1.0)
+            quiet_after(self.root, time.monotonic(), timeout, window=0.5)
 
     def check_stored(self, count: int, min_size: int = 0) -> None:
         """
@@ -675,10 +674,11 @@ def settle_disk(limit_kib: int = 1024, timeout: float = 20.0) -> None:
     """
     Write out what the previous measurement left for the disk (the files
     it wrote, the thousands its removal unlinked) before the next server
-    starts: with one filesystem for all, a server measured right after
-    the fsync-per-file peers paid for their dirty data in its own
-    C{syncfs} (relay's W1 measured 457-487 msg/s there against 621 first
-    in its round, at 3.1 against 2.5 CPU s per 1000 messages).
+    starts: with one filesystem for all, a server that makes its commits
+    durable with C{syncfs} (relay) would otherwise write the previous
+    peer's dirty data too.  It is not all that the fsync-per-file peers
+    leave behind: in the recorded run relay's W1 was still 675 msg/s
+    first in its round and 513-527 right after them.
     """
     os.sync()
     deadline = time.monotonic() + timeout
@@ -1306,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="fewer messages, 1 round (about a minute)"
+        "--quick", action="store_true", help="fewer messages, 1 round (about a minute and a half)"
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     parser.add_argument(
