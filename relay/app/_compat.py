@@ -40,7 +40,7 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.logger import LogEvent
+from twisted.logger import LogEvent, timeFormatRFC3339
 from twisted.logger._flatten import flattenEvent
 
 if TYPE_CHECKING:
@@ -300,22 +300,22 @@ class _CachedFormatTime:
 
     def __init__(self, format_time: Callable[..., str]) -> None:
         self.format_time = format_time
-        self._key: tuple[int, str | None] | None = None
-        self._text = ""
+        # (second, format) and its text, replaced as one: a line logged
+        # from another thread never pairs one second's key with another's
+        # text.
+        self._last: tuple[tuple[int, str], str] | None = None
 
     def __call__(self, when: float | None, timeFormat: str | None = None, default: str = "-") -> str:
-        from twisted.logger import timeFormatRFC3339
-
         if timeFormat is None:
             # formatTime's own default
             timeFormat = timeFormatRFC3339
         if when is None or "%f" in timeFormat:
             return self.format_time(when, timeFormat, default)
         key = (int(when // 1), timeFormat)
-        if key != self._key:
-            self._text = self.format_time(when, timeFormat, default)
-            self._key = key
-        return self._text
+        last = self._last
+        if last is None or last[0] != key:
+            last = self._last = (key, self.format_time(when, timeFormat, default))
+        return last[1]
 
 
 def cache_log_times() -> None:

@@ -58,6 +58,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.logger import LogLevel
+
 import relay
 from relay.app.listener import Listener
 from relay.app.settings import Settings
@@ -161,8 +163,6 @@ def event_from_portable(event: dict[str, Any]) -> dict[str, Any]:
     """
     The master's log event for one that L{portable_event} made.
     """
-    from twisted.logger import LogLevel
-
     try:
         event["log_level"] = LogLevel.levelWithName(str(event.get("log_level")))
     except Exception:

@@ -72,8 +72,6 @@ class DeliveryScheduler(Service):
     @ivar jobs: the ids being delivered, with their L{Deferred}s.
     """
 
-    log = Logger()
-
     def __init__(
         self,
         *,
@@ -122,7 +120,7 @@ class DeliveryScheduler(Service):
         self.wait_for = wait_for
         # Made once: a Logger class attribute makes a new Logger at every
         # self.log (its __get__), several times a message delivered.
-        self.log = log if log is not None else Logger(
+        self.log: Logger = log if log is not None else Logger(
             namespace=f"{__name__}.{type(self).__name__}", source=self
         )
         self.jobs: dict[str, Deferred[None]] = {}

@@ -369,7 +369,7 @@ def entry_for(
         next_attempt_at=now,
         message_size=env.message.size,
         message_canonical=env.message.canonical,
-        message_dot_free=env.message.canonical and env.message.dot_free,
+        message_dot_free=env.message.dot_free,
         recipient_args=env.recipient_args,
         rejected_recipients=env.rejected_recipients,
         reason=reason,
